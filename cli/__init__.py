@@ -1,0 +1,1 @@
+"""The ``nbdmirror`` command line (click). Holds no storage logic."""

@@ -1,0 +1,1 @@
+"""The nbdkit Python plugin of nbdmirror (see plugin.py)."""

@@ -1,0 +1,225 @@
+"""What a served volume is: the data file, its region tracker, and the write path.
+
+Every write-like request (pwrite, trim, zero) goes through one path:
+
+    check range -> mark regions (durable) -> pre-write hooks -> apply -> post-write hooks
+
+Snapshots hook in before the data lands (copy-on-write); a replicator hooks in
+after (it sees offset, length and the data). Reads never take a lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import native
+from .errors import RangeError, ReadOnlyError, VolumeError
+from .regions import RegionTracker
+from .volume import Volume
+
+#: extent types, as NBD (and nbdkit.EXTENT_*) number them
+EXTENT_DATA = 0
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+_ZERO_CHUNK = bytes(1 << 20)
+_MAX_EXTENTS = 1024
+
+#: (offset, length) -> None, called after marking and before the data lands
+PreWriteHook = Callable[[int, int], None]
+#: (kind, offset, length, data or None) -> None, called after the data landed
+PostWriteHook = Callable[[str, int, int, Any], None]
+
+
+class Stats:
+    """Request counters of an engine (one lock; a few hundred ns per request)."""
+
+    FIELDS = ("reads", "writes", "trims", "zeroes", "flushes", "bytes_read", "bytes_written",
+              "bytes_trimmed", "bytes_zeroed", "errors")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class Engine:
+    """A volume opened for serving: exclusive, with marks tracked on every write."""
+
+    def __init__(self, volume: Volume, *, readonly: bool = False, durable_marks: bool = True):
+        self.volume = volume
+        self.size = volume.size
+        self.readonly = readonly
+        volume.lock()
+        try:
+            self.fd = os.open(volume.data_path, (os.O_RDONLY if readonly else os.O_RDWR)
+                              | os.O_CLOEXEC)
+        except OSError as err:
+            volume.unlock()
+            raise VolumeError(f"cannot open {volume.data_path}: {err.strerror}") from None
+        try:
+            self.tracker = RegionTracker(volume.marks_path, volume.regions, volume.region_size,
+                                         durable=durable_marks)
+        except (OSError, ValueError) as err:
+            os.close(self.fd)
+            volume.unlock()
+            raise VolumeError(f"cannot open {volume.marks_path}: {err}") from None
+        self.stats = Stats()
+        self.pre_write: list[PreWriteHook] = []
+        self.post_write: list[PostWriteHook] = []
+        self.started = time.time()
+        self._closed = False
+
+    # -- checks ------------------------------------------------------------
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RangeError(f"request of {length} bytes at offset {offset} reaches past the end "
+                             f"of the volume ({self.size} bytes)")
+
+    def _begin_write(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise ReadOnlyError("the volume is open read-only")
+        self._check(offset, length)
+        self.tracker.mark(offset, length)
+        for hook in self.pre_write:
+            hook(offset, length)
+
+    def _end_write(self, kind: str, offset: int, length: int, data: Any, fua: bool) -> None:
+        if fua:
+            os.fdatasync(self.fd)
+        for hook in self.post_write:
+            hook(kind, offset, length, data)
+
+    # -- requests ----------------------------------------------------------
+    def pread(self, buf, offset: int) -> None:
+        """Fill ``buf`` (a writable buffer) with the bytes at ``offset``."""
+        length = len(buf)
+        self._check(offset, length)
+        done = os.preadv(self.fd, [buf], offset)
+        if done < length:
+            view = memoryview(buf)
+            while done < length:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:  # past EOF of a data file that is too short: zeros
+                    view[done:] = bytes(length - done)
+                    break
+                done += n
+        st = self.stats
+        with st._lock:
+            st.reads += 1
+            st.bytes_read += length
+
+    def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+        length = len(buf)
+        self._begin_write(offset, length)
+        done = os.pwrite(self.fd, buf, offset)
+        if done < length:
+            view = memoryview(buf)
+            while done < length:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        self._end_write("write", offset, length, buf, fua)
+        st = self.stats
+        with st._lock:
+            st.writes += 1
+            st.bytes_written += length
+
+    def trim(self, length: int, offset: int, fua: bool = False) -> None:
+        """Discard a range; it reads back as zeros (a hole where the filesystem allows)."""
+        self._begin_write(offset, length)
+        self._discard(offset, length)
+        self._end_write("trim", offset, length, None, fua)
+        with self.stats._lock:
+            self.stats.trims += 1
+            self.stats.bytes_trimmed += length
+
+    def zero(self, length: int, offset: int, may_trim: bool = True, fua: bool = False) -> None:
+        """Make a range read back as zeros; punch a hole when ``may_trim`` allows it."""
+        self._begin_write(offset, length)
+        if may_trim:
+            self._discard(offset, length)
+        else:
+            self._write_zeros(offset, length)
+        self._end_write("zero", offset, length, None, fua)
+        with self.stats._lock:
+            self.stats.zeroes += 1
+            self.stats.bytes_zeroed += length
+
+    def _discard(self, offset: int, length: int) -> None:
+        try:
+            native.punch_hole(self.fd, offset, length)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            offset += os.pwrite(self.fd, memoryview(_ZERO_CHUNK)[:n], offset)
+
+    def flush(self) -> None:
+        """Make every completed write durable (marks already are)."""
+        os.fdatasync(self.fd)
+        with self.stats._lock:
+            self.stats.flushes += 1
+
+    def extents(self, length: int, offset: int) -> list[tuple[int, int, int]]:
+        """Allocated data and holes in ``[offset, offset+length)`` as (offset, length, type)."""
+        self._check(offset, length)
+        end = offset + length
+        out: list[tuple[int, int, int]] = []
+        pos = offset
+        while pos < end and len(out) < _MAX_EXTENTS:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno != errno.ENXIO:
+                    raise
+                data = self.size
+            if data > pos:
+                stop = min(data, end)
+                out.append((pos, stop - pos, EXTENT_HOLE | EXTENT_ZERO))
+            else:
+                stop = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+                out.append((pos, stop - pos, EXTENT_DATA))
+            pos = stop
+        return out
+
+    # -- state -------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        info = self.volume.info
+        return {
+            "volume": str(self.volume.path.absolute()),
+            "uuid": info.uuid,
+            "generation": info.generation,
+            "role": info.role,
+            "size": info.size,
+            "region_size": info.region_size,
+            "regions": info.regions,
+            "marked_regions": self.tracker.count(),
+            "readonly": self.readonly,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "native": native.IMPLEMENTATION,
+            "stats": self.stats.snapshot(),
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.readonly:
+            os.fdatasync(self.fd)
+        os.close(self.fd)
+        self.tracker.close()
+        self.volume.unlock()

@@ -1,0 +1,170 @@
+"""Region maps and the write-intent tracker.
+
+A volume is cut into fixed-size regions; a *map* holds one byte per region
+(0 clear, 1 marked). The tracker marks every region a write, trim or zero
+touches and persists the marks as a write-intent map: a region's mark is on
+disk (written and fdatasync'ed) before the first write to it since it was
+last clean is issued, so neither SIGKILL nor power loss can lose the mark of
+an acknowledged write. Writes to a region already durably marked cost a
+lock and two array look-ups, nothing more.
+
+Concurrent first-touch writers share one fdatasync (group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import native
+
+# States of a region in the persisted map, as held in memory.
+_CLEAR = 0  # 0 on disk
+_WRITTEN = 1  # 1 written to the map file, not yet fdatasync'ed
+_DURABLE = 2  # 1 on disk and synced
+
+
+def region_span(offset: int, length: int, shift: int) -> tuple[int, int]:
+    """First and one-past-last region touched by ``length`` bytes at ``offset`` (length > 0)."""
+    return offset >> shift, ((offset + length - 1) >> shift) + 1
+
+
+class RegionTracker:
+    """Marks of regions written since they were last clean, persisted as a write-intent map."""
+
+    def __init__(self, path: Path, regions: int, region_size: int, *, durable: bool = True):
+        self.regions = regions
+        self.region_size = region_size
+        self.shift = region_size.bit_length() - 1
+        self._durable_sync = durable
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
+            if on_disk.size != regions:
+                raise OSError(f"{path} holds {on_disk.size} regions, expected {regions}")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        # What a crash would recover: the persisted marks (and their state in memory).
+        self._persisted = np.where(on_disk != 0, _DURABLE, _CLEAR).astype(np.uint8)
+        # The logical marks: regions written since the last swap_and_reset()/clear().
+        self.marks = (on_disk != 0).astype(np.uint8)
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._unsynced: list[tuple[int, int]] = []
+        self._write_seq = 0
+        self._synced_seq = 0
+        self.syncs = 0
+
+    # -- the hot path ------------------------------------------------------
+    def mark(self, offset: int, length: int) -> None:
+        """Mark the regions under ``[offset, offset+length)``; durable when this returns."""
+        if length <= 0:
+            return
+        shift = self.shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        with self._lock:
+            if first == last:
+                self.marks[first] = 1
+                if self._persisted[first] == _DURABLE:
+                    return
+            else:
+                self.marks[first:last + 1] = 1
+                if (self._persisted[first:last + 1] == _DURABLE).all():
+                    return
+            seq = self._persist(first, last + 1)
+        self._sync_upto(seq)
+
+    def _persist(self, start: int, stop: int) -> int:
+        """Write the marks of [start, stop) to the map file (lock held); return the seq to sync."""
+        states = self._persisted[start:stop]
+        if (states == _CLEAR).any():
+            states[states == _CLEAR] = _WRITTEN
+            os.pwrite(self._fd, b"\x01" * (stop - start), start)
+            self._write_seq += 1
+            self._unsynced.append((start, stop))
+        # Regions already written by another thread still need that thread's sync to finish.
+        return self._write_seq
+
+    def _sync_upto(self, seq: int) -> None:
+        """Return once every map write up to ``seq`` is on disk (one fdatasync serves many)."""
+        with self._sync_lock:
+            if self._synced_seq >= seq:
+                return
+            with self._lock:
+                target = self._write_seq
+                batch, self._unsynced = self._unsynced, []
+            if self._durable_sync:
+                os.fdatasync(self._fd)
+            self.syncs += 1
+            with self._lock:
+                for start, stop in batch:
+                    states = self._persisted[start:stop]
+                    states[states == _WRITTEN] = _DURABLE
+                self._synced_seq = target
+
+    # -- cycle operations --------------------------------------------------
+    def count(self) -> int:
+        return native.count(self.marks)
+
+    def runs(self) -> np.ndarray:
+        """Marked regions as (start, count) rows."""
+        return native.scan_runs(self.marks)
+
+    def swap_and_reset(self) -> np.ndarray:
+        """Atomically take the current marks and start afresh.
+
+        The taken regions stay marked on disk until ``release(taken)``: a crash
+        before the caller has finished with them must still find them.
+        """
+        with self._lock:
+            taken = self.marks
+            self.marks = np.zeros_like(taken)
+        return taken
+
+    def merge(self, other: np.ndarray) -> None:
+        """OR ``other`` into the marks (e.g. give back marks a failed cycle took)."""
+        with self._lock:
+            native.merge_or(self.marks, other)
+
+    def release(self, taken: np.ndarray) -> int:
+        """Clear on disk the regions of ``taken`` not marked again since; return how many."""
+        with self._lock:
+            done = (taken != 0) & (self.marks == 0) & (self._persisted != _CLEAR)
+            return self._clear_persisted(done)
+
+    def clear(self, regions: np.ndarray | None = None) -> int:
+        """Forget marks: all of them, or those set in the ``regions`` map."""
+        with self._lock:
+            if regions is None:
+                self.marks[:] = 0
+                done = self._persisted != _CLEAR
+            else:
+                sel = regions != 0
+                self.marks[sel] = 0
+                done = sel & (self._persisted != _CLEAR)
+            return self._clear_persisted(done)
+
+    def _clear_persisted(self, done: np.ndarray) -> int:
+        """Zero the persisted marks in ``done`` (lock held). Losing this write is harmless."""
+        done_u8 = done.astype(np.uint8)
+        runs = native.scan_runs(done_u8)
+        for start, count in runs.tolist():
+            self._persisted[start:start + count] = _CLEAR
+            os.pwrite(self._fd, bytes(count), start)
+        return int(native.count(done_u8))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def load_marks(path: Path, regions: int) -> np.ndarray:
+    """Read a persisted map without opening a tracker (for offline inspection)."""
+    on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
+    return (on_disk != 0).astype(np.uint8)
