@@ -549,3 +549,17 @@ def test_facade_env_var_selects_implementation(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(native)
+
+
+@needs_c
+def test_c_scan_runs_reports_enospc_when_buffer_too_small():
+    # The facade's two-pass scan relies on this to detect a map that gained
+    # runs between the passes (the GIL is released during both).
+    from volume_core.native._regions_c import ffi, lib
+
+    m = np.array([1, 0, 1, 0, 1] + [0] * 11 + [1], np.uint8)
+    out = np.full((4, 2), -1, np.int64)
+    buf = ffi.from_buffer("int64_t[]", out)
+    assert lib.nbm_scan_runs(ffi.from_buffer("uint8_t[]", m), m.size, buf, 3) == -errno.ENOSPC
+    assert lib.nbm_scan_runs(ffi.from_buffer("uint8_t[]", m), m.size, buf, 4) == 4
+    assert out.tolist() == [[0, 1], [2, 1], [4, 1], [16, 1]]

@@ -55,13 +55,32 @@ static inline uint64_t nbm_flags(uint64_t w)
     return ((((w & NBM_LO7) + NBM_LO7) | w) >> 7) & NBM_ONES;
 }
 
+/* Sum of the 8 bytes of w (each at most 255).  Pairs are first added into
+ * 16-bit lanes so the final multiply-and-shift cannot overflow a lane. */
+static inline int64_t nbm_hsum(uint64_t w)
+{
+    w = (w & 0x00ff00ff00ff00ffULL) + ((w >> 8) & 0x00ff00ff00ff00ffULL);
+    return (int64_t)((w * 0x0001000100010001ULL) >> 48);
+}
+
+/* Counting adds per-byte 0/1 flags into a byte-lane accumulator and folds it
+ * every 255 words (before any lane can overflow), instead of a popcount per
+ * word: without -mpopcnt, __builtin_popcountll is a libgcc call on x86-64,
+ * and this form also lets the compiler vectorise. */
+#define NBM_FOLD 255
+
 int64_t nbm_count(const uint8_t *m, size_t n)
 {
     int64_t total = 0;
     size_t i = 0;
 
-    for (; i + 8 <= n; i += 8)
-        total += __builtin_popcountll(nbm_flags(nbm_load64(m + i)));
+    while (i + 8 <= n) {
+        uint64_t acc = 0;
+        size_t stop = n - i >= 8 * NBM_FOLD ? i + 8 * NBM_FOLD : n - (n - i) % 8;
+        for (; i < stop; i += 8)
+            acc += nbm_flags(nbm_load64(m + i));
+        total += nbm_hsum(acc);
+    }
     for (; i < n; i++)
         total += m[i] != 0;
     return total;
@@ -76,10 +95,15 @@ int64_t nbm_count_runs(const uint8_t *m, size_t n)
     uint64_t carry = 0;
     size_t i = 0;
 
-    for (; i + 8 <= n; i += 8) {
-        uint64_t f = nbm_flags(nbm_load64(m + i));
-        runs += __builtin_popcountll(f & ~((f << 8) | carry));
-        carry = f >> 56;
+    while (i + 8 <= n) {
+        uint64_t acc = 0;
+        size_t stop = n - i >= 8 * NBM_FOLD ? i + 8 * NBM_FOLD : n - (n - i) % 8;
+        for (; i < stop; i += 8) {
+            uint64_t f = nbm_flags(nbm_load64(m + i));
+            acc += f & ~((f << 8) | carry);
+            carry = f >> 56;
+        }
+        runs += nbm_hsum(acc);
     }
     for (; i < n; i++) {
         uint64_t f = m[i] != 0;
@@ -112,7 +136,7 @@ int64_t nbm_scan_runs(const uint8_t *m, size_t n, int64_t *out, size_t cap)
 
     for (; i + 8 <= n; i += 8) {
         uint64_t f = nbm_flags(nbm_load64(m + i));
-        if (f == 0)
+        if (f == (in_run ? NBM_ONES : 0))
             continue;
         /* Bit 8b of t is set iff byte b differs from the byte before it.
          * Transitions alternate start/end, so toggling in_run tracks which
