@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -91,9 +93,35 @@ def ensure_not_served(volume: Volume) -> None:
         raise VolumeBusy(f"{volume.path} is already being served{where}{pid}")
 
 
+def clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a killed server; refuse if something still listens there."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ServerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with admin.short_unix_path(path) as where:
+            probe.connect(where)
+    except ConnectionRefusedError:
+        path.unlink()
+        return
+    except OSError as err:
+        raise ServerError(f"cannot use {path}: {err.strerror}") from None
+    finally:
+        probe.close()
+    raise ServerError(f"another server is listening on {path}")
+
+
+def _prepare(volume: Volume, endpoint: Endpoint) -> None:
+    ensure_not_served(volume)
+    if endpoint.socket is not None:
+        clear_stale_socket(endpoint.socket)
+
+
 def serve_foreground(volume: Volume, endpoint: Endpoint, extra: tuple[str, ...] = ()) -> None:
     """Replace this process with nbdkit serving the volume (Ctrl-C stops it)."""
-    ensure_not_served(volume)
+    _prepare(volume, endpoint)
     cmd = nbdkit_command(volume, endpoint, foreground=True, extra=extra)
     sys.stdout.flush()
     os.execve(cmd[0], cmd, python_env())
@@ -102,7 +130,7 @@ def serve_foreground(volume: Volume, endpoint: Endpoint, extra: tuple[str, ...] 
 def serve_background(volume: Volume, endpoint: Endpoint,
                      extra: tuple[str, ...] = ()) -> dict:
     """Start nbdkit detached; return its state once the export and admin socket answer."""
-    ensure_not_served(volume)
+    _prepare(volume, endpoint)
     cmd = nbdkit_command(volume, endpoint, foreground=False, extra=extra)
     log_path = runtime.log_file(volume)
     with open(log_path, "ab") as log:
