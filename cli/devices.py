@@ -19,9 +19,8 @@ from pathlib import Path
 from volume_core.errors import DeviceError
 
 from .procs import require, run, wait_for
-from .server import Endpoint
+from .server import RUN_DIR, Endpoint
 
-RUN_DIR = Path(os.environ.get("NBDMIRROR_RUN_DIR", "/run/nbdmirror"))
 ATTACH_DIR = RUN_DIR / "attach"
 FUSE_DIR = RUN_DIR / "fuse"
 READY_TIMEOUT = 30.0

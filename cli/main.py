@@ -14,9 +14,11 @@ from pathlib import Path
 
 import click
 
-from volume_core import runtime
+from volume_core import runtime, snapshots
+from volume_core.engine import Engine
 from volume_core.errors import NbdMirrorError, ServerError
 from volume_core.regions import load_marks
+from volume_core.runtime import ServerPlace
 from volume_core.units import format_size, parse_size
 from volume_core.volume import DEFAULT_REGION_SIZE, Volume
 
@@ -124,21 +126,6 @@ def info(vol: str, as_json: bool) -> None:
     emit(data, as_json, human)
 
 
-def _endpoint_for(volume: Volume, socket: str | None, port: int | None, address: str) -> Endpoint:
-    if socket and port:
-        raise click.UsageError("give --socket or --port, not both")
-    if port is not None:
-        return Endpoint(host=address, port=port)
-    if socket:
-        return Endpoint(socket=Path(socket).absolute())
-    path = runtime.default_nbd_socket(volume)
-    if len(os.fsencode(str(path))) > 100:  # sun_path limit: use a short path under /run
-        short = devices.RUN_DIR / "sockets"
-        short.mkdir(parents=True, exist_ok=True)
-        path = short / f"{volume.info.uuid}.sock"
-    return Endpoint(socket=path)
-
-
 @cli.command()
 @click.argument("vol", type=click.Path())
 @click.option("--socket", type=click.Path(), help="Serve on this unix socket "
@@ -153,19 +140,27 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
           as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
-    In the foreground it runs until Ctrl-C or 'nbdmirror stop VOL'.
+    In the foreground it runs until Ctrl-C; with --background until
+    'nbdmirror stop VOL'.
     """
-    volume = open_volume(vol)
-    endpoint = _endpoint_for(volume, socket, port, address)
+    _serve(ServerPlace(open_volume(vol)), socket, port, address, background, as_json)
+
+
+def _serve(place: ServerPlace, socket: str | None, port: int | None, address: str,
+           background: bool, as_json: bool) -> None:
+    if socket and port:
+        raise click.UsageError("give --socket or --port, not both")
+    endpoint = server.choose_endpoint(place, socket, port, address)
     if not background:
-        click.echo(f"serving {vol} on {endpoint} (Ctrl-C to stop)", err=True)
-        server.serve_foreground(volume, endpoint)
+        click.echo(f"serving {place.what} on {endpoint} (Ctrl-C to stop)", err=True)
+        server.serve_foreground(place, endpoint)
         return
-    state = server.serve_background(volume, endpoint)
-    emit({"volume": str(volume.path.absolute()), "listen": str(endpoint),
-          "uri": endpoint.uri, "pid": state.get("pid")}, as_json,
-         [f"serving {vol} on {endpoint} (pid {state.get('pid')}); "
-          f"stop with: nbdmirror stop {vol}"])
+    state = server.serve_background(place, endpoint)
+    stop_cmd = (f"nbdmirror stop {place.volume.path}" if place.snapshot is None
+                else f"nbdmirror snapshot stop {place.volume.path} {place.snapshot}")
+    emit({"volume": str(place.volume.path.absolute()), "snapshot": place.snapshot,
+          "listen": str(endpoint), "uri": endpoint.uri, "pid": state.get("pid")}, as_json,
+         [f"serving {place.what} on {endpoint} (pid {state.get('pid')}); stop with: {stop_cmd}"])
 
 
 @cli.command()
@@ -180,7 +175,7 @@ def stop(vol: str, force: bool) -> None:
             if rec.get("volume") == mine:
                 raise ServerError(f"{vol} is attached as {rec['device']}; detach it first "
                                   "(or use --force)")
-    pid = server.stop(volume)
+    pid = server.stop(ServerPlace(volume))
     click.echo(f"stopped the server of {vol} (pid {pid})")
 
 
@@ -190,7 +185,7 @@ def stop(vol: str, force: bool) -> None:
 def status(vol: str, as_json: bool) -> None:
     """Live state of the running server of VOL: requests, bytes, marked regions."""
     volume = open_volume(vol)
-    st = server.status(volume)
+    st = server.admin_call(volume, "status")
     s = st["stats"]
     human = [
         f"volume:      {st['volume']} ({st['role']}, generation {st['generation']})",
@@ -198,6 +193,7 @@ def status(vol: str, as_json: bool) -> None:
         f"size:        {format_size(st['size'])}, {st['regions']} regions of "
         f"{format_size(st['region_size'])}",
         f"marked:      {st['marked_regions']} regions",
+        f"snapshots:   {st['snapshots']} ({st['cow_regions_copied']} regions copied on write)",
         f"reads:       {s['reads']} requests, {format_size(s['bytes_read'])}",
         f"writes:      {s['writes']} requests, {format_size(s['bytes_written'])}",
         f"trims/zero:  {s['trims']} / {s['zeroes']}; flushes {s['flushes']}",
@@ -224,7 +220,7 @@ def attach(vol: str | None, socket: str | None, port: int | None, host: str,
     volume_path = None
     if vol is not None:
         volume = open_volume(vol)
-        endpoint = server.find_endpoint(volume)
+        endpoint = server.find_endpoint(ServerPlace(volume))
         volume_path = str(volume.path.absolute())
     elif socket is not None:
         if not Path(socket).exists():
@@ -242,6 +238,116 @@ def detach(device: str) -> None:
     """Detach a block device made by 'nbdmirror attach' (unmount it first)."""
     record = devices.detach(device)
     click.echo(f"detached {record['device']}", err=True)
+
+
+@cli.group()
+def snapshot() -> None:
+    """Point-in-time, copy-on-write snapshots of a volume.
+
+    Creating one copies no data: the first write to a region afterwards
+    copies the old region into the snapshot. Works on served and stopped
+    volumes alike.
+    """
+
+
+def _on_volume(volume: Volume, op: str, **args):
+    """Run a snapshot operation in the running server, or locally when none runs."""
+    if runtime.read_state(volume) is not None:
+        return server.admin_call(volume, op, **args)
+    engine = Engine(volume)
+    try:
+        if op == "snapshot-create":
+            return engine.create_snapshot(args.get("name"))
+        if op == "snapshot-delete":
+            return engine.delete_snapshot(args["name"])
+        raise AssertionError(op)
+    finally:
+        engine.close()
+
+
+@snapshot.command("create")
+@click.argument("vol", type=click.Path())
+@click.argument("name", required=False)
+@json_option
+def snapshot_create(vol: str, name: str | None, as_json: bool) -> None:
+    """Take snapshot NAME of VOL (default name: snap-DATE-TIME).
+
+    On a served volume it is atomic with respect to writes: every write
+    acknowledged before it is in the snapshot, none acknowledged after it.
+    """
+    volume = open_volume(vol)
+    if name is not None:
+        snapshots.validate_name(name)
+    made = _on_volume(volume, "snapshot-create", name=name)
+    emit(made, as_json, [f"created snapshot {made['name']} of {vol}"])
+
+
+@snapshot.command("list")
+@click.argument("vol", type=click.Path())
+@json_option
+def snapshot_list(vol: str, as_json: bool) -> None:
+    """List the snapshots of VOL, oldest first."""
+    volume = open_volume(vol)
+    found = snapshots.list_offline(volume)
+    human = [f"{'NAME':<28} {'CREATED':<30} {'PRESERVED':>12}  SERVED"]
+    human += [f"{s['name']:<28} {s['created']:<30} {format_size(s['bytes_preserved']):>12}  "
+              f"{'yes' if s['served'] else 'no'}" for s in found]
+    if not found:
+        human = [f"{vol} has no snapshots"]
+    emit({"volume": str(volume.path.absolute()), "snapshots": found}, as_json, human)
+
+
+@snapshot.command("delete")
+@click.argument("vol", type=click.Path())
+@click.argument("name")
+def snapshot_delete(vol: str, name: str) -> None:
+    """Delete snapshot NAME of VOL and free its space.
+
+    Copies that an older snapshot still needs move to it first, so every
+    other snapshot stays exact. Refused while NAME is being served.
+    """
+    volume = open_volume(vol)
+    snapshots.validate_name(name)
+    _on_volume(volume, "snapshot-delete", name=name)
+    click.echo(f"deleted snapshot {name} of {vol}")
+
+
+def _snapshot_place(vol: str, name: str) -> ServerPlace:
+    volume = open_volume(vol)
+    snapshots.validate_name(name)
+    place = ServerPlace(volume, name)
+    if not (place.dir / snapshots.INFO).is_file():
+        raise snapshots.SnapshotError(f"no snapshot named {name!r} in {vol}")
+    return place
+
+
+@snapshot.command("serve")
+@click.argument("vol", type=click.Path())
+@click.argument("name")
+@click.option("--socket", type=click.Path(), help="Serve on this unix socket "
+              "(default: VOL/snapshots/NAME/nbd.sock).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Serve on this TCP port instead.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on with --port.")
+@click.option("--background", is_flag=True, help="Return once the export accepts connections.")
+@json_option
+def snapshot_serve(vol: str, name: str, socket: str | None, port: int | None, address: str,
+                   background: bool, as_json: bool) -> None:
+    """Serve snapshot NAME of VOL as a read-only NBD export.
+
+    Attach it with 'nbdmirror attach --socket PATH' and mount it read-only
+    (for ext4: mount -o ro,noload). The live volume may keep serving writes.
+    """
+    _serve(_snapshot_place(vol, name), socket, port, address, background, as_json)
+
+
+@snapshot.command("stop")
+@click.argument("vol", type=click.Path())
+@click.argument("name")
+def snapshot_stop(vol: str, name: str) -> None:
+    """Stop the export of snapshot NAME of VOL."""
+    pid = server.stop(_snapshot_place(vol, name))
+    click.echo(f"stopped the export of snapshot {name} of {vol} (pid {pid})")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Starting, finding and stopping the nbdkit process that serves a volume."""
+"""Starting, finding and stopping the nbdkit processes that serve volumes and snapshots."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ from pathlib import Path
 
 import nbd_plugin
 import volume_core
-from volume_core import admin, runtime
+from volume_core import admin
 from volume_core.errors import AdminError, ServerError, VolumeBusy
+from volume_core.runtime import ServerPlace, admin_socket
 from volume_core.volume import Volume
 
 from .procs import last_line, require, wait_for
 
 READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
 # The plugin imports nbdkit, which exists only inside nbdkit: locate it, never import it.
 PLUGIN = Path(nbd_plugin.__file__).resolve().parent / "plugin.py"
-STOP_TIMEOUT = 30.0
+RUN_DIR = Path(os.environ.get("NBDMIRROR_RUN_DIR", "/run/nbdmirror"))
+_SUN_PATH_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,26 @@ class Endpoint:
         return f"nbd://{host}:{self.port}"
 
 
+def choose_endpoint(place: ServerPlace, socket_path: str | None, port: int | None,
+                    address: str) -> Endpoint:
+    """--port, else --socket, else the default socket inside the server's directory."""
+    if port is not None:
+        return Endpoint(host=address, port=port)
+    if socket_path:
+        path = Path(socket_path).absolute()
+        if len(os.fsencode(str(path))) > _SUN_PATH_MAX:
+            raise ServerError(f"socket path {path} is too long for a unix socket "
+                              f"({_SUN_PATH_MAX} bytes at most)")
+        return Endpoint(socket=path)
+    path = place.default_socket
+    if len(os.fsencode(str(path))) > _SUN_PATH_MAX:  # sun_path limit: a short path under /run
+        short = RUN_DIR / "sockets"
+        short.mkdir(parents=True, exist_ok=True)
+        suffix = f"-{place.snapshot}" if place.snapshot else ""
+        path = short / f"{place.volume.info.uuid}{suffix}.sock"
+    return Endpoint(socket=path)
+
+
 def python_env() -> dict[str, str]:
     """Environment for nbdkit's embedded /usr/bin/python3 to import our code and the venv's."""
     paths = [str(Path(volume_core.__file__).resolve().parent.parent)]
@@ -70,27 +93,31 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def nbdkit_command(volume: Volume, endpoint: Endpoint, *, foreground: bool,
+def nbdkit_command(place: ServerPlace, endpoint: Endpoint, *, foreground: bool,
                    extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [require("nbdkit", "nbdkit nbdkit-plugin-python")]
     if foreground:
         cmd.append("-f")
-    cmd += ["-P", str(runtime.pid_file(volume).absolute()), "--log=stderr"]
+    cmd += ["-P", str(place.pid_file.absolute()), "--log=stderr"]
+    if place.snapshot is not None:
+        cmd.append("--readonly")
     if endpoint.socket is not None:
         cmd += ["-U", str(endpoint.socket)]
     else:
         cmd += ["-i", endpoint.host, "-p", str(endpoint.port)]
-    cmd += ["python", str(PLUGIN),
-            f"volume={volume.path.absolute()}", f"listen={endpoint}", *extra]
-    return cmd
+    cmd += ["python", str(PLUGIN), f"volume={place.volume.path.absolute()}",
+            f"listen={endpoint}"]
+    if place.snapshot is not None:
+        cmd.append(f"snapshot={place.snapshot}")
+    return cmd + list(extra)
 
 
-def ensure_not_served(volume: Volume) -> None:
-    state = runtime.read_state(volume)
+def ensure_not_served(place: ServerPlace) -> None:
+    state = place.read_state()
     if state is not None:
         where = f" on {state['listen']}" if state.get("listen") else ""
         pid = f" (pid {state['pid']})" if state.get("pid") else ""
-        raise VolumeBusy(f"{volume.path} is already being served{where}{pid}")
+        raise VolumeBusy(f"{place.what} is already being served{where}{pid}")
 
 
 def clear_stale_socket(path: Path) -> None:
@@ -113,47 +140,49 @@ def clear_stale_socket(path: Path) -> None:
     raise ServerError(f"another server is listening on {path}")
 
 
-def _prepare(volume: Volume, endpoint: Endpoint) -> None:
-    ensure_not_served(volume)
+def _prepare(place: ServerPlace, endpoint: Endpoint) -> None:
+    ensure_not_served(place)
     if endpoint.socket is not None:
         clear_stale_socket(endpoint.socket)
 
 
-def serve_foreground(volume: Volume, endpoint: Endpoint, extra: tuple[str, ...] = ()) -> None:
-    """Replace this process with nbdkit serving the volume (Ctrl-C stops it)."""
-    _prepare(volume, endpoint)
-    cmd = nbdkit_command(volume, endpoint, foreground=True, extra=extra)
+def serve_foreground(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, ...] = ()) -> None:
+    """Replace this process with nbdkit (Ctrl-C stops it)."""
+    _prepare(place, endpoint)
+    cmd = nbdkit_command(place, endpoint, foreground=True, extra=extra)
     sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(cmd[0], cmd, python_env())
 
 
-def serve_background(volume: Volume, endpoint: Endpoint,
+def serve_background(place: ServerPlace, endpoint: Endpoint,
                      extra: tuple[str, ...] = ()) -> dict:
-    """Start nbdkit detached; return its state once the export and admin socket answer."""
-    _prepare(volume, endpoint)
-    cmd = nbdkit_command(volume, endpoint, foreground=False, extra=extra)
-    log_path = runtime.log_file(volume)
-    with open(log_path, "ab") as log:
+    """Start nbdkit detached; return its state once it serves (and answers admin calls)."""
+    _prepare(place, endpoint)
+    cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra)
+    with open(place.log_file, "ab") as log:
         log_start = log.tell()
         proc = subprocess.run(cmd, env=python_env(), stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=log, timeout=READY_TIMEOUT)
+                              stdout=log, stderr=log, timeout=READY_TIMEOUT, check=False)
     if proc.returncode != 0:
-        raise ServerError(f"nbdkit failed to start: {_log_reason(log_path, log_start)}")
+        raise ServerError(f"nbdkit failed to start: {_log_reason(place.log_file, log_start)}")
 
     def ready() -> bool:
+        if place.snapshot is not None:
+            return bool(place.read_state())
         try:
-            admin.call(runtime.admin_socket(volume), "status", timeout=2)
+            admin.call(admin_socket(place.volume), "status", timeout=2)
             return True
         except AdminError:
             return False
 
     if not wait_for(ready, READY_TIMEOUT):
-        pid = _read_pid(volume)
-        if pid and runtime.pid_alive(pid):
+        pid = place.read_pid()
+        if pid:
             os.kill(pid, signal.SIGKILL)
         raise ServerError(f"the server did not become ready within {READY_TIMEOUT:g}s: "
-                          f"{_log_reason(log_path, log_start)}")
-    return runtime.read_state(volume) or {}
+                          f"{_log_reason(place.log_file, log_start)}")
+    return place.read_state() or {}
 
 
 def _log_reason(log_path: Path, start: int) -> str:
@@ -164,44 +193,36 @@ def _log_reason(log_path: Path, start: int) -> str:
     except OSError:
         text = ""
     # nbdkit prefixes plugin errors; the interesting part is after the last "error: ".
-    line = last_line(text) or "no output (see the log)"
+    line = last_line(text) or "no output"
     return line.split("error: ")[-1] + f" (log: {log_path})"
 
 
-def _read_pid(volume: Volume) -> int | None:
-    try:
-        return int(runtime.pid_file(volume).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def stop(volume: Volume) -> int:
-    """Stop the server of ``volume``; return its pid. Waits until the volume is released."""
-    state = runtime.read_state(volume)
+def stop(place: ServerPlace) -> int:
+    """Stop the server of ``place``; return its pid. Waits until it has let go."""
+    state = place.read_state()
     if state is None:
-        raise ServerError(f"{volume.path} is not being served")
-    pid = state.get("pid") or _read_pid(volume)
+        raise ServerError(f"{place.what} is not being served")
+    pid = state.get("pid") or place.read_pid()
     if not pid:
-        raise ServerError(f"{volume.path} is held by another process that is not an "
-                          "nbdmirror server; not stopping it")
+        raise ServerError(f"{place.what} is held by a process that is not an nbdmirror server; "
+                          "not stopping it")
     os.kill(pid, signal.SIGTERM)
-    if not wait_for(lambda: not volume.is_locked_elsewhere(), STOP_TIMEOUT):
+    if not wait_for(lambda: not place.held(), STOP_TIMEOUT):
         os.kill(pid, signal.SIGKILL)
-        if not wait_for(lambda: not volume.is_locked_elsewhere(), 10):
+        if not wait_for(lambda: not place.held(), 10):
             raise ServerError(f"server pid {pid} did not exit")
-    runtime.clear_state(volume)
+    place.clear_state()
     return pid
 
 
-def find_endpoint(volume: Volume) -> Endpoint:
-    state = runtime.read_state(volume)
+def find_endpoint(place: ServerPlace) -> Endpoint:
+    state = place.read_state()
     if not state or not state.get("listen"):
-        raise ServerError(f"{volume.path} is not being served (start it with "
-                          f"'nbdmirror serve {volume.path} --background')")
+        raise ServerError(f"{place.what} is not being served")
     return Endpoint.parse(state["listen"])
 
 
-def status(volume: Volume) -> dict:
-    if runtime.read_state(volume) is None:
+def admin_call(volume: Volume, op: str, **args) -> object:
+    if ServerPlace(volume).read_state() is None:
         raise ServerError(f"{volume.path} is not being served")
-    return admin.call(runtime.admin_socket(volume), "status")
+    return admin.call(admin_socket(volume), op, **args)

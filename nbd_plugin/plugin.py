@@ -1,14 +1,16 @@
-"""nbdkit Python plugin: maps NBD callbacks onto a volume_core.Engine.
+"""nbdkit Python plugin: maps NBD callbacks onto volume_core.
 
-    nbdkit python nbd_plugin/plugin.py volume=VOL [listen=unix:PATH|tcp:HOST:PORT]
+    nbdkit python nbd_plugin/plugin.py volume=VOL [snapshot=NAME] [listen=WHERE]
 
 Config keys:
   volume=PATH       the volume directory (required)
-  listen=WHERE      how nbdkit was told to listen; recorded in VOL/server.json
+  snapshot=NAME     serve that snapshot, read-only, instead of the live volume
+  listen=WHERE      how nbdkit was told to listen (unix:PATH or tcp:HOST:PORT); recorded
+                    in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
 
 Thin on purpose: no tracking, snapshot or replication logic lives here.
-The importing process must have volume_core and numpy on sys.path
+The embedding process must have volume_core and numpy on sys.path
 (``nbdmirror serve`` sets PYTHONPATH).
 """
 
@@ -20,9 +22,11 @@ import os
 import nbdkit
 
 API_VERSION = 2
+_KEYS = ("volume", "snapshot", "listen", "durable-marks")
 
 _config: dict[str, str] = {}
-_engine = None
+_engine = None  # volume_core.engine.Engine, or a SnapshotView for snapshot exports
+_place = None
 _admin = None
 
 
@@ -37,8 +41,8 @@ def thread_model():
 
 
 def config(key, value):
-    if key not in ("volume", "listen", "durable-marks"):
-        raise RuntimeError(f"unknown parameter {key!r} (expected volume=, listen=, durable-marks=)")
+    if key not in _KEYS:
+        raise RuntimeError(f"unknown parameter {key!r} (expected one of {', '.join(_KEYS)})")
     _config[key] = value
 
 
@@ -48,35 +52,50 @@ def config_complete():
 
 
 def get_ready():
-    # Open (and lock) before nbdkit forks into the background, so a failure is
+    # Open (and lock) before nbdkit forks into the background, so that a failure is
     # reported to the command that started it.
-    global _engine
-    from volume_core.engine import Engine
+    global _engine, _place
     from volume_core.errors import NbdMirrorError
+    from volume_core.runtime import ServerPlace
     from volume_core.volume import Volume
 
     try:
-        _engine = Engine(Volume.open(_config["volume"]),
-                         durable_marks=_config.get("durable-marks", "1") != "0")
+        volume = Volume.open(_config["volume"])
+        if "snapshot" in _config:
+            from volume_core.snapshot_view import SnapshotView
+
+            _engine = SnapshotView(volume, _config["snapshot"])
+        else:
+            from volume_core.engine import Engine
+
+            _engine = Engine(volume, durable_marks=_config.get("durable-marks", "1") != "0")
+        _place = ServerPlace(volume, _config.get("snapshot"))
     except NbdMirrorError as err:
         raise RuntimeError(str(err)) from None
 
 
 def after_fork():
-    # Threads must start after the fork; the admin socket is the readiness signal.
+    # Threads must start after the fork; server.json (and, for a volume, the admin
+    # socket) is the readiness signal.
     global _admin
     from volume_core import runtime
-    from volume_core.admin import AdminServer
 
-    volume = _engine.volume
-    _admin = AdminServer(runtime.admin_socket(volume), {"status": _status})
-    _admin.start()
-    runtime.write_state(volume, {
+    if "snapshot" not in _config:
+        from volume_core.admin import AdminServer
+
+        _admin = AdminServer(runtime.admin_socket(_place.volume), {
+            "status": _status,
+            "snapshot-create": lambda name=None: _engine.create_snapshot(name),
+            "snapshot-delete": lambda name: _engine.delete_snapshot(name),
+            "snapshot-list": lambda: _engine.list_snapshots(),
+        })
+        _admin.start()
+    _place.write_state({
         "pid": os.getpid(),
         "listen": _config.get("listen", ""),
-        "admin": str(runtime.admin_socket(volume).absolute()),
-        "volume": str(volume.path.absolute()),
-        "uuid": volume.info.uuid,
+        "volume": str(_place.volume.path.absolute()),
+        "snapshot": _config.get("snapshot"),
+        "uuid": _place.volume.info.uuid,
     })
 
 
@@ -87,12 +106,10 @@ def _status():
 
 
 def cleanup():
-    from volume_core import runtime
-
     if _admin is not None:
         _admin.close()
     if _engine is not None:
-        runtime.clear_state(_engine.volume)
+        _place.clear_state()
         _engine.close()
 
 
@@ -105,7 +122,7 @@ def get_size(h):
 
 
 def can_write(h):
-    return True
+    return "snapshot" not in _config
 
 
 def can_flush(h):
@@ -113,11 +130,11 @@ def can_flush(h):
 
 
 def can_trim(h):
-    return True
+    return "snapshot" not in _config
 
 
 def can_zero(h):
-    return True
+    return "snapshot" not in _config
 
 
 def can_fua(h):
@@ -130,7 +147,7 @@ def can_multi_conn(h):
 
 
 def can_extents(h):
-    return True
+    return "snapshot" not in _config
 
 
 def block_size(h):
@@ -152,6 +169,8 @@ def pwrite(h, buf, offset, flags):
 
 
 def flush(h, flags):
+    if "snapshot" in _config:
+        return
     try:
         _engine.flush()
     except Exception as err:

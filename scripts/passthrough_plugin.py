@@ -44,7 +44,6 @@ def get_ready():
 
 def cleanup():
     if _fd >= 0:
-        os.fdatasync(_fd)
         os.close(_fd)
 
 

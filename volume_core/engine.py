@@ -6,20 +6,26 @@ Every write-like request (pwrite, trim, zero) goes through one path:
 
 Snapshots hook in before the data lands (copy-on-write); a replicator hooks in
 after (it sees offset, length and the data). Reads never take a lock.
+
+Writes pass a gate: ``quiesce()`` closes it and waits for the writes in
+flight, so a snapshot is atomic with respect to writes: every write
+acknowledged before it is in it, none acknowledged after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import native
-from .errors import RangeError, ReadOnlyError, VolumeError
+from .errors import NbdMirrorError, RangeError, ReadOnlyError, VolumeError
 from .regions import RegionTracker
+from .snapshots import SnapshotChain
 from .volume import Volume
 
 #: extent types, as NBD (and nbdkit.EXTENT_*) number them
@@ -76,6 +82,20 @@ class Engine:
         self.stats = Stats()
         self.pre_write: list[PreWriteHook] = []
         self.post_write: list[PostWriteHook] = []
+        # The gate shares the stats lock: finishing a write is one acquisition.
+        self._gate = threading.Condition(self.stats._lock)
+        self._gate_closed = False
+        self._inflight = 0
+        self._admin_lock = threading.Lock()  # one snapshot create/delete at a time
+        try:
+            self.snapshots = SnapshotChain(volume, self.fd)
+        except (OSError, NbdMirrorError) as err:
+            self.tracker.close()
+            os.close(self.fd)
+            volume.unlock()
+            raise VolumeError(f"cannot open the snapshots of {volume.path}: {err}") from None
+        if self.snapshots.chain:
+            self.pre_write.append(self.snapshots.preserve)
         self.started = time.time()
         self._closed = False
 
@@ -86,18 +106,51 @@ class Engine:
                              f"of the volume ({self.size} bytes)")
 
     def _begin_write(self, offset: int, length: int) -> None:
+        """Enter the gate, mark, run pre-write hooks. On success the caller must _leave()."""
         if self.readonly:
             raise ReadOnlyError("the volume is open read-only")
         self._check(offset, length)
-        self.tracker.mark(offset, length)
-        for hook in self.pre_write:
-            hook(offset, length)
+        with self._gate:
+            while self._gate_closed:
+                self._gate.wait()
+            self._inflight += 1
+        try:
+            self.tracker.mark(offset, length)
+            for hook in self.pre_write:
+                hook(offset, length)
+        except BaseException:
+            self._leave()
+            raise
 
     def _end_write(self, kind: str, offset: int, length: int, data: Any, fua: bool) -> None:
         if fua:
             os.fdatasync(self.fd)
         for hook in self.post_write:
             hook(kind, offset, length, data)
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._inflight -= 1
+            if self._gate_closed and not self._inflight:
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def quiesce(self) -> Iterator[None]:
+        """Hold new writes at the gate and wait for those in flight to finish."""
+        with self._gate:
+            self._gate_closed = True
+            try:
+                self._gate.wait_for(lambda: self._inflight == 0)
+            except BaseException:
+                self._gate_closed = False
+                self._gate.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._gate_closed = False
+                self._gate.notify_all()
 
     # -- requests ----------------------------------------------------------
     def pread(self, buf, offset: int) -> None:
@@ -121,22 +174,30 @@ class Engine:
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
         length = len(buf)
         self._begin_write(offset, length)
-        done = os.pwrite(self.fd, buf, offset)
-        if done < length:
-            view = memoryview(buf)
-            while done < length:
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        self._end_write("write", offset, length, buf, fua)
-        st = self.stats
-        with st._lock:
-            st.writes += 1
-            st.bytes_written += length
+        try:
+            done = os.pwrite(self.fd, buf, offset)
+            if done < length:
+                view = memoryview(buf)
+                while done < length:
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+            self._end_write("write", offset, length, buf, fua)
+        finally:
+            st = self.stats
+            with self._gate:
+                self._inflight -= 1
+                if self._gate_closed and not self._inflight:
+                    self._gate.notify_all()
+                st.writes += 1
+                st.bytes_written += length
 
     def trim(self, length: int, offset: int, fua: bool = False) -> None:
         """Discard a range; it reads back as zeros (a hole where the filesystem allows)."""
         self._begin_write(offset, length)
-        self._discard(offset, length)
-        self._end_write("trim", offset, length, None, fua)
+        try:
+            self._discard(offset, length)
+            self._end_write("trim", offset, length, None, fua)
+        finally:
+            self._leave()
         with self.stats._lock:
             self.stats.trims += 1
             self.stats.bytes_trimmed += length
@@ -144,11 +205,14 @@ class Engine:
     def zero(self, length: int, offset: int, may_trim: bool = True, fua: bool = False) -> None:
         """Make a range read back as zeros; punch a hole when ``may_trim`` allows it."""
         self._begin_write(offset, length)
-        if may_trim:
-            self._discard(offset, length)
-        else:
-            self._write_zeros(offset, length)
-        self._end_write("zero", offset, length, None, fua)
+        try:
+            if may_trim:
+                self._discard(offset, length)
+            else:
+                self._write_zeros(offset, length)
+            self._end_write("zero", offset, length, None, fua)
+        finally:
+            self._leave()
         with self.stats._lock:
             self.stats.zeroes += 1
             self.stats.bytes_zeroed += length
@@ -195,6 +259,25 @@ class Engine:
             pos = stop
         return out
 
+    # -- snapshots -----------------------------------------------------------
+    def create_snapshot(self, name: str | None = None) -> dict[str, Any]:
+        """Take a snapshot atomically with respect to writes; no data is copied."""
+        with self._admin_lock, self.quiesce():
+            snap = self.snapshots.create(name)
+            if self.snapshots.preserve not in self.pre_write:
+                self.pre_write.append(self.snapshots.preserve)
+        return {"name": snap.name, "seq": snap.seq, "created": snap.created}
+
+    def delete_snapshot(self, name: str) -> None:
+        with self._admin_lock, self.quiesce():
+            self.snapshots.delete(name)
+            if not self.snapshots.chain and self.snapshots.preserve in self.pre_write:
+                self.pre_write.remove(self.snapshots.preserve)
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        with self._admin_lock:
+            return self.snapshots.describe()
+
     # -- state -------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         info = self.volume.info
@@ -211,6 +294,8 @@ class Engine:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
             "native": native.IMPLEMENTATION,
+            "snapshots": len(self.snapshots.chain),
+            "cow_regions_copied": self.snapshots.copies,
             "stats": self.stats.snapshot(),
         }
 
@@ -220,6 +305,7 @@ class Engine:
         self._closed = True
         if not self.readonly:
             os.fdatasync(self.fd)
+        self.snapshots.close()
         os.close(self.fd)
         self.tracker.close()
         self.volume.unlock()

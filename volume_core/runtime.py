@@ -1,8 +1,9 @@
-"""Where a served volume keeps its runtime files, and whether a server is running.
+"""Where a server keeps its runtime files, and whether one is running.
 
-A server writes ``server.json`` once it accepts connections; it is only
-believed while the volume's lock is held (a SIGKILLed server leaves a stale
-file and a free lock).
+A server of a volume keeps them in ``VOL/``; a server of a snapshot export in
+``VOL/snapshots/NAME/``. It writes ``server.json`` once it accepts
+connections; the file is believed only while the server's lock is held (a
+SIGKILLed server leaves a stale file and a free lock).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import snapshots
 from .volume import Volume, write_json_atomic
 
 PID_FILE = "nbdkit.pid"
@@ -26,38 +28,69 @@ def admin_socket(volume: Volume) -> Path:
     return volume.path / ADMIN_SOCKET
 
 
-def default_nbd_socket(volume: Volume) -> Path:
-    return volume.path.absolute() / NBD_SOCKET
+class ServerPlace:
+    """The runtime files of one server: of a volume, or of one of its snapshots."""
 
+    def __init__(self, volume: Volume, snapshot: str | None = None):
+        self.volume = volume
+        self.snapshot = snapshot
+        self.dir = volume.path if snapshot is None else volume.snapshot_dir / snapshot
 
-def pid_file(volume: Volume) -> Path:
-    return volume.path / PID_FILE
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / PID_FILE
 
+    @property
+    def log_file(self) -> Path:
+        return self.dir / LOG_FILE
 
-def log_file(volume: Volume) -> Path:
-    return volume.path / LOG_FILE
+    @property
+    def state_file(self) -> Path:
+        return self.dir / STATE_FILE
 
+    @property
+    def default_socket(self) -> Path:
+        return self.dir.absolute() / NBD_SOCKET
 
-def write_state(volume: Volume, state: dict[str, Any]) -> None:
-    write_json_atomic(volume.path / STATE_FILE, state)
+    @property
+    def what(self) -> str:
+        if self.snapshot is None:
+            return str(self.volume.path)
+        return f"snapshot {self.snapshot!r} of {self.volume.path}"
 
+    def held(self) -> bool:
+        """True while a server (or another tool) holds the lock of this place."""
+        if self.snapshot is None:
+            return self.volume.is_locked_elsewhere()
+        return snapshots.is_served(self.dir)
 
-def clear_state(volume: Volume) -> None:
-    for name in (STATE_FILE, PID_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (volume.path / name).unlink()
+    def write_state(self, state: dict[str, Any]) -> None:
+        write_json_atomic(self.state_file, state)
+
+    def clear_state(self) -> None:
+        for path in (self.state_file, self.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def read_state(self) -> dict[str, Any] | None:
+        """The running server's state, or None when none holds this place."""
+        if not self.held():
+            return None
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}  # held but no state yet: starting, or another tool holds it
+        return state if isinstance(state, dict) else {}
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
 
 def read_state(volume: Volume) -> dict[str, Any] | None:
-    """The running server's state, or None when no server holds the volume."""
-    if not volume.is_locked_elsewhere():
-        return None
-    try:
-        state = json.loads((volume.path / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        # Locked but no state yet: a server is starting (or another tool holds the volume).
-        return {}
-    return state if isinstance(state, dict) else {}
+    return ServerPlace(volume).read_state()
 
 
 def pid_alive(pid: int) -> bool:

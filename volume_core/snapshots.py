@@ -1,0 +1,321 @@
+"""Copy-on-write snapshots, per region.
+
+A snapshot ``VOL/snapshots/NAME/`` holds:
+
+    snapshot.json   name, sequence number, creation time (and ``deleting`` while deleted)
+    store.img       a sparse file the size of the volume; a preserved region sits at its
+                    own offset
+    preserved.map   one byte per region: 1 once the region's old contents are in store.img
+    lock            shared-flock()ed while the snapshot is served (delete refuses)
+
+Only the newest snapshot receives copies: the first write to a region after
+it was taken copies the region (C bulk copy), syncs the copy, marks it
+preserved (synced), and only then lets the live write land. So snapshot S at
+region R reads S's copy if it has one, else the next newer snapshot's, and so
+on, else the live volume. Deleting S hands the copies its next older
+snapshot still needs to that snapshot before S goes away.
+
+``VOL/snapshots/chain.seq`` counts changes to the chain, so a reader in
+another process (a snapshot export) notices a snapshot created or deleted
+under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import native
+from .errors import SnapshotError
+from .volume import Volume, write_json_atomic
+
+INFO = "snapshot.json"
+STORE = "store.img"
+PRESERVED = "preserved.map"
+LOCK = "lock"
+CHAIN_SEQ = "chain.seq"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@:+-]{0,99}$")
+
+
+def validate_name(name: str) -> str:
+    if "/" in name or "\\" in name:
+        raise SnapshotError(f"invalid snapshot name {name!r}: it must not contain a path separator")
+    if not _NAME_RE.match(name):
+        raise SnapshotError(f"invalid snapshot name {name!r}: use up to 100 letters, digits and "
+                            "._@:+- , not starting with '.' or '-'")
+    return name
+
+
+def default_name() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("snap-%Y%m%d-%H%M%S")
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """One snapshot's files, opened."""
+
+    name: str
+    seq: int
+    created: str
+    path: Path
+    store_fd: int
+    map_fd: int
+    preserved: np.ndarray
+
+    @classmethod
+    def open(cls, path: Path, regions: int, *, writable: bool) -> Snapshot:
+        info = read_info(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        store_fd = os.open(path / STORE, flags)
+        try:
+            map_fd = os.open(path / PRESERVED, flags)
+        except OSError:
+            os.close(store_fd)
+            raise
+        preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=regions)
+        preserved = (preserved != 0).astype(np.uint8)
+        return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved)
+
+    def close(self) -> None:
+        for fd in (self.store_fd, self.map_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def read_info(path: Path) -> dict:
+    try:
+        info = json.loads((path / INFO).read_text())
+        if not isinstance(info, dict) or not {"name", "seq", "created"} <= info.keys():
+            raise ValueError("incomplete")
+        return info
+    except (OSError, ValueError) as err:
+        raise SnapshotError(f"{path}: unreadable snapshot description ({err})") from None
+
+
+def snapshot_dirs(volume: Volume) -> list[tuple[int, Path, dict]]:
+    """(seq, path, info) of every snapshot directory, oldest first (deleting ones included)."""
+    out = []
+    root = volume.snapshot_dir
+    for entry in root.iterdir() if root.is_dir() else []:
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        with contextlib.suppress(SnapshotError):
+            info = read_info(entry)
+            out.append((info["seq"], entry, info))
+    return sorted(out, key=lambda t: t[0])
+
+
+def bump_chain_seq(volume: Volume) -> None:
+    """Tell readers in other processes that the chain changed."""
+    path = volume.snapshot_dir / CHAIN_SEQ
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        raw = os.pread(fd, 8, 0)
+        value = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        os.pwrite(fd, (value + 1).to_bytes(8, "little"), 0)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str):
+    """Hold a snapshot exclusively (no export may serve it meanwhile)."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SnapshotError(f"snapshot {path.name!r} is being served; stop its export before "
+                                f"you {what} it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_served(path: Path) -> bool:
+    try:
+        with exclusive(path, "check"):
+            return False
+    except SnapshotError:
+        return True
+    except OSError:
+        return False
+
+
+class SnapshotChain:
+    """The snapshots of a volume, for the one process that holds the volume's lock."""
+
+    def __init__(self, volume: Volume, live_fd: int):
+        self.volume = volume
+        self.live_fd = live_fd
+        self.shift = volume.region_size.bit_length() - 1
+        self._cow_lock = threading.Lock()
+        self.copies = 0  # copy-on-write operations done (for status)
+        root = volume.snapshot_dir
+        root.mkdir(exist_ok=True)
+        for leftover in root.glob(".creating-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a create that never finished
+        self.chain: list[Snapshot] = []
+        pending = []
+        for _seq, path, info in snapshot_dirs(volume):
+            self.chain.append(Snapshot.open(path, volume.regions, writable=True))
+            if info.get("deleting"):
+                pending.append(self.chain[-1])
+        for snap in pending:  # a delete interrupted by a crash: finish it
+            self._finish_delete(snap)
+
+    @property
+    def newest(self) -> Snapshot | None:
+        return self.chain[-1] if self.chain else None
+
+    def find(self, name: str) -> Snapshot:
+        validate_name(name)
+        for snap in self.chain:
+            if snap.name == name:
+                return snap
+        raise SnapshotError(f"no snapshot named {name!r} in {self.volume.path}")
+
+    # -- the write path ------------------------------------------------------
+    def preserve(self, offset: int, length: int) -> None:
+        """Pre-write hook: copy the regions under the write into the newest snapshot once."""
+        chain = self.chain
+        if not chain:
+            return
+        snap = chain[-1]
+        first = offset >> self.shift
+        last = (offset + length - 1) >> self.shift
+        if first == last:
+            if snap.preserved[first]:
+                return
+        elif snap.preserved[first:last + 1].all():
+            return
+        with self._cow_lock:
+            seg = snap.preserved[first:last + 1]
+            need = np.logical_not(seg).astype(np.uint8)
+            runs = native.scan_runs(need)
+            if runs.shape[0] == 0:
+                return  # another writer preserved them meanwhile
+            runs[:, 0] += first
+            native.copy_runs(self.live_fd, snap.store_fd, runs, self.volume.region_size,
+                             self.volume.size)
+            os.fdatasync(snap.store_fd)
+            os.pwrite(snap.map_fd, b"\x01" * (last + 1 - first), first)
+            os.fdatasync(snap.map_fd)
+            seg[:] = 1  # only now may the live write land
+            self.copies += int(runs[:, 1].sum())
+
+    # -- create / delete -------------------------------------------------------
+    def create(self, name: str | None) -> Snapshot:
+        """Add a snapshot of the live volume as it is now. The caller quiesces writes."""
+        if name is None:
+            name = default_name()
+            taken = {s.name for s in self.chain}
+            base, n = name, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+        validate_name(name)
+        root = self.volume.snapshot_dir
+        if (root / name).exists() or any(s.name == name for s in self.chain):
+            raise SnapshotError(f"a snapshot named {name!r} already exists")
+        seq = max((s.seq for s in self.chain), default=0) + 1
+        tmp = root / f".creating-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            with open(tmp / STORE, "wb") as f:
+                f.truncate(self.volume.size)
+            with open(tmp / PRESERVED, "wb") as f:
+                f.truncate(self.volume.regions)
+            created = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+            write_json_atomic(tmp / INFO, {"name": name, "seq": seq, "created": created})
+            os.fdatasync(self.live_fd)  # the snapshot point is durable, not just visible
+            os.rename(tmp, root / name)
+            _fsync(root)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
+        snap = Snapshot.open(root / name, self.volume.regions, writable=True)
+        self.chain.append(snap)
+        bump_chain_seq(self.volume)
+        return snap
+
+    def delete(self, name: str) -> None:
+        """Remove a snapshot; its copies that the next older snapshot needs move there."""
+        snap = self.find(name)
+        with exclusive(snap.path, "delete"):
+            info = read_info(snap.path)
+            write_json_atomic(snap.path / INFO, info | {"deleting": True})
+            self._finish_delete(snap)
+
+    def _finish_delete(self, snap: Snapshot) -> None:
+        index = self.chain.index(snap)
+        if index > 0:
+            older = self.chain[index - 1]
+            need = (snap.preserved != 0) & (older.preserved == 0)
+            runs = native.scan_runs(need.astype(np.uint8))
+            if runs.shape[0]:
+                native.copy_runs(snap.store_fd, older.store_fd, runs, self.volume.region_size,
+                                 self.volume.size)
+                os.fdatasync(older.store_fd)
+                for start, count in runs.tolist():
+                    os.pwrite(older.map_fd, b"\x01" * count, start)
+                os.fdatasync(older.map_fd)
+                older.preserved[need] = 1
+        self.chain.remove(snap)
+        snap.close()
+        bump_chain_seq(self.volume)
+        shutil.rmtree(snap.path)
+        _fsync(self.volume.snapshot_dir)
+
+    # -- reporting ---------------------------------------------------------------
+    def describe(self) -> list[dict]:
+        return [describe(self.volume, s.path, s.preserved) for s in self.chain]
+
+    def close(self) -> None:
+        for snap in self.chain:
+            snap.close()
+        self.chain = []
+
+
+def describe(volume: Volume, path: Path, preserved: np.ndarray | None = None) -> dict:
+    info = read_info(path)
+    if preserved is None:
+        preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=volume.regions)
+    regions = int(native.count(preserved))
+    nbytes = regions * volume.region_size
+    if regions and preserved[-1]:
+        nbytes -= volume.regions * volume.region_size - volume.size  # the short last region
+    return {
+        "name": info["name"],
+        "seq": info["seq"],
+        "created": info["created"],
+        "preserved_regions": regions,
+        "bytes_preserved": nbytes,
+        "allocated_bytes": (path / STORE).stat().st_blocks * 512,
+        "served": is_served(path),
+    }
+
+
+def list_offline(volume: Volume) -> list[dict]:
+    """Describe the snapshots of a volume without opening it (any process may do this)."""
+    return [describe(volume, path) for _seq, path, info in snapshot_dirs(volume)
+            if not info.get("deleting")]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
