@@ -562,9 +562,32 @@ def environment(workdir: Path) -> dict:
         "native": native_impl,
         "git_commit": out(["git", "rev-parse", "HEAD"]),
         "git_dirty": bool(out(["git", "status", "--porcelain", "--untracked-files=no"])),
+        "loadavg_at_start": load_average(),
         "workdir": str(workdir),
         "workdir_fs": out(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(workdir)]),
     }
+
+
+def load_average() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_busy(seconds: float) -> float | None:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = f[3] + (f[4] if len(f) > 4 else 0)
+        return sum(f[:8]) - idle, sum(f[:8])
+    try:
+        b0, t0 = sample()
+        time.sleep(seconds)
+        b1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((b1 - b0) / (t1 - t0), 3) if t1 > t0 else None
 
 
 def fmt_value(v: float | None, unit: str) -> str:
@@ -759,12 +782,21 @@ def main(argv: list[str]) -> int:
 
 def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
     env = environment(args.workdir)
+    busy = cpu_busy(1.0)
+    env["cpu_busy_at_start"] = busy
+    notes_early = []
+    if busy is not None and busy > 0.15:
+        note = (f"the CPUs were {100 * busy:.0f}% busy before the run: something else is "
+                "running, numbers may be low and noisy")
+        progress(f"warning: {note}")
+        notes_early.append(note)
     started = time.monotonic()
     source = run_dir / "source.bin"
     progress(f"making {fmt_size(args.size)} of random source data in {source}")
     make_source(source, args.size)
     bench = Bench(size=args.size, runtime=args.runtime, ramp=args.ramp, iodepth=args.iodepth,
                   workdir=run_dir, source=source, can_drop_caches=os.geteuid() == 0)
+    bench.notes.extend(notes_early)
     if not bench.can_drop_caches:
         bench.notes.append("not root: page caches were not dropped; reads may be warm")
 
@@ -812,6 +844,7 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
         "goals": check_goals(results),
         "notes": bench.notes,
     }
+    report["env"]["loadavg_at_end"] = load_average()
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.profile:

@@ -132,7 +132,8 @@ def attach() -> Iterator:
     mounts: list[Path] = []
 
     def do_attach(target: Path) -> str:
-        dev = run_cli("attach", target).out.strip()
+        args = ("--socket", target) if str(target).endswith(".sock") else (target,)
+        dev = run_cli("attach", *args).out.strip()
         devices.append(dev)
         return dev
 
