@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import subprocess
@@ -217,7 +216,7 @@ def test_sigkill_during_copy_on_write_keeps_snapshots_and_live_exact(serve, cli,
         acked: dict[int, bytes] = {}
         lock = threading.Lock()
 
-        def writer(k):
+        def writer(k, round_=round_, acked=acked, lock=lock):
             # every block is written at most once per round, so an acknowledged block must
             # read back exactly as written
             c = s.connect()
