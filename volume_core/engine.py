@@ -46,7 +46,7 @@ class Stats:
     """Request counters of an engine (one lock; a few hundred ns per request)."""
 
     FIELDS = ("reads", "writes", "trims", "zeroes", "flushes", "bytes_read", "bytes_written",
-              "bytes_trimmed", "bytes_zeroed", "errors")
+              "bytes_trimmed", "bytes_zeroed")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -82,8 +82,10 @@ class Engine:
         self.stats = Stats()
         self.pre_write: list[PreWriteHook] = []
         self.post_write: list[PostWriteHook] = []
-        # The gate shares the stats lock: finishing a write is one acquisition.
-        self._gate = threading.Condition(self.stats._lock)
+        # The write gate shares the stats lock: finishing a write is one acquisition.
+        self._lock = self.stats._lock
+        self._gate_open = threading.Event()
+        self._gate_open.set()
         self._gate_closed = False
         self._inflight = 0
         self._admin_lock = threading.Lock()  # one snapshot create/delete at a time
@@ -105,58 +107,67 @@ class Engine:
             raise RangeError(f"request of {length} bytes at offset {offset} reaches past the end "
                              f"of the volume ({self.size} bytes)")
 
-    def _begin_write(self, offset: int, length: int) -> None:
-        """Enter the gate, mark, run pre-write hooks. On success the caller must _leave()."""
+    def _refuse(self, offset: int, length: int) -> None:
         if self.readonly:
             raise ReadOnlyError("the volume is open read-only")
         self._check(offset, length)
-        with self._gate:
-            while self._gate_closed:
-                self._gate.wait()
-            self._inflight += 1
+
+    def _enter(self) -> None:
+        """Pass the write gate (waiting while a snapshot is being taken)."""
+        lock = self._lock
+        while True:
+            with lock:
+                if not self._gate_closed:
+                    self._inflight += 1
+                    return
+            self._gate_open.wait()
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def _write_op(self, kind: str, offset: int, length: int, apply: Callable[[], None],
+                  fua: bool) -> None:
+        """The write path for trim and zero (pwrite has an inlined copy of it)."""
+        if offset < 0 or length < 0 or offset + length > self.size or self.readonly:
+            self._refuse(offset, length)
+        self._enter()
         try:
             self.tracker.mark(offset, length)
             for hook in self.pre_write:
                 hook(offset, length)
-        except BaseException:
+            apply()
+            if fua:
+                os.fdatasync(self.fd)
+            for hook in self.post_write:
+                hook(kind, offset, length, None)
+        finally:
             self._leave()
-            raise
-
-    def _end_write(self, kind: str, offset: int, length: int, data: Any, fua: bool) -> None:
-        if fua:
-            os.fdatasync(self.fd)
-        for hook in self.post_write:
-            hook(kind, offset, length, data)
-
-    def _leave(self) -> None:
-        with self._gate:
-            self._inflight -= 1
-            if self._gate_closed and not self._inflight:
-                self._gate.notify_all()
 
     @contextlib.contextmanager
     def quiesce(self) -> Iterator[None]:
         """Hold new writes at the gate and wait for those in flight to finish."""
-        with self._gate:
+        with self._lock:
             self._gate_closed = True
-            try:
-                self._gate.wait_for(lambda: self._inflight == 0)
-            except BaseException:
-                self._gate_closed = False
-                self._gate.notify_all()
-                raise
+            self._gate_open.clear()
         try:
+            while True:
+                with self._lock:
+                    if not self._inflight:
+                        break
+                time.sleep(0.0002)
             yield
         finally:
-            with self._gate:
+            with self._lock:
                 self._gate_closed = False
-                self._gate.notify_all()
+                self._gate_open.set()
 
     # -- requests ----------------------------------------------------------
     def pread(self, buf, offset: int) -> None:
         """Fill ``buf`` (a writable buffer) with the bytes at ``offset``."""
         length = len(buf)
-        self._check(offset, length)
+        if offset < 0 or offset + length > self.size:
+            self._check(offset, length)
         done = os.preadv(self.fd, [buf], offset)
         if done < length:
             view = memoryview(buf)
@@ -167,53 +178,54 @@ class Engine:
                     break
                 done += n
         st = self.stats
-        with st._lock:
+        with self._lock:
             st.reads += 1
             st.bytes_read += length
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
+        # The hot path: _write_op() inlined, one lock to enter and one to leave.
         length = len(buf)
-        self._begin_write(offset, length)
+        if offset < 0 or offset + length > self.size or self.readonly:
+            self._refuse(offset, length)
+        lock = self._lock
+        with lock:
+            closed = self._gate_closed
+            if not closed:
+                self._inflight += 1
+        if closed:
+            self._enter()
         try:
+            self.tracker.mark(offset, length)
+            for hook in self.pre_write:
+                hook(offset, length)
             done = os.pwrite(self.fd, buf, offset)
             if done < length:
                 view = memoryview(buf)
                 while done < length:
                     done += os.pwrite(self.fd, view[done:], offset + done)
-            self._end_write("write", offset, length, buf, fua)
+            if fua:
+                os.fdatasync(self.fd)
+            for hook in self.post_write:
+                hook("write", offset, length, buf)
         finally:
             st = self.stats
-            with self._gate:
+            with lock:
                 self._inflight -= 1
-                if self._gate_closed and not self._inflight:
-                    self._gate.notify_all()
                 st.writes += 1
                 st.bytes_written += length
 
     def trim(self, length: int, offset: int, fua: bool = False) -> None:
         """Discard a range; it reads back as zeros (a hole where the filesystem allows)."""
-        self._begin_write(offset, length)
-        try:
-            self._discard(offset, length)
-            self._end_write("trim", offset, length, None, fua)
-        finally:
-            self._leave()
-        with self.stats._lock:
+        self._write_op("trim", offset, length, lambda: self._discard(offset, length), fua)
+        with self._lock:
             self.stats.trims += 1
             self.stats.bytes_trimmed += length
 
     def zero(self, length: int, offset: int, may_trim: bool = True, fua: bool = False) -> None:
         """Make a range read back as zeros; punch a hole when ``may_trim`` allows it."""
-        self._begin_write(offset, length)
-        try:
-            if may_trim:
-                self._discard(offset, length)
-            else:
-                self._write_zeros(offset, length)
-            self._end_write("zero", offset, length, None, fua)
-        finally:
-            self._leave()
-        with self.stats._lock:
+        apply = self._discard if may_trim else self._write_zeros
+        self._write_op("zero", offset, length, lambda: apply(offset, length), fua)
+        with self._lock:
             self.stats.zeroes += 1
             self.stats.bytes_zeroed += length
 
@@ -234,7 +246,7 @@ class Engine:
     def flush(self) -> None:
         """Make every completed write durable (marks already are)."""
         os.fdatasync(self.fd)
-        with self.stats._lock:
+        with self._lock:
             self.stats.flushes += 1
 
     def extents(self, length: int, offset: int) -> list[tuple[int, int, int]]:

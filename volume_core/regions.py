@@ -48,10 +48,14 @@ class RegionTracker:
         except BaseException:
             os.close(self._fd)
             raise
+        # Each map is a bytearray (cheap to index on the hot path) with a numpy view of the
+        # same memory (for bulk work).
         # What a crash would recover: the persisted marks (and their state in memory).
-        self._persisted = np.where(on_disk != 0, _DURABLE, _CLEAR).astype(np.uint8)
+        self._state = bytearray(np.where(on_disk != 0, _DURABLE, _CLEAR).astype(np.uint8))
+        self._persisted = np.frombuffer(self._state, dtype=np.uint8)
         # The logical marks: regions written since the last swap_and_reset()/clear().
-        self.marks = (on_disk != 0).astype(np.uint8)
+        self._marks = bytearray((on_disk != 0).astype(np.uint8))
+        self.marks = np.frombuffer(self._marks, dtype=np.uint8)
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._unsynced: list[tuple[int, int]] = []
@@ -69,8 +73,8 @@ class RegionTracker:
         last = (offset + length - 1) >> shift
         with self._lock:
             if first == last:
-                self.marks[first] = 1
-                if self._persisted[first] == _DURABLE:
+                self._marks[first] = 1
+                if self._state[first] == _DURABLE:
                     return
             else:
                 self.marks[first:last + 1] = 1
@@ -123,7 +127,8 @@ class RegionTracker:
         """
         with self._lock:
             taken = self.marks
-            self.marks = np.zeros_like(taken)
+            self._marks = bytearray(self.regions)
+            self.marks = np.frombuffer(self._marks, dtype=np.uint8)
         return taken
 
     def merge(self, other: np.ndarray) -> None:
