@@ -10,19 +10,30 @@ Targets, each on a fresh sparse backing file of --size bytes under --workdir:
                        the write-intent map), started with cli.server.serve_background()
   passthrough          scripts/passthrough_plugin.py under nbdkit: the ceiling of a Python plugin
   file                 nbdkit's C file plugin
-  raw                  the file itself, no NBD (nbdcopy and fio on the file)
+  raw                  the file itself, no NBD (dd, nbdcopy and fio on the file)
 
 Per target and repetition, in this order on the same backing file:
 
+  (priming)   before each seq write and seq read: --size bytes written + fdatasync'ed to a
+              scratch file (see Bench.prime: without it, results depend on the phase before)
   seq write   sync + drop caches, pre-read the random source file into the page cache, then
-              ``nbdcopy --flush SRC URI`` (raw: ``nbdcopy --flush SRC FILE``); MiB/s of wall time
+              ``nbdcopy --flush SRC URI``; MiB/s of wall time. raw: ``nbdcopy --flush SRC
+              FILE`` (it recycles the page cache as it goes: the disk's ceiling), and for
+              reference ``dd bs=4M conv=fdatasync`` (one stream of buffered writes + fdatasync)
   seq read    sync + drop caches, then ``nbdcopy URI null:`` (raw: ``nbdcopy FILE null:``)
-  randwrite   fio 4 KiB random writes, one job, --iodepth deep, --runtime seconds after
-              --ramp seconds (NBD: ioengine=nbd; raw: ioengine=libaio, buffered like the servers'
-              pwrite). It runs after the seq write, so every region is already marked: it
-              measures nbdmirror's steady-state write path. No flush at the end.
+  randwrite   sync + drop caches, then fio 4 KiB random writes, one job, --iodepth deep,
+              --runtime seconds after --ramp seconds (NBD: ioengine=nbd; raw: ioengine=libaio,
+              buffered like the servers' pwrite). It runs after the seq write, so every region
+              is already marked: it measures nbdmirror's steady-state write path. No flush at
+              the end. (Caches are dropped first because 4 KiB writes into page-cache folios
+              made by readahead cost the kernel far more, hiding the servers' differences.)
   randwrite fresh  (--fresh-randwrite) the same on a new, never-written backing file first:
               the price of first-touch marking.
+
+Backing files stay until the end of the run (on a disk mounted with discard, deleting a
+written GiB slows the writes that follow). --repeat N rotates the order of the targets on
+each pass and reports medians; every measurement also records how much CPU other processes
+used meanwhile, and warns when that was more than 10% of a CPU.
 
 Results go to bench-results/latest.json and a timestamped copy; --json also prints them.
 Every server started here is stopped on the way out, including on Ctrl-C and SIGTERM.
@@ -80,6 +91,13 @@ GOALS = (
 )
 
 START = time.monotonic()
+#: other processes using more than this much of one CPU during a measurement get a warning
+FOREIGN_WARN_PCT = 10.0
+#: Backing files normally stay until the end of the run: on this kind of thin-provisioned
+#: disk (ext4 mounted with discard) deleting a written GiB slows the writes of the next
+#: several seconds, which would penalise whichever target comes next. Only when the disk
+#: is too small for all of them are they deleted as we go.
+DELETE_AS_WE_GO = False
 
 
 class BenchError(Exception):
@@ -90,6 +108,15 @@ class BenchError(Exception):
 
 def progress(msg: str) -> None:
     print(f"[{time.monotonic() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def show(tag: str, r: dict, unit: str) -> None:
+    """One measurement's result line, with a warning when other work disturbed it."""
+    extra = ""
+    if r.get("foreign_cpu_pct", 0) > FOREIGN_WARN_PCT:
+        who = ", ".join(f"{n} {p:g}%" for n, p in r.get("foreign_top", []))
+        extra = f"  (warning: other processes used {r['foreign_cpu_pct']:g}% CPU: {who})"
+    progress(f"{tag}:   {r['value']:,.0f} {unit}{extra}")
 
 
 def parse_size(text: str) -> int:
@@ -157,15 +184,93 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of a process (all its threads) so far."""
+def cpu_times(pid: int | None) -> tuple[float, float] | None:
+    """User and system CPU seconds of a process (all its threads) so far."""
     if not pid:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / hz, int(fields[12]) / hz
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    t = cpu_times(pid)
+    return None if t is None else t[0] + t[1]
+
+
+def context_switches() -> int | None:
+    """Context switches so far, machine-wide."""
+    try:
+        m = re.search(r"^ctxt (\d+)", Path("/proc/stat").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _process_times() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, CPU ticks including reaped children, name) of every user process."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1:text.rfind(")")]
+        f = text[text.rfind(")") + 2:].split()
+        ppid = int(f[1])
+        if ppid == 2 or entry.name == "2":  # kernel threads (writeback is part of the work)
+            continue
+        # Reaped children count too (short-lived test processes), except for init's:
+        # it reaps orphans, such as a daemonised server of ours.
+        fields = f[11:13] if entry.name == "1" else f[11:15]
+        table[int(entry.name)] = (ppid, sum(int(x) for x in fields), name)
+    return table
+
+
+class ForeignCpu:
+    """CPU used by processes that are not ours (not this process, its children, or the
+    server) while a measurement runs: other work on the machine skews the numbers."""
+
+    def __init__(self, server_pid: int | None):
+        self.ours = {os.getpid()} | ({server_pid} if server_pid else set())
+        self.result: dict = {}
+
+    def _foreign(self, table: dict[int, tuple[int, int, str]]) -> set[int]:
+        out = set()
+        for pid in table:
+            p, seen = pid, 0
+            while p in table and p not in self.ours and seen < 64:
+                p, seen = table[p][0], seen + 1
+            if p not in self.ours:
+                out.add(pid)
+        return out
+
+    def __enter__(self) -> ForeignCpu:
+        self.t0 = time.monotonic()
+        self.before = _process_times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.monotonic() - self.t0
+        after = _process_times()
+        by_name: dict[str, int] = {}
+        for pid in self._foreign(after):
+            ppid, ticks, name = after[pid]
+            old = self.before.get(pid)
+            delta = ticks - old[1] if old and old[2] == name else ticks
+            if delta > 0:
+                by_name[name] = by_name.get(name, 0) + delta
+        hz = os.sysconf("SC_CLK_TCK")
+        total = sum(by_name.values()) / hz / max(elapsed, 1e-3)
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
+        self.result = {"foreign_cpu_pct": round(100 * total, 1),
+                       "foreign_top": [[n, round(100 * t / hz / max(elapsed, 1e-3), 1)]
+                                       for n, t in top]}
 
 
 @contextlib.contextmanager
@@ -251,8 +356,9 @@ def serve_nbdkit(name: str, workdir: Path, size: int, plugin_args: list[str]) ->
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            for p in (backing, sock, log):
-                p.unlink(missing_ok=True)
+            sock.unlink(missing_ok=True)
+            if DELETE_AS_WE_GO:
+                backing.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -303,8 +409,9 @@ def serve_nbdmirror(name: str, workdir: Path, size: int, durable: bool) -> Itera
                 except BenchError as err:
                     progress(f"warning: {err}; killing pid {pid}")
                 kill_pid(pid)
-            shutil.rmtree(vol, ignore_errors=True)
             sock.unlink(missing_ok=True)
+            if DELETE_AS_WE_GO:
+                shutil.rmtree(vol, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -316,23 +423,25 @@ def serve_raw(name: str, workdir: Path, size: int) -> Iterator[Served]:
     try:
         yield Served(uri=None, backing=backing)
     finally:
-        backing.unlink(missing_ok=True)
+        if DELETE_AS_WE_GO:
+            backing.unlink(missing_ok=True)
 
 
-def target_factory(name: str, workdir: Path, size: int):
-    """A zero-argument context manager factory giving a fresh ``Served`` for target ``name``."""
-    if name == "nbdmirror":
-        return lambda: serve_nbdmirror(name, workdir, size, durable=True)
-    if name == "nbdmirror-nodurable":
-        return lambda: serve_nbdmirror(name, workdir, size, durable=False)
-    if name == "passthrough":
-        return lambda: serve_nbdkit(name, workdir, size,
-                                    ["python", str(PASSTHROUGH_PLUGIN), "file={file}"])
-    if name == "file":
-        return lambda: serve_nbdkit(name, workdir, size, ["file", "{file}"])
-    if name == "raw":
-        return lambda: serve_raw(name, workdir, size)
-    raise BenchError(f"unknown target {name!r}")
+def target_factory(target: str, workdir: Path, size: int):
+    """``fresh(label)``: a context manager giving a fresh ``Served`` of ``target``, with its
+    files named after ``label`` (unique per instance: they stay until the end of the run)."""
+    if target == "nbdmirror":
+        return lambda label: serve_nbdmirror(label, workdir, size, durable=True)
+    if target == "nbdmirror-nodurable":
+        return lambda label: serve_nbdmirror(label, workdir, size, durable=False)
+    if target == "passthrough":
+        return lambda label: serve_nbdkit(label, workdir, size,
+                                          ["python", str(PASSTHROUGH_PLUGIN), "file={file}"])
+    if target == "file":
+        return lambda label: serve_nbdkit(label, workdir, size, ["file", "{file}"])
+    if target == "raw":
+        return lambda label: serve_raw(label, workdir, size)
+    raise BenchError(f"unknown target {target!r}")
 
 
 # -- measurements ------------------------------------------------------------
@@ -345,6 +454,7 @@ class Bench:
     iodepth: int
     workdir: Path
     source: Path
+    scratch: Path
     can_drop_caches: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -366,28 +476,63 @@ class Bench:
             while f.readinto(buf):
                 pass
 
-    def seq_write(self, served: Served) -> dict:
+    def prime(self) -> float:
+        """Write --size bytes into a scratch file and fdatasync it; return the seconds taken.
+
+        Makes the sequential measurements independent of what ran before. Here (a VM whose
+        memory and disk are managed by the host) a GiB of buffered writes right after a
+        random-write phase took 3.6s instead of 0.8s, every time; a full-size write and
+        sync beforehand absorbs that (a small one does not). The scratch file is
+        rewritten in place, so no blocks are freed (and discarded) in between.
+        """
         self.drop_caches()
         self.warm_source()
-        # raw: nbdcopy file -> file (pread/pwrite on its threads, with sync_file_range as it
-        # goes); the same client and parallelism as the NBD targets, and faster than dd.
-        dst = served.uri if served.uri is not None else str(served.backing)
-        cmd = [tool("nbdcopy"), "--flush", str(self.source), dst]
-        return self._timed(cmd, "seq write", served)
+        t0 = time.perf_counter()
+        run(["dd", f"if={self.source}", f"of={self.scratch}", "bs=4M",
+             "conv=fdatasync,notrunc", "iflag=fullblock", "status=none"], "priming write")
+        return time.perf_counter() - t0
+
+    def seq_write(self, served: Served) -> dict:
+        primed = self.prime()
+        self.drop_caches()
+        self.warm_source()
+        if served.uri is not None:
+            out = self._timed([tool("nbdcopy"), "--flush", str(self.source), served.uri],
+                              "seq write", served)
+            return out | {"primed_s": primed}
+        # raw: nbdcopy file -> file, the same client and threads as the NBD targets. It
+        # recycles the page cache as it goes (sync_file_range + fadvise), so it is the
+        # disk's ceiling rather than the servers' syscall pattern.
+        out = self._timed([tool("nbdcopy"), "--flush", str(self.source), str(served.backing)],
+                          "seq write", served)
+        # For reference: dd, buffered writes and one fdatasync as the servers do, but a
+        # single stream; where fresh page-cache pages are slow to get (first touch in a
+        # VM) it falls below the servers.
+        self.drop_caches()
+        self.warm_source()
+        ref = self._timed(["dd", f"if={self.source}", f"of={served.backing}", "bs=4M",
+                           "conv=fdatasync,notrunc", "iflag=fullblock", "status=none"],
+                          "seq write (dd)", served)
+        out["dd_mibs"] = ref["value"]
+        return out | {"primed_s": primed}
 
     def seq_read(self, served: Served) -> dict:
+        primed = self.prime()
         self.drop_caches()
         src = served.uri if served.uri is not None else str(served.backing)
-        return self._timed([tool("nbdcopy"), src, "null:"], "seq read", served)
+        return self._timed([tool("nbdcopy"), src, "null:"], "seq read", served) | {
+            "primed_s": primed}
 
     def _timed(self, cmd: list[str], what: str, served: Served) -> dict:
         cpu0 = cpu_seconds(served.pid)
-        t0 = time.perf_counter()
-        run(cmd, what)
-        elapsed = time.perf_counter() - t0
+        with ForeignCpu(served.pid) as foreign:
+            t0 = time.perf_counter()
+            run(cmd, what)
+            elapsed = time.perf_counter() - t0
         cpu1 = cpu_seconds(served.pid)
         out = {"value": self.size / MIB / elapsed, "elapsed_s": elapsed,
-               "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}
+               "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
+               **foreign.result}
         if cpu0 is not None and cpu1 is not None:
             out["server_cpu_s"] = cpu1 - cpu0
         return out
@@ -409,10 +554,15 @@ class Bench:
         return cmd
 
     def randwrite(self, served: Served) -> dict:
+        # Start every target from an empty page cache: 4 KiB writes into folios that
+        # readahead or big writes created cost the kernel several times more (large folios,
+        # seen on 6.x), which would bury the servers' own cost and depend on history.
+        self.drop_caches()
         cmd = self.fio_command(served)
-        cpu0 = cpu_seconds(served.pid)
-        proc = run(cmd, "fio randwrite", timeout=self.runtime + self.ramp + 120)
-        cpu1 = cpu_seconds(served.pid)
+        cpu0, cs0 = cpu_times(served.pid), context_switches()
+        with ForeignCpu(served.pid) as foreign:
+            proc = run(cmd, "fio randwrite", timeout=self.runtime + self.ramp + 120)
+        cpu1, cs1 = cpu_times(served.pid), context_switches()
         text = proc.stdout
         try:  # the nbd engine prints "fio: connected to NBD server" before the JSON
             data = json.loads(text[text.index("{"):])
@@ -431,12 +581,17 @@ class Bench:
             "lat_p99_us": pct.get("99.000000", 0) / 1000,
             "fio_cpu_pct": round(job.get("usr_cpu", 0) + job.get("sys_cpu", 0), 1),
             "ioengine": "nbd" if served.uri is not None else "libaio",
+            **foreign.result,
         }
-        if cpu0 is not None and cpu1 is not None and w["total_ios"]:
-            # Over ramp + runtime; ios counted only after the ramp, so this is an estimate.
-            out["server_cpu_s"] = cpu1 - cpu0
-            out["server_cpu_us_per_op"] = (cpu1 - cpu0) * 1e6 / (
-                w["iops"] * (self.runtime + self.ramp))
+        # Per-op figures are over ramp + runtime at the measured rate: estimates.
+        ops = w["iops"] * (self.runtime + self.ramp)
+        if cpu0 is not None and cpu1 is not None and ops:
+            user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            out["server_cpu_s"] = user + system
+            out["server_cpu_us_per_op"] = (user + system) * 1e6 / ops
+            out["server_sys_us_per_op"] = system * 1e6 / ops
+        if cs0 is not None and cs1 is not None and ops:
+            out["context_switches_per_op"] = (cs1 - cs0) / ops  # machine-wide
         return out
 
     def verify(self, served: Served, samples: int = 8) -> None:
@@ -480,13 +635,19 @@ def make_source(path: Path, size: int) -> None:
 
 # -- profiling ----------------------------------------------------------------
 
-def profile_randwrite(bench: Bench, served: Served, out_dir: Path, stamp: str,
+PROFILED = ("nbdmirror", "passthrough")
+
+
+def profile_randwrite(bench: Bench, target: str, served: Served, out_dir: Path, stamp: str,
                       duration: float) -> dict:
-    """py-spy a target's server during an extra (unmeasured) fio randwrite."""
+    """py-spy a target's server during an extra (unmeasured) fio randwrite.
+
+    "all" samples every thread that is in Python code; "gil" only the one holding the GIL
+    (a stack with no Python frame there is nbdkit's C glue around the callback)."""
     pyspy = tool("py-spy")
     result: dict = {}
     for mode, extra in (("all", []), ("gil", ["--gil"])):
-        raw = out_dir / f"profile-{stamp}-randwrite-{mode}.txt"
+        raw = out_dir / f"profile-{stamp}-{target}-randwrite-{mode}.txt"
         fio = subprocess.Popen(bench.fio_command(served, runtime=duration + 3, ramp=0),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                stdin=subprocess.DEVNULL)
@@ -502,7 +663,9 @@ def profile_randwrite(bench: Bench, served: Served, out_dir: Path, stamp: str,
 
 
 def summarize_profile(path: Path, top: int = 12) -> dict:
-    """Self and inclusive sample shares per frame from py-spy's raw (collapsed) output."""
+    """Self (by line) and inclusive (by function) shares from py-spy's raw output.
+
+    Shares are of all samples; "(no Python frame)" is a thread inside nbdkit's C code."""
     self_ct: dict[str, int] = {}
     incl_ct: dict[str, int] = {}
     total = 0
@@ -512,14 +675,14 @@ def summarize_profile(path: Path, top: int = 12) -> dict:
             continue
         n = int(count)
         total += n
-        frames = [f for f in stack.split(";") if f]
+        frames = [f for f in stack.split(";") if f.strip()]
         if not frames:
             self_ct["(no Python frame)"] = self_ct.get("(no Python frame)", 0) + n
             continue
         self_ct[frames[-1]] = self_ct.get(frames[-1], 0) + n
         for fn in {re.sub(r":\d+\)$", ")", f) for f in frames}:  # once per stack
             incl_ct[fn] = incl_ct.get(fn, 0) + n
-    share = lambda d: [[k, round(100 * v / total, 1)]
+    share = lambda d: [[k, round(100 * v / max(total, 1), 1)]
                        for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
     return {"samples": total, "self_pct": share(self_ct), "inclusive_pct": share(incl_ct)}
 
@@ -620,12 +783,15 @@ def render(report: dict) -> str:
     for m in metrics:
         if not m.startswith("randwrite"):
             continue
-        vals = [res[t].get(m, {}).get("server_cpu_us_per_op") for t in targets]
-        if any(v is not None for v in vals):
-            cpu_rows.append([f"{METRICS[m][0]} server CPU (us/op)"] +
-                            ["-" if v is None else f"{v:.1f}" for v in vals])
+        for key, what, f in (("server_cpu_us_per_op", "server CPU (us/op)", "{:.1f}"),
+                             ("server_sys_us_per_op", "server kernel CPU (us/op)", "{:.1f}"),
+                             ("context_switches_per_op", "context switches/op", "{:.1f}")):
+            vals = [res[t].get(m, {}).get(key) for t in targets]
+            if any(v is not None for v in vals):
+                cpu_rows.append([f"{METRICS[m][0]}: {what}"] +
+                                ["-" if v is None else f.format(v) for v in vals])
         lat = [res[t].get(m, {}).get("lat_mean_us") for t in targets]
-        cpu_rows.append([f"{METRICS[m][0]} mean latency (us)"] +
+        cpu_rows.append([f"{METRICS[m][0]}: mean latency (us)"] +
                         ["-" if v is None else f"{v:.0f}" for v in lat])
     out = [f"nbdmirror benchmark: {fmt_size(report['config']['size'])}, "
            f"fio {report['config']['runtime']:g}s x{report['config']['repeat']} "
@@ -664,8 +830,9 @@ def median_results(samples: dict[str, dict[str, list[dict]]]) -> dict:
                 vals = [r[key] for r in runs if isinstance(r.get(key), int | float)]
                 if vals and len(vals) == len(runs):
                     entry[key] = round(statistics.median(vals), 3)
-                elif key in runs[0]:
+                elif key in ("command", "ioengine"):
                     entry[key] = runs[0][key]
+            entry["runs"] = runs  # everything, per repetition
             results[target][metric] = entry
     return results
 
@@ -720,8 +887,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fresh-randwrite", action="store_true",
                    help="also measure randwrite on a never-written backing file")
     p.add_argument("--profile", action="store_true",
-                   help="afterwards py-spy the nbdmirror server during an extra randwrite "
-                   "and add its top frames to the results")
+                   help="afterwards py-spy the nbdmirror and passthrough servers during an "
+                   "extra randwrite each and add their top frames to the results")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help=f"where test data goes (default {DEFAULT_WORKDIR}; use a disk, "
                    "not tmpfs)")
@@ -743,6 +910,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    args.early_notes = []
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -756,10 +924,19 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
     try:
+        global DELETE_AS_WE_GO
         free = shutil.disk_usage(run_dir).free
-        need = (3 if "raw" in args.targets else 2) * args.size + 256 * MIB
-        if free < need:
-            raise BenchError(f"{run_dir}: {free // MIB} MiB free, need about {need // MIB} MiB")
+        instances = len(args.targets) * args.repeat * (2 if args.fresh_randwrite else 1)
+        need_min = 3 * args.size + 256 * MIB  # source + scratch + one target at a time
+        need_all = (2 + instances) * args.size + 256 * MIB
+        if free < need_min:
+            raise BenchError(f"{run_dir}: {free // MIB} MiB free, need about "
+                             f"{need_min // MIB} MiB")
+        if free < need_all:
+            DELETE_AS_WE_GO = True
+            args.early_notes = [f"only {free // MIB} MiB free (all backing files need "
+                                f"{need_all // MIB}): deleted each after use, which can slow "
+                                "the next target's writes"]
         report = bench_all(args, run_dir)
     except KeyboardInterrupt:
         progress("interrupted; everything started has been stopped")
@@ -795,8 +972,9 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
     progress(f"making {fmt_size(args.size)} of random source data in {source}")
     make_source(source, args.size)
     bench = Bench(size=args.size, runtime=args.runtime, ramp=args.ramp, iodepth=args.iodepth,
-                  workdir=run_dir, source=source, can_drop_caches=os.geteuid() == 0)
-    bench.notes.extend(notes_early)
+                  workdir=run_dir, source=source, scratch=run_dir / "scratch.img",
+                  can_drop_caches=os.geteuid() == 0)
+    bench.notes.extend(notes_early + args.early_notes)
     if not bench.can_drop_caches:
         bench.notes.append("not root: page caches were not dropped; reads may be warm")
 
@@ -805,39 +983,52 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
         metrics.append("randwrite_4k_fresh")
     samples: dict[str, dict[str, list[dict]]] = {t: {m: [] for m in metrics}
                                                  for t in args.targets}
+    progress(f"making the {fmt_size(args.size)} scratch file for priming writes")
+    bench.prime()
     for rep in range(args.repeat):
-        for target in args.targets:
+        # Rotate the order on each repetition so that no target is always first or last.
+        order = args.targets[rep % len(args.targets):] + args.targets[:rep % len(args.targets)]
+        for target in order:
             fresh = target_factory(target, run_dir, args.size)
             tag = f"{target}" + (f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else "")
             if args.fresh_randwrite:
-                with fresh() as served:
+                with fresh(f"{target}.fresh.{rep + 1}") as served:
                     progress(f"{tag}: 4K randwrite on a fresh backing file")
                     r = bench.randwrite(served)
                     samples[target]["randwrite_4k_fresh"].append(r)
-                    progress(f"{tag}:   {r['value']:,.0f} IOPS")
-            with fresh() as served:
+                    show(tag, r, "IOPS")
+            with fresh(f"{target}.{rep + 1}") as served:
                 progress(f"{tag}: seq write {fmt_size(args.size)}")
                 r = bench.seq_write(served)
                 samples[target]["seq_write"].append(r)
-                progress(f"{tag}:   {r['value']:,.0f} MiB/s")
+                show(tag, r, "MiB/s")
                 bench.verify(served)
                 progress(f"{tag}: seq read {fmt_size(args.size)} (caches dropped)")
                 r = bench.seq_read(served)
                 samples[target]["seq_read"].append(r)
-                progress(f"{tag}:   {r['value']:,.0f} MiB/s")
+                show(tag, r, "MiB/s")
                 progress(f"{tag}: 4K randwrite, iodepth {args.iodepth}, "
                          f"{args.ramp:g}+{args.runtime:g}s")
                 r = bench.randwrite(served)
                 samples[target]["randwrite_4k"].append(r)
-                progress(f"{tag}:   {r['value']:,.0f} IOPS")
+                show(tag, r, "IOPS")
                 progress(f"{tag}: stopping")
 
     results = median_results(samples)
+    for target, by_metric in samples.items():
+        for metric, runs in by_metric.items():
+            for r in runs:
+                if r.get("foreign_cpu_pct", 0) > FOREIGN_WARN_PCT:
+                    who = ", ".join(f"{n} {p:g}%" for n, p in r.get("foreign_top", []))
+                    bench.notes.append(
+                        f"{target} {metric}: other processes used {r['foreign_cpu_pct']:g}% "
+                        f"of a CPU meanwhile ({who}); that number is suspect")
     report = {
         "schema": 1,
         "config": {"size": args.size, "runtime": args.runtime, "ramp": args.ramp,
                    "iodepth": args.iodepth, "repeat": args.repeat, "targets": args.targets,
-                   "fresh_randwrite": args.fresh_randwrite, "quick": args.quick},
+                   "fresh_randwrite": args.fresh_randwrite, "quick": args.quick,
+                   "caches_dropped_before": ["seq_write", "seq_read", "randwrite_4k"]},
         "env": env,
         "results": results,
         "ratios": compute_ratios(results),
@@ -848,23 +1039,24 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.profile:
-        if "nbdmirror" not in args.targets:
-            bench.notes.append("--profile needs the nbdmirror target; skipped")
-        else:
-            with target_factory("nbdmirror", run_dir, args.size)() as served:
-                progress("profile: filling the nbdmirror volume (seq write, unmeasured)")
+        report["profile"] = {}
+        for target in [t for t in PROFILED if t in args.targets] or ["nbdmirror"]:
+            with target_factory(target, run_dir, args.size)(f"{target}.profile") as served:
+                progress(f"profile: filling {target} (seq write, unmeasured)")
                 bench.seq_write(served)
-                progress("profile: py-spy on the nbdmirror server during 4K randwrite")
-                report["profile"] = profile_randwrite(bench, served, RESULTS_DIR, stamp,
-                                                      duration=min(args.runtime, 10))
+                bench.drop_caches()
+                progress(f"profile: py-spy on the {target} server during 4K randwrite")
+                report["profile"][target] = profile_randwrite(
+                    bench, target, served, RESULTS_DIR, stamp, duration=min(args.runtime, 10))
     report["duration_s"] = round(time.monotonic() - started, 1)
     body = json.dumps(report, indent=2) + "\n"
     (RESULTS_DIR / f"{stamp}.json").write_text(body)
     (RESULTS_DIR / "latest.json").write_text(body)
     progress(f"results: {RESULTS_DIR / 'latest.json'} and {stamp}.json")
-    if "profile" in report:
-        for mode, prof in report["profile"].items():
-            progress(f"profile ({mode}, {prof['samples']} samples; {prof['file']}), self %:")
+    for target, modes in report.get("profile", {}).items():
+        for mode, prof in modes.items():
+            progress(f"profile {target} ({mode}, {prof['samples']} samples; {prof['file']}), "
+                     "self %:")
             for frame, pct in prof["self_pct"][:8]:
                 progress(f"  {pct:5.1f}%  {frame}")
     return report

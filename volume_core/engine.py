@@ -48,8 +48,8 @@ class Stats:
     FIELDS = ("reads", "writes", "trims", "zeroes", "flushes", "bytes_read", "bytes_written",
               "bytes_trimmed", "bytes_zeroed")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self._lock = lock or threading.Lock()
         for name in self.FIELDS:
             setattr(self, name, 0)
 
@@ -79,11 +79,12 @@ class Engine:
             os.close(self.fd)
             volume.unlock()
             raise VolumeError(f"cannot open {volume.marks_path}: {err}") from None
-        self.stats = Stats()
+        # One lock for the write gate, the stats and the tracker's fast path, so a write
+        # takes it once to enter and once to leave.
+        self._lock = self.tracker.lock
+        self.stats = Stats(self._lock)
         self.pre_write: list[PreWriteHook] = []
         self.post_write: list[PostWriteHook] = []
-        # The write gate shares the stats lock: finishing a write is one acquisition.
-        self._lock = self.stats._lock
         self._gate_open = threading.Event()
         self._gate_open.set()
         self._gate_closed = False
@@ -192,12 +193,16 @@ class Engine:
             closed = self._gate_closed
             if not closed:
                 self._inflight += 1
+                durable = self.tracker.try_mark(offset, length)
         if closed:
             self._enter()
+            durable = False
         try:
-            self.tracker.mark(offset, length)
-            for hook in self.pre_write:
-                hook(offset, length)
+            if not durable:
+                self.tracker.mark(offset, length)
+            if self.pre_write:
+                for hook in self.pre_write:
+                    hook(offset, length)
             done = os.pwrite(self.fd, buf, offset)
             if done < length:
                 view = memoryview(buf)
@@ -205,8 +210,9 @@ class Engine:
                     done += os.pwrite(self.fd, view[done:], offset + done)
             if fua:
                 os.fdatasync(self.fd)
-            for hook in self.post_write:
-                hook("write", offset, length, buf)
+            if self.post_write:
+                for hook in self.post_write:
+                    hook("write", offset, length, buf)
         finally:
             st = self.stats
             with lock:

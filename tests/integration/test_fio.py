@@ -17,7 +17,8 @@ def test_fio_randwrite_verifies_crc32c(serve, cli):
     proc = subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
          "--bs=4k", "--iodepth=16", "--size=32M", "--offset=16M", "--verify=crc32c",
-         "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+         "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+         "--output-format=json"],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
