@@ -379,17 +379,11 @@ def serve_nbdmirror(name: str, workdir: Path, size: int, durable: bool) -> Itera
         else:
             from cli.server import Endpoint, serve_background
             from volume_core.errors import NbdMirrorError
+            from volume_core.runtime import ServerPlace
             from volume_core.volume import Volume
 
             try:
-                where = Volume.open(vol)
-                try:  # newer cli.server takes the server's place (volume or snapshot)
-                    from volume_core.runtime import ServerPlace
-                except ImportError:
-                    pass
-                else:
-                    where = ServerPlace(where)
-                state = serve_background(where, Endpoint(socket=sock),
+                state = serve_background(ServerPlace(Volume.open(vol)), Endpoint(socket=sock),
                                          extra=("durable-marks=0",))
             except NbdMirrorError as err:
                 raise BenchError(f"{name}: serve: {err}") from None
@@ -808,6 +802,10 @@ def render(report: dict) -> str:
     for g in report["goals"]:
         have = "n/a" if g["ratio"] is None else f"{100 * g['ratio']:.0f}%"
         out.append(f"{g['status']}: {g['goal']} (measured {have})")
+    if report.get("snapshots"):
+        from bench_snapshots import render_snapshots
+
+        out += ["", render_snapshots(report["snapshots"])]
     for note in report.get("notes", []):
         out.append(f"note: {note}")
     out.append(f"took {report['duration_s']:.0f}s")
@@ -893,6 +891,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"where test data goes (default {DEFAULT_WORKDIR}; use a disk, "
                    "not tmpfs)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--no-snapshots", dest="snapshots", action="store_false",
+                   help="skip the snapshot figures (copy-on-write cost, creation time)")
     p.add_argument("--json", action="store_true", help="print the JSON results to stdout")
     args = p.parse_args(argv)
     args.size = args.size or (128 * MIB if args.quick else 1 << 30)
@@ -1014,6 +1014,12 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
                 show(tag, r, "IOPS")
                 progress(f"{tag}: stopping")
 
+    snapshot_figures = None
+    if args.snapshots:
+        from bench_snapshots import bench_snapshots
+
+        snapshot_figures = bench_snapshots(bench, run_dir, args.size, serve_nbdmirror, run, tool,
+                                           progress)
     results = median_results(samples)
     for target, by_metric in samples.items():
         for metric, runs in by_metric.items():
@@ -1034,6 +1040,7 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
         "ratios": compute_ratios(results),
         "goals": check_goals(results),
         "notes": bench.notes,
+        "snapshots": snapshot_figures,
     }
     report["env"]["loadavg_at_end"] = load_average()
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -73,7 +73,8 @@ class Snapshot:
     preserved: np.ndarray
 
     @classmethod
-    def open(cls, path: Path, regions: int, *, writable: bool) -> Snapshot:
+    def open(cls, path: Path, regions: int, *, writable: bool, fresh: bool = False) -> Snapshot:
+        """Open a snapshot's files; ``fresh`` (just created) skips reading its empty map."""
         info = read_info(path)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         store_fd = os.open(path / STORE, flags)
@@ -82,8 +83,11 @@ class Snapshot:
         except OSError:
             os.close(store_fd)
             raise
-        preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=regions)
-        preserved = (preserved != 0).astype(np.uint8)
+        if fresh:  # calloc'ed lazily: creation costs the same for 1 GiB and 1 TiB
+            preserved = np.zeros(regions, dtype=np.uint8)
+        else:
+            preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=regions)
+            preserved = (preserved != 0).astype(np.uint8)
         return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved)
 
     def close(self) -> None:
@@ -245,7 +249,7 @@ class SnapshotChain:
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
-        snap = Snapshot.open(root / name, self.volume.regions, writable=True)
+        snap = Snapshot.open(root / name, self.volume.regions, writable=True, fresh=True)
         self.chain.append(snap)
         bump_chain_seq(self.volume)
         return snap
