@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from volume_core.errors import DeviceError
+from volume_core.runtime import pid_alive
 
 from .procs import require, run, wait_for
 from .server import RUN_DIR, Endpoint
@@ -160,17 +161,9 @@ def _unmount_fuse(mountpoint: Path, pid: int | None) -> None:
     if os.path.ismount(mountpoint):
         run(["fusermount3", "-u", str(mountpoint)], f"cannot unmount {mountpoint}", DeviceError)
     if pid:
-        def gone() -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            # a zombie child of ours counts as gone
-            with contextlib.suppress(ChildProcessError):
-                return os.waitpid(pid, os.WNOHANG)[0] == pid
-            return False
-
-        wait_for(gone, 30)
+        wait_for(lambda: not pid_alive(pid), 30)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
 
 
 def _remove_quietly(*paths: Path) -> None:

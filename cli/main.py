@@ -6,6 +6,7 @@ Set NBDMIRROR_DEBUG=1 to see a traceback for an unexpected error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -101,8 +102,13 @@ def info(vol: str, as_json: bool) -> None:
     """Describe volume VOL (works whether or not it is served)."""
     volume = open_volume(vol)
     i = volume.info
-    marked = int(load_marks(volume.marks_path, i.regions).sum())
     state = runtime.read_state(volume)
+    marked = None
+    if state:  # the server knows the exact marks; the file may hold whole intent extents
+        with contextlib.suppress(NbdMirrorError):
+            marked = server.admin_call(volume, "status")["marked_regions"]
+    if marked is None:
+        marked = int(load_marks(volume.marks_path, i.regions).sum())
     data = i.to_json() | {
         "path": str(volume.path.absolute()),
         "regions": i.regions,

@@ -58,6 +58,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from volume_core.runtime import pid_alive  # the project is installed (editable) in .venv
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 RESULTS_DIR = REPO / "bench-results"
@@ -168,20 +170,6 @@ def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05)
             return False
         time.sleep(interval)
     return True
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0): look at its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def cpu_times(pid: int | None) -> tuple[float, float] | None:

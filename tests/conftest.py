@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from volume_core.runtime import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -77,19 +80,10 @@ class Served:
         """SIGKILL the server and wait until the volume is released."""
         pid = self.pid()
         os.kill(pid, signal.SIGKILL)
-        import time
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            # our CLI daemonized it; it may be a zombie of init, which counts as gone
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                    return
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, f"nbdkit pid {pid} did not die"
             time.sleep(0.02)
-        raise AssertionError(f"nbdkit pid {pid} did not die")
 
     def connect(self):
         import nbd

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import native
 from .errors import SnapshotError
-from .volume import Volume, write_json_atomic
+from .volume import Volume, fsync_dir, write_json_atomic
 
 INFO = "snapshot.json"
 STORE = "store.img"
@@ -71,6 +71,8 @@ class Snapshot:
     store_fd: int
     map_fd: int
     preserved: np.ndarray
+    #: regions whose copy is under way (only the newest snapshot receives copies)
+    copying: np.ndarray = dataclasses.field(default=None)
 
     @classmethod
     def open(cls, path: Path, regions: int, *, writable: bool, fresh: bool = False) -> Snapshot:
@@ -88,7 +90,8 @@ class Snapshot:
         else:
             preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=regions)
             preserved = (preserved != 0).astype(np.uint8)
-        return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved)
+        return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved,
+                   np.zeros(regions, dtype=np.uint8))
 
     def close(self) -> None:
         for fd in (self.store_fd, self.map_fd):
@@ -163,8 +166,12 @@ class SnapshotChain:
         self.volume = volume
         self.live_fd = live_fd
         self.shift = volume.region_size.bit_length() - 1
-        self._cow_lock = threading.Lock()
-        self.copies = 0  # copy-on-write operations done (for status)
+        self._cow = threading.Condition()  # claims of regions being copied, the batch
+        self._commit_lock = threading.Lock()  # one group commit at a time
+        self._batch: list[np.ndarray] = []  # copied runs waiting for their commit
+        self._batch_seq = 0
+        self._synced_seq = 0
+        self.copies = 0  # regions copied on write (for status)
         root = volume.snapshot_dir
         root.mkdir(exist_ok=True)
         for leftover in root.glob(".creating-*"):
@@ -191,32 +198,81 @@ class SnapshotChain:
 
     # -- the write path ------------------------------------------------------
     def preserve(self, offset: int, length: int) -> None:
-        """Pre-write hook: copy the regions under the write into the newest snapshot once."""
+        """Pre-write hook: copy the regions under the write into the newest snapshot once.
+
+        Concurrent writers copy their own regions in parallel (the C copy runs
+        without the GIL) and share the syncs: one thread syncs the store, writes
+        the map and syncs it for every copy finished so far (group commit).
+        A writer whose regions another writer is copying waits for that copy.
+        """
         chain = self.chain
         if not chain:
             return
         snap = chain[-1]
         first = offset >> self.shift
-        last = (offset + length - 1) >> self.shift
-        if first == last:
+        stop = ((offset + length - 1) >> self.shift) + 1
+        if stop - first == 1:
             if snap.preserved[first]:
                 return
-        elif snap.preserved[first:last + 1].all():
+        elif snap.preserved[first:stop].all():
             return
-        with self._cow_lock:
-            seg = snap.preserved[first:last + 1]
-            need = np.logical_not(seg).astype(np.uint8)
-            runs = native.scan_runs(need)
-            if runs.shape[0] == 0:
-                return  # another writer preserved them meanwhile
+        while True:
+            with self._cow:
+                seg = snap.preserved[first:stop]
+                if seg.all():
+                    return
+                busy = snap.copying[first:stop]
+                need = (seg == 0) & (busy == 0)
+                if not need.any():
+                    self._cow.wait()  # others are copying the rest
+                    continue
+                busy[need] = 1
+            runs = native.scan_runs(need.view(np.uint8))
             runs[:, 0] += first
-            native.copy_runs(self.live_fd, snap.store_fd, runs, self.volume.region_size,
-                             self.volume.size)
-            os.fdatasync(snap.store_fd)
-            os.pwrite(snap.map_fd, b"\x01" * (last + 1 - first), first)
-            os.fdatasync(snap.map_fd)
-            seg[:] = 1  # only now may the live write land
-            self.copies += int(runs[:, 1].sum())
+            try:
+                native.copy_runs(self.live_fd, snap.store_fd, runs, self.volume.region_size,
+                                 self.volume.size)
+            except BaseException:
+                self._unclaim(snap, [runs])
+                raise
+            with self._cow:
+                self._batch.append(runs)
+                self._batch_seq += 1
+                seq = self._batch_seq
+            self._commit(snap, seq)
+
+    def _commit(self, snap: Snapshot, seq: int) -> None:
+        """Make copies up to ``seq`` durable and preserved: store synced, then map synced."""
+        with self._commit_lock:
+            if self._synced_seq >= seq:
+                return
+            with self._cow:
+                batch, self._batch = self._batch, []
+                target = self._batch_seq
+            try:
+                os.fdatasync(snap.store_fd)
+                for runs in batch:
+                    for start, count in runs.tolist():
+                        os.pwrite(snap.map_fd, b"\x01" * count, start)
+                os.fdatasync(snap.map_fd)
+            except BaseException:
+                self._unclaim(snap, batch)  # their writers will copy again
+                raise
+            with self._cow:
+                for runs in batch:
+                    for start, count in runs.tolist():
+                        snap.preserved[start:start + count] = 1  # now the live writes may land
+                        snap.copying[start:start + count] = 0
+                    self.copies += int(runs[:, 1].sum())
+                self._synced_seq = target
+                self._cow.notify_all()
+
+    def _unclaim(self, snap: Snapshot, batch: list[np.ndarray]) -> None:
+        with self._cow:
+            for runs in batch:
+                for start, count in runs.tolist():
+                    snap.copying[start:start + count] = 0
+            self._cow.notify_all()
 
     # -- create / delete -------------------------------------------------------
     def create(self, name: str | None) -> Snapshot:
@@ -245,7 +301,7 @@ class SnapshotChain:
             write_json_atomic(tmp / INFO, {"name": name, "seq": seq, "created": created})
             os.fdatasync(self.live_fd)  # the snapshot point is durable, not just visible
             os.rename(tmp, root / name)
-            _fsync(root)
+            fsync_dir(root)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
@@ -280,7 +336,7 @@ class SnapshotChain:
         snap.close()
         bump_chain_seq(self.volume)
         shutil.rmtree(snap.path)
-        _fsync(self.volume.snapshot_dir)
+        fsync_dir(self.volume.snapshot_dir)
 
     # -- reporting ---------------------------------------------------------------
     def describe(self) -> list[dict]:
@@ -315,11 +371,3 @@ def list_offline(volume: Volume) -> list[dict]:
     """Describe the snapshots of a volume without opening it (any process may do this)."""
     return [describe(volume, path) for _seq, path, info in snapshot_dirs(volume)
             if not info.get("deleting")]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -88,7 +88,7 @@ def validate_geometry(size: int, region_size: int) -> None:
                          f"{MAX_REGIONS} regions; choose a larger --region-size")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -105,7 +105,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Volume:
@@ -176,7 +176,7 @@ class Volume:
                 os.rename(tmp, path)
             except OSError as err:
                 raise VolumeExists(f"cannot create {path}: {err.strerror}") from None
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise VolumeError(f"cannot create {path}: {err.strerror or err}") from None
