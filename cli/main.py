@@ -21,7 +21,7 @@ from volume_core.errors import NbdMirrorError, ServerError
 from volume_core.regions import load_marks
 from volume_core.runtime import ServerPlace
 from volume_core.units import format_size, parse_size
-from volume_core.volume import DEFAULT_REGION_SIZE, Volume
+from volume_core.volume import Volume
 
 from . import devices, server
 from .server import Endpoint
@@ -52,11 +52,6 @@ def emit(data: dict, as_json: bool, human: list[str]) -> None:
         click.echo("\n".join(human))
 
 
-def open_volume(path: str) -> Volume:
-    return Volume.open(path)
-
-
-SizeType = click.STRING
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
@@ -87,8 +82,7 @@ def cli() -> None:
 @json_option
 def create(vol: str, size: str, region_size: str, as_json: bool) -> None:
     """Create a new volume directory VOL. Refuses to overwrite anything."""
-    volume = Volume.create(vol, parse_size(size), parse_size(region_size, "region size")
-                           if region_size else DEFAULT_REGION_SIZE)
+    volume = Volume.create(vol, parse_size(size), parse_size(region_size, "region size"))
     info = volume.info
     emit(info.to_json() | {"path": str(volume.path.absolute()), "regions": info.regions},
          as_json, [f"created {vol}: {format_size(info.size)}, {info.regions} regions of "
@@ -100,7 +94,7 @@ def create(vol: str, size: str, region_size: str, as_json: bool) -> None:
 @json_option
 def info(vol: str, as_json: bool) -> None:
     """Describe volume VOL (works whether or not it is served)."""
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     i = volume.info
     state = runtime.read_state(volume)
     marked = None
@@ -149,7 +143,7 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
     In the foreground it runs until Ctrl-C; with --background until
     'nbdmirror stop VOL'.
     """
-    _serve(ServerPlace(open_volume(vol)), socket, port, address, background, as_json)
+    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, as_json)
 
 
 def _serve(place: ServerPlace, socket: str | None, port: int | None, address: str,
@@ -174,7 +168,7 @@ def _serve(place: ServerPlace, socket: str | None, port: int | None, address: st
 @click.option("--force", is_flag=True, help="Stop even while a block device is attached to it.")
 def stop(vol: str, force: bool) -> None:
     """Stop the background server of volume VOL."""
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     if not force:
         mine = str(volume.path.absolute())
         for rec in devices.attachments():
@@ -190,7 +184,7 @@ def stop(vol: str, force: bool) -> None:
 @json_option
 def status(vol: str, as_json: bool) -> None:
     """Live state of the running server of VOL: requests, bytes, marked regions."""
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     st = server.admin_call(volume, "status")
     s = st["stats"]
     human = [
@@ -225,7 +219,7 @@ def attach(vol: str | None, socket: str | None, port: int | None, host: str,
         raise click.UsageError("give exactly one of VOL, --socket or --port")
     volume_path = None
     if vol is not None:
-        volume = open_volume(vol)
+        volume = Volume.open(vol)
         endpoint = server.find_endpoint(ServerPlace(volume))
         volume_path = str(volume.path.absolute())
     elif socket is not None:
@@ -281,7 +275,7 @@ def snapshot_create(vol: str, name: str | None, as_json: bool) -> None:
     On a served volume it is atomic with respect to writes: every write
     acknowledged before it is in the snapshot, none acknowledged after it.
     """
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     if name is not None:
         snapshots.validate_name(name)
     made = _on_volume(volume, "snapshot-create", name=name)
@@ -293,7 +287,7 @@ def snapshot_create(vol: str, name: str | None, as_json: bool) -> None:
 @json_option
 def snapshot_list(vol: str, as_json: bool) -> None:
     """List the snapshots of VOL, oldest first."""
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     found = snapshots.list_offline(volume)
     human = [f"{'NAME':<28} {'CREATED':<30} {'PRESERVED':>12}  SERVED"]
     human += [f"{s['name']:<28} {s['created']:<30} {format_size(s['bytes_preserved']):>12}  "
@@ -312,14 +306,14 @@ def snapshot_delete(vol: str, name: str) -> None:
     Copies that an older snapshot still needs move to it first, so every
     other snapshot stays exact. Refused while NAME is being served.
     """
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     snapshots.validate_name(name)
     _on_volume(volume, "snapshot-delete", name=name)
     click.echo(f"deleted snapshot {name} of {vol}")
 
 
 def _snapshot_place(vol: str, name: str) -> ServerPlace:
-    volume = open_volume(vol)
+    volume = Volume.open(vol)
     snapshots.validate_name(name)
     place = ServerPlace(volume, name)
     if not (place.dir / snapshots.INFO).is_file():

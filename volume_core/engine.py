@@ -5,7 +5,7 @@ Every write-like request (pwrite, trim, zero) goes through one path:
     check range -> mark regions (durable) -> pre-write hooks -> apply -> post-write hooks
 
 Snapshots hook in before the data lands (copy-on-write); a replicator hooks in
-after (it sees offset, length and the data). Reads never take a lock.
+after (it sees offset, length and the data). Reads only count themselves.
 
 Writes pass a gate: ``quiesce()`` closes it and waits for the writes in
 flight, so a snapshot is atomic with respect to writes: every write
@@ -65,20 +65,20 @@ class Engine:
         self.volume = volume
         self.size = volume.size
         self.readonly = readonly
-        volume.lock()
-        try:
-            self.fd = os.open(volume.data_path, (os.O_RDONLY if readonly else os.O_RDWR)
-                              | os.O_CLOEXEC)
-        except OSError as err:
-            volume.unlock()
-            raise VolumeError(f"cannot open {volume.data_path}: {err.strerror}") from None
-        try:
-            self.tracker = RegionTracker(volume.marks_path, volume.regions, volume.region_size,
-                                         durable=durable_marks)
-        except (OSError, ValueError) as err:
-            os.close(self.fd)
-            volume.unlock()
-            raise VolumeError(f"cannot open {volume.marks_path}: {err}") from None
+        with contextlib.ExitStack() as undo:  # on failure, let go of what was taken
+            volume.lock()
+            undo.callback(volume.unlock)
+            try:
+                self.fd = os.open(volume.data_path, (os.O_RDONLY if readonly else os.O_RDWR)
+                                  | os.O_CLOEXEC)
+                undo.callback(os.close, self.fd)
+                self.tracker = RegionTracker(volume.marks_path, volume.regions,
+                                             volume.region_size, durable=durable_marks)
+                undo.callback(self.tracker.close)
+                self.snapshots = SnapshotChain(volume, self.fd)
+            except (OSError, ValueError, NbdMirrorError) as err:
+                raise VolumeError(f"cannot open {volume.path}: {err}") from None
+            undo.pop_all()
         # One lock for the write gate, the stats and the tracker's fast path, so a write
         # takes it once to enter and once to leave.
         self._lock = self.tracker.lock
@@ -90,13 +90,6 @@ class Engine:
         self._gate_closed = False
         self._inflight = 0
         self._admin_lock = threading.Lock()  # one snapshot create/delete at a time
-        try:
-            self.snapshots = SnapshotChain(volume, self.fd)
-        except (OSError, NbdMirrorError) as err:
-            self.tracker.close()
-            os.close(self.fd)
-            volume.unlock()
-            raise VolumeError(f"cannot open the snapshots of {volume.path}: {err}") from None
         if self.snapshots.chain:
             self.pre_write.append(self.snapshots.preserve)
         self.started = time.time()

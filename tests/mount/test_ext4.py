@@ -82,3 +82,26 @@ def test_attach_unserved_volume_fails_cleanly(make_volume, cli):
     vol = make_volume(size="16M")
     res = cli("attach", vol, check=False)
     assert res.code == 1 and "not being served" in res.err and "Traceback" not in res.err
+
+
+def test_attach_over_tcp_gives_a_device_of_the_volume_size(make_volume, cli, attach):
+    import socket as _socket
+
+    vol = make_volume(size="24M")
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli("serve", vol, "--port", port, "--background")
+    try:
+        dev = attach(vol)
+        size = int(sh("blockdev", "--getsize64", dev).stdout)
+        assert size == 24 << 20
+        with open(dev, "r+b", buffering=0) as f:
+            f.seek(5 << 20)
+            f.write(b"over tcp" * 512)
+            os.fsync(f.fileno())
+        cli("detach", dev)
+        attach.devices.remove(dev)
+        assert (vol / "data.img").read_bytes()[5 << 20:(5 << 20) + 8] == b"over tcp"
+    finally:
+        cli("stop", vol, "--force", check=False)
