@@ -90,7 +90,7 @@ class Engine:
         self._gate_closed = False
         self._inflight = 0
         self._admin_lock = threading.Lock()  # one snapshot create/delete at a time
-        if self.snapshots.chain:
+        if self.snapshots.chain:  # no snapshot, no hook: nothing on the hot path
             self.pre_write.append(self.snapshots.preserve)
         self.started = time.time()
         self._closed = False
@@ -274,9 +274,11 @@ class Engine:
     def create_snapshot(self, name: str | None = None) -> dict[str, Any]:
         """Take a snapshot atomically with respect to writes; no data is copied."""
         with self._admin_lock, self.quiesce():
-            snap = self.snapshots.create(name)
+            # Hook first: if create fails half-way, copy-on-write is on anyway (it
+            # returns at once while the chain is empty).
             if self.snapshots.preserve not in self.pre_write:
                 self.pre_write.append(self.snapshots.preserve)
+            snap = self.snapshots.create(name)
         return {"name": snap.name, "seq": snap.seq, "created": snap.created}
 
     def delete_snapshot(self, name: str) -> None:

@@ -50,6 +50,9 @@ class RegionTracker:
         self._durable_sync = durable
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
+            # What is in the page cache may not be on disk yet (a SIGKILL between pwrite and
+            # fdatasync): sync before trusting it as durable.
+            os.fdatasync(self._fd)
             on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
             if on_disk.size != regions:
                 raise OSError(f"{path} holds {on_disk.size} regions, expected {regions}")
@@ -137,8 +140,16 @@ class RegionTracker:
             with self._lock:
                 target = self._write_seq
                 batch, self._unsynced = self._unsynced, []
-            if self._durable_sync:
-                os.fdatasync(self._fd)
+            try:
+                if self._durable_sync:
+                    os.fdatasync(self._fd)
+            except BaseException:
+                # Not known to be on disk: make the next writer persist these again.
+                with self._lock:
+                    for start, stop in batch:
+                        states = self._persisted[start:stop]
+                        states[states == _WRITTEN] = _CLEAR
+                raise
             self.syncs += 1
             with self._lock:
                 for start, stop in batch:
@@ -158,7 +169,10 @@ class RegionTracker:
         """Atomically take the current marks and start afresh.
 
         The taken regions stay marked on disk until ``release(taken)``: a crash
-        before the caller has finished with them must still find them.
+        before the caller has finished with them must still find them. Call it
+        with writes quiesced (Engine.quiesce), so that no write marked before the
+        swap lands after it; and release one take before taking the next (the
+        outstanding set is a union, not a count).
         """
         with self._lock:
             taken = self.marks
@@ -205,8 +219,12 @@ class RegionTracker:
             return self._clear_persisted(done)
 
     def _clear_persisted(self, done: np.ndarray) -> int:
-        """Zero the persisted marks in ``done`` (lock held). Losing this write is harmless."""
-        done_u8 = done.astype(np.uint8)
+        """Zero the persisted marks in ``done`` (lock held). Losing this write is harmless.
+
+        Regions whose intent was written but is not yet synced are left alone: a sync
+        under way must not promote a later re-persist that it did not cover.
+        """
+        done_u8 = (done & (self._persisted == _DURABLE)).astype(np.uint8)
         runs = native.scan_runs(done_u8)
         for start, count in runs.tolist():
             self._persisted[start:start + count] = _CLEAR

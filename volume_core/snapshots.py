@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,16 +135,27 @@ def bump_chain_seq(volume: Volume) -> None:
         os.close(fd)
 
 
+def try_flock(fd: int, how: int, tries: int = 20) -> bool:
+    """flock without blocking, retrying briefly: another process may hold it for a moment
+    just to look (is_served), which must not make a real taker fail."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.005)
+    return False
+
+
 @contextlib.contextmanager
-def exclusive(path: Path, what: str):
+def exclusive(path: Path, what: str, tries: int = 20):
     """Hold a snapshot exclusively (no export may serve it meanwhile)."""
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_flock(fd, fcntl.LOCK_EX, tries):
             raise SnapshotError(f"snapshot {path.name!r} is being served; stop its export before "
-                                f"you {what} it") from None
+                                f"you {what} it")
         yield
     finally:
         os.close(fd)
@@ -151,7 +163,7 @@ def exclusive(path: Path, what: str):
 
 def is_served(path: Path) -> bool:
     try:
-        with exclusive(path, "check"):
+        with exclusive(path, "check", tries=1):
             return False
     except SnapshotError:
         return True
@@ -174,16 +186,27 @@ class SnapshotChain:
         self.copies = 0  # regions copied on write (for status)
         root = volume.snapshot_dir
         root.mkdir(exist_ok=True)
-        for leftover in root.glob(".creating-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # a create that never finished
+        for pattern in (".creating-*", ".deleting-*"):  # a create or delete cut short
+            for leftover in root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
         self.chain: list[Snapshot] = []
         pending = []
-        for _seq, path, info in snapshot_dirs(volume):
-            self.chain.append(Snapshot.open(path, volume.regions, writable=True))
-            if info.get("deleting"):
-                pending.append(self.chain[-1])
+        try:
+            for _seq, path, info in snapshot_dirs(volume):
+                snap = Snapshot.open(path, volume.regions, writable=True)
+                self.chain.append(snap)
+                # A SIGKILL between a pwrite and its fdatasync leaves bytes in the page
+                # cache that are not on disk: sync before trusting the preserved map.
+                os.fdatasync(snap.store_fd)
+                os.fdatasync(snap.map_fd)
+                if info.get("deleting"):
+                    pending.append(snap)
+        except BaseException:
+            self.close()
+            raise
         for snap in pending:  # a delete interrupted by a crash: finish it
-            self._finish_delete(snap)
+            with contextlib.suppress(SnapshotError), exclusive(snap.path, "delete"):
+                self._finish_delete(snap)
 
     @property
     def newest(self) -> Snapshot | None:
@@ -305,9 +328,16 @@ class SnapshotChain:
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
-        snap = Snapshot.open(root / name, self.volume.regions, writable=True, fresh=True)
-        self.chain.append(snap)
-        bump_chain_seq(self.volume)
+        try:
+            snap = Snapshot.open(root / name, self.volume.regions, writable=True, fresh=True)
+            self.chain.append(snap)
+            bump_chain_seq(self.volume)
+        except OSError as err:
+            # Undo, or live writes would land without copy-on-write for a snapshot on disk.
+            if self.chain and self.chain[-1].path == root / name:
+                self.chain.pop().close()
+            shutil.rmtree(root / name, ignore_errors=True)
+            raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
         return snap
 
     def delete(self, name: str) -> None:
@@ -334,9 +364,13 @@ class SnapshotChain:
                 older.preserved[need] = 1
         self.chain.remove(snap)
         snap.close()
-        bump_chain_seq(self.volume)
-        shutil.rmtree(snap.path)
+        # Out of sight in one rename, so a crash inside rmtree leaves no half snapshot.
+        gone = self.volume.snapshot_dir / f".deleting-{snap.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.rename(snap.path, gone)
         fsync_dir(self.volume.snapshot_dir)
+        bump_chain_seq(self.volume)
+        shutil.rmtree(gone, ignore_errors=True)
 
     # -- reporting ---------------------------------------------------------------
     def describe(self) -> list[dict]:

@@ -121,3 +121,29 @@ def test_bad_snapshot_names_are_refused(tmp_path, name):
         e.create_snapshot(name)
     assert [p.name for p in vol.snapshot_dir.iterdir() if p.name != "chain.seq"] == []
     e.close()
+
+
+def test_delete_cut_short_inside_rmtree_leaves_an_openable_volume(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    vol, e, images = build_chain(tmp_path, seed=5)
+    real_rmtree = shutil.rmtree
+
+    def dies_half_way(path, ignore_errors=False):
+        path = Path(path)
+        if path.name.startswith(".deleting-") and path.exists():
+            (path / "store.img").unlink()
+            raise KeyboardInterrupt("killed inside rmtree")
+        return real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        e.delete_snapshot("s2")
+    monkeypatch.undo()
+    e.volume.unlock()  # the process is gone: its lock with it
+    assert (vol.snapshot_dir / ".deleting-s2").exists()
+    e2 = Engine(Volume.open(vol.path))
+    assert not (vol.snapshot_dir / ".deleting-s2").exists()
+    check(vol, e2, images, ["s1", "s3"])
+    e2.close()
