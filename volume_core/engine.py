@@ -190,6 +190,7 @@ class Engine:
         if closed:
             self._enter()
             durable = False
+        done = 0
         try:
             if not durable:
                 self.tracker.mark(offset, length)
@@ -210,8 +211,9 @@ class Engine:
             st = self.stats
             with lock:
                 self._inflight -= 1
-                st.writes += 1
-                st.bytes_written += length
+                if done == length:  # count what was written, not what failed
+                    st.writes += 1
+                    st.bytes_written += length
 
     def trim(self, length: int, offset: int, fua: bool = False) -> None:
         """Discard a range; it reads back as zeros (a hole where the filesystem allows)."""

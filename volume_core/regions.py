@@ -159,11 +159,13 @@ class RegionTracker:
 
     # -- cycle operations --------------------------------------------------
     def count(self) -> int:
-        return native.count(self.marks)
+        with self._lock:
+            return native.count(self.marks)
 
     def runs(self) -> np.ndarray:
         """Marked regions as (start, count) rows."""
-        return native.scan_runs(self.marks)
+        with self._lock:
+            return native.scan_runs(self.marks)
 
     def swap_and_reset(self) -> np.ndarray:
         """Atomically take the current marks and start afresh.
