@@ -284,10 +284,12 @@ class Engine:
         return {"name": snap.name, "seq": snap.seq, "created": snap.created}
 
     def delete_snapshot(self, name: str) -> None:
-        with self._admin_lock, self.quiesce():
-            self.snapshots.delete(name)
+        """Delete a snapshot; writes pause only for the last step of deleting the newest."""
+        with self._admin_lock:
+            self.snapshots.delete(name, quiesce=self.quiesce)
             if not self.snapshots.chain and self.snapshots.preserve in self.pre_write:
-                self.pre_write.remove(self.snapshots.preserve)
+                with self.quiesce():
+                    self.pre_write.remove(self.snapshots.preserve)
 
     def list_snapshots(self) -> list[dict[str, Any]]:
         with self._admin_lock:

@@ -32,6 +32,8 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -340,15 +342,27 @@ class SnapshotChain:
             raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
         return snap
 
-    def delete(self, name: str) -> None:
-        """Remove a snapshot; its copies that the next older snapshot needs move there."""
+    def delete(self, name: str, quiesce: Callable[[], AbstractContextManager] | None = None
+               ) -> None:
+        """Remove a snapshot; its copies that the next older snapshot needs move there.
+
+        Only the newest snapshot receives copies, so an older one is deleted while
+        writes go on. The newest has its copies moved while writes go on, and only
+        the last few (made meanwhile) and its removal happen under ``quiesce()``.
+        """
         snap = self.find(name)
         with exclusive(snap.path, "delete"):
             info = read_info(snap.path)
             write_json_atomic(snap.path / INFO, info | {"deleting": True})
-            self._finish_delete(snap)
+            if quiesce is not None and snap is self.chain[-1]:
+                self._move_to_older(snap)
+                with quiesce():
+                    self._finish_delete(snap)
+            else:
+                self._finish_delete(snap)
 
-    def _finish_delete(self, snap: Snapshot) -> None:
+    def _move_to_older(self, snap: Snapshot) -> None:
+        """Give the next older snapshot the copies of ``snap`` it reads through to."""
         index = self.chain.index(snap)
         if index > 0:
             older = self.chain[index - 1]
@@ -362,6 +376,9 @@ class SnapshotChain:
                     os.pwrite(older.map_fd, b"\x01" * count, start)
                 os.fdatasync(older.map_fd)
                 older.preserved[need] = 1
+
+    def _finish_delete(self, snap: Snapshot) -> None:
+        self._move_to_older(snap)
         self.chain.remove(snap)
         snap.close()
         # Out of sight in one rename, so a crash inside rmtree leaves no half snapshot.

@@ -248,3 +248,54 @@ def test_sigkill_during_copy_on_write_keeps_snapshots_and_live_exact(serve, cli,
             assert read_all(sh) == image, f"snapshot {name} changed after SIGKILL {round_}"
             sh.shutdown()
             cli("snapshot", "stop", s.vol, name)
+
+
+def test_deleting_snapshots_under_concurrent_writes_keeps_the_others_exact(serve, cli,
+                                                                          snap_exports):
+    size = 16 * MiB
+    s = serve(size="16M", region_size="64K")
+    h = s.connect()
+    rng = np.random.default_rng(3)
+    h.pwrite(rng.integers(0, 256, size, dtype=np.uint8).tobytes(), 0)
+    h.flush()
+    images = {}
+    for name in ("a", "b", "c"):
+        cli("snapshot", "create", s.vol, name)
+        images[name] = read_all(h)
+        for _ in range(50):
+            h.pwrite(rng.integers(0, 256, 8192, dtype=np.uint8).tobytes(),
+                     int(rng.integers(0, size // 4096 - 2)) * 4096)
+    h.shutdown()
+    stop = threading.Event()
+    errors = []
+
+    def writer(k):
+        c = s.connect()
+        r = random.Random(k)
+        try:
+            while not stop.is_set():
+                c.pwrite(r.randbytes(4096), r.randrange(0, size // 4096) * 4096)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+        finally:
+            c.shutdown()
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        cli("snapshot", "delete", s.vol, "b")  # an older one: writes never pause
+        time.sleep(0.3)
+        cli("snapshot", "delete", s.vol, "c")  # the newest: copies move while writes go on
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    sh = connect(snap_exports(s.vol, "a"))
+    assert read_all(sh) == images["a"]
+    sh.shutdown()
+    assert [x["name"] for x in cli("snapshot", "list", s.vol, "--json").json()["snapshots"]] \
+        == ["a"]

@@ -147,3 +147,26 @@ def test_delete_cut_short_inside_rmtree_leaves_an_openable_volume(tmp_path, monk
     assert not (vol.snapshot_dir / ".deleting-s2").exists()
     check(vol, e2, images, ["s1", "s3"])
     e2.close()
+
+
+def test_deleting_the_newest_moves_copies_made_while_writes_went_on(tmp_path):
+    import contextlib
+
+    vol = Volume.create(tmp_path / "v", SIZE, RS)
+    e = Engine(vol)
+    e.pwrite(np.random.default_rng(9).integers(0, 256, SIZE, dtype=np.uint8).tobytes(), 0)
+    e.create_snapshot("a")
+    image_a = read_all(e)
+    e.create_snapshot("c")
+
+    @contextlib.contextmanager
+    def write_then_quiesce():
+        # a write lands after the copies were moved and before writes pause: its
+        # copy-on-write goes into "c", which "a" reads through to
+        e.pwrite(b"z" * RS, 7 * RS)
+        with e.quiesce():
+            yield
+
+    e.snapshots.delete("c", quiesce=write_then_quiesce)
+    check(vol, e, {"a": image_a, "live": read_all(e)}, ["a"])
+    e.close()
