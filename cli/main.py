@@ -166,7 +166,8 @@ def _serve(place: ServerPlace, socket: str | None, port: int | None, address: st
 @cli.command()
 @click.argument("vol", type=click.Path())
 @click.option("--force", is_flag=True, help="Stop even while a block device is attached to it.")
-def stop(vol: str, force: bool) -> None:
+@json_option
+def stop(vol: str, force: bool, as_json: bool) -> None:
     """Stop the background server of volume VOL."""
     volume = Volume.open(vol)
     if not force:
@@ -176,7 +177,8 @@ def stop(vol: str, force: bool) -> None:
                 raise ServerError(f"{vol} is attached as {rec['device']}; detach it first "
                                   "(or use --force)")
     pid = server.stop(ServerPlace(volume))
-    click.echo(f"stopped the server of {vol} (pid {pid})")
+    emit({"volume": str(volume.path.absolute()), "pid": pid}, as_json,
+         [f"stopped the server of {vol} (pid {pid})"])
 
 
 @cli.command()
@@ -234,10 +236,14 @@ def attach(vol: str | None, socket: str | None, port: int | None, host: str,
 
 @cli.command()
 @click.argument("device")
-def detach(device: str) -> None:
+@json_option
+def detach(device: str, as_json: bool) -> None:
     """Detach a block device made by 'nbdmirror attach' (unmount it first)."""
     record = devices.detach(device)
-    click.echo(f"detached {record['device']}", err=True)
+    if as_json:
+        emit(record, True, [])
+    else:
+        click.echo(f"detached {record['device']}", err=True)
 
 
 @cli.group()
@@ -300,7 +306,8 @@ def snapshot_list(vol: str, as_json: bool) -> None:
 @snapshot.command("delete")
 @click.argument("vol", type=click.Path())
 @click.argument("name")
-def snapshot_delete(vol: str, name: str) -> None:
+@json_option
+def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
     """Delete snapshot NAME of VOL and free its space.
 
     Copies that an older snapshot still needs move to it first, so every
@@ -309,7 +316,8 @@ def snapshot_delete(vol: str, name: str) -> None:
     volume = Volume.open(vol)
     snapshots.validate_name(name)
     _on_volume(volume, "snapshot-delete", name=name)
-    click.echo(f"deleted snapshot {name} of {vol}")
+    emit({"volume": str(volume.path.absolute()), "deleted": name}, as_json,
+         [f"deleted snapshot {name} of {vol}"])
 
 
 def _snapshot_place(vol: str, name: str) -> ServerPlace:
@@ -344,10 +352,13 @@ def snapshot_serve(vol: str, name: str, socket: str | None, port: int | None, ad
 @snapshot.command("stop")
 @click.argument("vol", type=click.Path())
 @click.argument("name")
-def snapshot_stop(vol: str, name: str) -> None:
+@json_option
+def snapshot_stop(vol: str, name: str, as_json: bool) -> None:
     """Stop the export of snapshot NAME of VOL."""
-    pid = server.stop(_snapshot_place(vol, name))
-    click.echo(f"stopped the export of snapshot {name} of {vol} (pid {pid})")
+    place = _snapshot_place(vol, name)
+    pid = server.stop(place)
+    emit({"volume": str(place.volume.path.absolute()), "snapshot": name, "pid": pid}, as_json,
+         [f"stopped the export of snapshot {name} of {vol} (pid {pid})"])
 
 
 def main() -> None:
