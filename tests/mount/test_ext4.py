@@ -33,17 +33,23 @@ def write_files(root: Path) -> None:
     (root / "dir" / "deeper" / "big.bin").write_bytes(os.urandom(12 << 20))
 
 
-def test_ext4_survives_detach_stop_serve_attach(serve, attach, cli, tmp_path):
+def ext4_with_files(serve, attach, mnt: Path):
+    """Serve a new volume, attach it, make ext4, mount it on ``mnt`` and write files."""
     s = serve(size="128M")
     dev = attach(s.vol)
     assert dev.startswith("/dev/")
     assert Path(dev).is_block_device()
     sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
     mnt.mkdir()
     sh("mount", dev, str(mnt))
     attach.mounts.append(mnt)
     write_files(mnt)
+    return s, dev
+
+
+def test_ext4_survives_detach_stop_serve_attach(serve, attach, cli, tmp_path):
+    mnt = tmp_path / "mnt"
+    s, dev = ext4_with_files(serve, attach, mnt)
     before = tree_digest(mnt)
     sh("sync", "-f", str(mnt / "hello.txt"))
     assert cli("status", s.vol, "--json").json()["stats"]["bytes_written"] > 12 << 20

@@ -8,20 +8,14 @@ import subprocess
 
 import pytest
 
-from tests.mount.test_ext4 import sh, tree_digest, write_files
+from tests.mount.test_ext4 import ext4_with_files, sh, tree_digest
 
 pytestmark = pytest.mark.mount
 
 
 def test_snapshot_of_mounted_ext4_is_clean_and_reads_back(serve, attach, cli, tmp_path):
-    s = serve(size="128M")
-    dev = attach(s.vol)
-    sh("mkfs.ext4", "-q", "-F", dev)
     mnt = tmp_path / "live"
-    mnt.mkdir()
-    sh("mount", dev, str(mnt))
-    attach.mounts.append(mnt)
-    write_files(mnt)
+    s, _dev = ext4_with_files(serve, attach, mnt)
     before = tree_digest(mnt)
 
     # freeze the filesystem around the snapshot, as one would for a backup
