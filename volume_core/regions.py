@@ -35,11 +35,6 @@ _DURABLE = 2  # 1 on disk and synced
 INTENT_EXTENT = 4 << 20
 
 
-def region_span(offset: int, length: int, shift: int) -> tuple[int, int]:
-    """First and one-past-last region touched by ``length`` bytes at ``offset`` (length > 0)."""
-    return offset >> shift, ((offset + length - 1) >> shift) + 1
-
-
 class RegionTracker:
     """Marks of regions written since they were last clean, persisted as a write-intent map."""
 
@@ -83,19 +78,10 @@ class RegionTracker:
         """Mark the regions under ``[offset, offset+length)``; durable when this returns."""
         if length <= 0:
             return
-        shift = self.shift
-        first = offset >> shift
-        last = (offset + length - 1) >> shift
         with self._lock:
-            if first == last:
-                self._marks[first] = 1
-                if self._state[first] == _DURABLE:
-                    return
-            else:
-                self.marks[first:last + 1] = 1
-                if (self._persisted[first:last + 1] == _DURABLE).all():
-                    return
-            seq = self._persist(first, last + 1)
+            if self.try_mark(offset, length):
+                return
+            seq = self._persist(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
         self._sync_upto(seq)
 
     def try_mark(self, offset: int, length: int) -> bool:

@@ -96,6 +96,17 @@ class Snapshot:
         return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved,
                    np.zeros(regions, dtype=np.uint8))
 
+    def record_preserved(self, batch: list[np.ndarray]) -> None:
+        """Make copied runs durable: store synced, then their map bytes written and synced.
+
+        Only after this may a caller mark them preserved in memory (and let live
+        writes to them land)."""
+        os.fdatasync(self.store_fd)
+        for runs in batch:
+            for start, count in runs.tolist():
+                os.pwrite(self.map_fd, b"\x01" * count, start)
+        os.fdatasync(self.map_fd)
+
     def close(self) -> None:
         for fd in (self.store_fd, self.map_fd):
             with contextlib.suppress(OSError):
@@ -275,11 +286,7 @@ class SnapshotChain:
                 batch, self._batch = self._batch, []
                 target = self._batch_seq
             try:
-                os.fdatasync(snap.store_fd)
-                for runs in batch:
-                    for start, count in runs.tolist():
-                        os.pwrite(snap.map_fd, b"\x01" * count, start)
-                os.fdatasync(snap.map_fd)
+                snap.record_preserved(batch)
             except BaseException:
                 self._unclaim(snap, batch)  # their writers will copy again
                 raise
@@ -371,10 +378,7 @@ class SnapshotChain:
             if runs.shape[0]:
                 native.copy_runs(snap.store_fd, older.store_fd, runs, self.volume.region_size,
                                  self.volume.size)
-                os.fdatasync(older.store_fd)
-                for start, count in runs.tolist():
-                    os.pwrite(older.map_fd, b"\x01" * count, start)
-                os.fdatasync(older.map_fd)
+                older.record_preserved([runs])
                 older.preserved[need] = 1
 
     def _finish_delete(self, snap: Snapshot) -> None:
