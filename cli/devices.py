@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from volume_core.errors import DeviceError
-from volume_core.runtime import pid_alive
+from volume_core.server_files import pid_alive
 
 from .procs import require, run, wait_for
 from .server import RUN_DIR, Endpoint

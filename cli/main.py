@@ -15,11 +15,11 @@ from pathlib import Path
 
 import click
 
-from volume_core import runtime, snapshots
+from volume_core import server_files, snapshots
 from volume_core.engine import Engine
 from volume_core.errors import NbdMirrorError, ServerError
 from volume_core.regions import load_marks
-from volume_core.runtime import ServerPlace
+from volume_core.server_files import ServerPlace
 from volume_core.units import format_size, parse_size
 from volume_core.volume import Volume
 
@@ -53,6 +53,11 @@ def emit(data: dict, as_json: bool, human: list[str]) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, server.MAX_THREADS), default=server.DEFAULT_THREADS,
+    show_default=True,
+    help="Requests nbdkit handles at once per connection. Python threads share one GIL, so "
+         "fewer threads are often faster; see the README's performance section.")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,7 +101,7 @@ def info(vol: str, as_json: bool) -> None:
     """Describe volume VOL (works whether or not it is served)."""
     volume = Volume.open(vol)
     i = volume.info
-    state = runtime.read_state(volume)
+    state = server_files.read_state(volume)
     marked = None
     if state:  # the server knows the exact marks; the file may hold whole intent extents
         with contextlib.suppress(NbdMirrorError):
@@ -135,31 +140,33 @@ def info(vol: str, as_json: bool) -> None:
               help="Address to listen on with --port.")
 @click.option("--background", is_flag=True,
               help="Return once the export accepts connections; the pid is in VOL/nbdkit.pid.")
+@threads_option
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
-          as_json: bool) -> None:
+          threads: int, as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
     In the foreground it runs until Ctrl-C; with --background until
     'nbdmirror stop VOL'.
     """
-    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, as_json)
+    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, threads, as_json)
 
 
 def _serve(place: ServerPlace, socket: str | None, port: int | None, address: str,
-           background: bool, as_json: bool) -> None:
+           background: bool, threads: int, as_json: bool) -> None:
     if socket and port:
         raise click.UsageError("give --socket or --port, not both")
     endpoint = server.choose_endpoint(place, socket, port, address)
     if not background:
         click.echo(f"serving {place.what} on {endpoint} (Ctrl-C to stop)", err=True)
-        server.serve_foreground(place, endpoint)
+        server.serve_foreground(place, endpoint, threads=threads)
         return
-    state = server.serve_background(place, endpoint)
+    state = server.serve_background(place, endpoint, threads=threads)
     stop_cmd = (f"nbdmirror stop {place.volume.path}" if place.snapshot is None
                 else f"nbdmirror snapshot stop {place.volume.path} {place.snapshot}")
     emit({"volume": str(place.volume.path.absolute()), "snapshot": place.snapshot,
-          "listen": str(endpoint), "uri": endpoint.uri, "pid": state.get("pid")}, as_json,
+          "listen": str(endpoint), "uri": endpoint.uri, "pid": state.get("pid"),
+          "threads": threads}, as_json,
          [f"serving {place.what} on {endpoint} (pid {state.get('pid')}); stop with: {stop_cmd}"])
 
 
@@ -258,7 +265,7 @@ def snapshot() -> None:
 
 def _on_volume(volume: Volume, op: str, **args):
     """Run a snapshot operation in the running server, or locally when none runs."""
-    if runtime.read_state(volume) is not None:
+    if server_files.read_state(volume) is not None:
         return server.admin_call(volume, op, **args)
     engine = Engine(volume)
     try:
@@ -338,15 +345,16 @@ def _snapshot_place(vol: str, name: str) -> ServerPlace:
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address to listen on with --port.")
 @click.option("--background", is_flag=True, help="Return once the export accepts connections.")
+@threads_option
 @json_option
 def snapshot_serve(vol: str, name: str, socket: str | None, port: int | None, address: str,
-                   background: bool, as_json: bool) -> None:
+                   background: bool, threads: int, as_json: bool) -> None:
     """Serve snapshot NAME of VOL as a read-only NBD export.
 
     Attach it with 'nbdmirror attach --socket PATH' and mount it read-only
     (for ext4: mount -o ro,noload). The live volume may keep serving writes.
     """
-    _serve(_snapshot_place(vol, name), socket, port, address, background, as_json)
+    _serve(_snapshot_place(vol, name), socket, port, address, background, threads, as_json)
 
 
 @snapshot.command("stop")

@@ -16,12 +16,16 @@ import nbd_plugin
 import volume_core
 from volume_core import admin
 from volume_core.errors import AdminError, ServerError, VolumeBusy
-from volume_core.runtime import ServerPlace, admin_socket
+from volume_core.server_files import ServerPlace, admin_socket
 from volume_core.volume import Volume
 
 from .procs import last_line, require, wait_for
 
 READY_TIMEOUT = 30.0
+#: nbdkit threads per connection. nbdkit's own default (16) makes the plugin's threads
+#: fight over the GIL; see the README's performance section for how this was chosen.
+DEFAULT_THREADS = 16
+MAX_THREADS = 64
 STOP_TIMEOUT = 30.0
 # The plugin imports nbdkit, which exists only inside nbdkit: locate it, never import it.
 PLUGIN = Path(nbd_plugin.__file__).resolve().parent / "plugin.py"
@@ -94,11 +98,11 @@ def python_env() -> dict[str, str]:
 
 
 def nbdkit_command(place: ServerPlace, endpoint: Endpoint, *, foreground: bool,
-                   extra: tuple[str, ...] = ()) -> list[str]:
+                   extra: tuple[str, ...] = (), threads: int = DEFAULT_THREADS) -> list[str]:
     cmd = [require("nbdkit", "nbdkit nbdkit-plugin-python")]
     if foreground:
         cmd.append("-f")
-    cmd += ["-P", str(place.pid_file.absolute()), "--log=stderr"]
+    cmd += ["-P", str(place.pid_file.absolute()), "--log=stderr", "-t", str(threads)]
     if place.snapshot is not None:
         cmd.append("--readonly")
     if endpoint.socket is not None:
@@ -146,20 +150,21 @@ def _prepare(place: ServerPlace, endpoint: Endpoint) -> None:
         clear_stale_socket(endpoint.socket)
 
 
-def serve_foreground(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, ...] = ()) -> None:
+def serve_foreground(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, ...] = (),
+                     threads: int = DEFAULT_THREADS) -> None:
     """Replace this process with nbdkit (Ctrl-C stops it)."""
     _prepare(place, endpoint)
-    cmd = nbdkit_command(place, endpoint, foreground=True, extra=extra)
+    cmd = nbdkit_command(place, endpoint, foreground=True, extra=extra, threads=threads)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, python_env())
 
 
-def serve_background(place: ServerPlace, endpoint: Endpoint,
-                     extra: tuple[str, ...] = ()) -> dict:
+def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, ...] = (),
+                     threads: int = DEFAULT_THREADS) -> dict:
     """Start nbdkit detached; return its state once it serves (and answers admin calls)."""
     _prepare(place, endpoint)
-    cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra)
+    cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra, threads=threads)
     with open(place.log_file, "ab") as log:
         log_start = log.tell()
         proc = subprocess.run(cmd, env=python_env(), stdin=subprocess.DEVNULL,

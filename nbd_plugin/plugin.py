@@ -58,7 +58,7 @@ def get_ready():
     # reported to the command that started it.
     global _engine, _place, _pread, _pwrite
     from volume_core.errors import NbdMirrorError
-    from volume_core.runtime import ServerPlace
+    from volume_core.server_files import ServerPlace
     from volume_core.volume import Volume
 
     try:
@@ -82,12 +82,12 @@ def after_fork():
     # Threads must start after the fork; server.json (and, for a volume, the admin
     # socket) is the readiness signal.
     global _admin
-    from volume_core import runtime
+    from volume_core import server_files
 
     if "snapshot" not in _config:
         from volume_core.admin import AdminServer
 
-        _admin = AdminServer(runtime.admin_socket(_place.volume), {
+        _admin = AdminServer(server_files.admin_socket(_place.volume), {
             "status": _status,
             "snapshot-create": lambda name=None: _engine.create_snapshot(name),
             "snapshot-delete": lambda name: _engine.delete_snapshot(name),

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from volume_core.runtime import pid_alive  # the project is installed (editable) in .venv
+from volume_core.server_files import pid_alive  # the project is installed (editable) in .venv
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -367,7 +367,7 @@ def serve_nbdmirror(name: str, workdir: Path, size: int, durable: bool) -> Itera
         else:
             from cli.server import Endpoint, serve_background
             from volume_core.errors import NbdMirrorError
-            from volume_core.runtime import ServerPlace
+            from volume_core.server_files import ServerPlace
             from volume_core.volume import Volume
 
             try:

@@ -51,7 +51,7 @@ def bench_snapshots(bench, run_dir: Path, size: int, serve_nbdmirror, run, tool,
             progress(f"snapshots:   {key}: {out['cow'][key]['value']:,.0f} IOPS")
 
     from volume_core import admin
-    from volume_core.runtime import admin_socket
+    from volume_core.server_files import admin_socket
     from volume_core.volume import Volume
 
     for label, vsize in (("1G", GIB), ("1T", TIB)):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from volume_core.runtime import pid_alive
+from volume_core.server_files import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
