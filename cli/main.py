@@ -6,7 +6,6 @@ Set NBDMIRROR_DEBUG=1 to see a traceback for an unexpected error.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -15,15 +14,13 @@ from pathlib import Path
 
 import click
 
-from volume_core import server_files, snapshots
-from volume_core.engine import Engine
-from volume_core.errors import NbdMirrorError, ServerError
-from volume_core.regions import load_marks
+from volume_core import operations, snapshots
+from volume_core.errors import NbdMirrorError, ServerError, UsageError
 from volume_core.server_files import ServerPlace
-from volume_core.units import format_size, parse_size
-from volume_core.volume import Volume
+from volume_core.units import format_size
+from volume_core.volume import Volume, validate_geometry
 
-from . import devices, server
+from . import devices, params, server
 from .server import Endpoint
 
 
@@ -81,13 +78,18 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("vol", type=click.Path())
-@click.option("--size", required=True, help="Volume size, e.g. 512M, 10G, 2T (a multiple of 512).")
-@click.option("--region-size", default="64K", show_default=True,
+@click.option("--size", required=True, type=params.VOLUME_SIZE,
+              help="Volume size, e.g. 512M, 10G, 2T (a multiple of 512).")
+@click.option("--region-size", default="64K", show_default=True, type=params.REGION_SIZE,
               help="Tracking granularity: a power of two from 4K to 16M.")
 @json_option
-def create(vol: str, size: str, region_size: str, as_json: bool) -> None:
+def create(vol: str, size: int, region_size: int, as_json: bool) -> None:
     """Create a new volume directory VOL. Refuses to overwrite anything."""
-    volume = Volume.create(vol, parse_size(size), parse_size(region_size, "region size"))
+    try:
+        validate_geometry(size, region_size)
+    except UsageError as err:
+        raise click.UsageError(str(err)) from None
+    volume = Volume.create(vol, size, region_size)
     info = volume.info
     emit(info.to_json() | {"path": str(volume.path.absolute()), "regions": info.regions},
          as_json, [f"created {vol}: {format_size(info.size)}, {info.regions} regions of "
@@ -101,21 +103,8 @@ def info(vol: str, as_json: bool) -> None:
     """Describe volume VOL (works whether or not it is served)."""
     volume = Volume.open(vol)
     i = volume.info
-    state = server_files.read_state(volume)
-    marked = None
-    if state:  # the server knows the exact marks; the file may hold whole intent extents
-        with contextlib.suppress(NbdMirrorError):
-            marked = server.admin_call(volume, "status")["marked_regions"]
-    if marked is None:
-        marked = int(load_marks(volume.marks_path, i.regions).sum())
-    data = i.to_json() | {
-        "path": str(volume.path.absolute()),
-        "regions": i.regions,
-        "marked_regions": marked,
-        "allocated_bytes": volume.data_path.stat().st_blocks * 512,
-        "served": state is not None,
-        "listen": (state or {}).get("listen"),
-    }
+    data = operations.describe(volume)
+    marked = data["marked_regions"]
     human = [
         f"volume:      {data['path']}",
         f"uuid:        {i.uuid}",
@@ -126,7 +115,7 @@ def info(vol: str, as_json: bool) -> None:
         f"created:     {i.created}",
         f"marked:      {marked} regions",
         f"allocated:   {format_size(data['allocated_bytes'])}",
-        f"served:      {'yes, on ' + (data['listen'] or '?') if state is not None else 'no'}",
+        f"served:      {'yes, on ' + (data['listen'] or '?') if data['served'] else 'no'}",
     ]
     emit(data, as_json, human)
 
@@ -194,7 +183,7 @@ def stop(vol: str, force: bool, as_json: bool) -> None:
 def status(vol: str, as_json: bool) -> None:
     """Live state of the running server of VOL: requests, bytes, marked regions."""
     volume = Volume.open(vol)
-    st = server.admin_call(volume, "status")
+    st = operations.call(volume, "status")
     s = st["stats"]
     human = [
         f"volume:      {st['volume']} ({st['role']}, generation {st['generation']})",
@@ -263,21 +252,6 @@ def snapshot() -> None:
     """
 
 
-def _on_volume(volume: Volume, op: str, **args):
-    """Run a snapshot operation in the running server, or locally when none runs."""
-    if server_files.read_state(volume) is not None:
-        return server.admin_call(volume, op, **args)
-    engine = Engine(volume)
-    try:
-        if op == "snapshot-create":
-            return engine.create_snapshot(args.get("name"))
-        if op == "snapshot-delete":
-            return engine.delete_snapshot(args["name"])
-        raise AssertionError(op)
-    finally:
-        engine.close()
-
-
 @snapshot.command("create")
 @click.argument("vol", type=click.Path())
 @click.argument("name", required=False)
@@ -291,7 +265,7 @@ def snapshot_create(vol: str, name: str | None, as_json: bool) -> None:
     volume = Volume.open(vol)
     if name is not None:
         snapshots.validate_name(name)
-    made = _on_volume(volume, "snapshot-create", name=name)
+    made = operations.run(volume, "snapshot-create", name=name)
     emit(made, as_json, [f"created snapshot {made['name']} of {vol}"])
 
 
@@ -301,7 +275,7 @@ def snapshot_create(vol: str, name: str | None, as_json: bool) -> None:
 def snapshot_list(vol: str, as_json: bool) -> None:
     """List the snapshots of VOL, oldest first."""
     volume = Volume.open(vol)
-    found = snapshots.list_offline(volume)
+    found = operations.list_snapshots(volume)
     human = [f"{'NAME':<28} {'CREATED':<30} {'PRESERVED':>12}  SERVED"]
     human += [f"{s['name']:<28} {s['created']:<30} {format_size(s['bytes_preserved']):>12}  "
               f"{'yes' if s['served'] else 'no'}" for s in found]
@@ -322,7 +296,7 @@ def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
     """
     volume = Volume.open(vol)
     snapshots.validate_name(name)
-    _on_volume(volume, "snapshot-delete", name=name)
+    operations.run(volume, "snapshot-delete", name=name)
     emit({"volume": str(volume.path.absolute()), "deleted": name}, as_json,
          [f"deleted snapshot {name} of {vol}"])
 

@@ -17,7 +17,6 @@ import volume_core
 from volume_core import admin
 from volume_core.errors import AdminError, ServerError, VolumeBusy
 from volume_core.server_files import ServerPlace, admin_socket
-from volume_core.volume import Volume
 
 from .procs import last_line, require, wait_for
 
@@ -225,9 +224,3 @@ def find_endpoint(place: ServerPlace) -> Endpoint:
     if not state or not state.get("listen"):
         raise ServerError(f"{place.what} is not being served")
     return Endpoint.parse(state["listen"])
-
-
-def admin_call(volume: Volume, op: str, **args) -> object:
-    if ServerPlace(volume).read_state() is None:
-        raise ServerError(f"{volume.path} is not being served")
-    return admin.call(admin_socket(volume), op, **args)

@@ -85,14 +85,11 @@ def after_fork():
     from volume_core import server_files
 
     if "snapshot" not in _config:
+        from volume_core import operations
         from volume_core.admin import AdminServer
 
-        _admin = AdminServer(server_files.admin_socket(_place.volume), {
-            "status": _status,
-            "snapshot-create": lambda name=None: _engine.create_snapshot(name),
-            "snapshot-delete": lambda name: _engine.delete_snapshot(name),
-            "snapshot-list": lambda: _engine.list_snapshots(),
-        })
+        _admin = AdminServer(server_files.admin_socket(_place.volume),
+                             operations.handlers(_engine, listen=_config.get("listen", "")))
         _admin.start()
     _place.write_state({
         "pid": os.getpid(),
@@ -101,12 +98,6 @@ def after_fork():
         "snapshot": _config.get("snapshot"),
         "uuid": _place.volume.info.uuid,
     })
-
-
-def _status():
-    status = _engine.status()
-    status["listen"] = _config.get("listen", "")
-    return status
 
 
 def cleanup():
