@@ -76,13 +76,23 @@ class VolumeInfo:
         return info
 
 
-def validate_geometry(size: int, region_size: int) -> None:
-    """Raise UsageError unless size and region size make a valid volume."""
+def validate_region_size(region_size: int) -> None:
+    """Raise UsageError unless ``region_size`` is a power of two from 4K to 16M."""
     if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
         raise UsageError(f"invalid region size {region_size}: must be a power of two "
                          "from 4K to 16M")
+
+
+def validate_size(size: int) -> None:
+    """Raise UsageError unless ``size`` is a positive multiple of the sector size."""
     if size <= 0 or size % SECTOR:
         raise UsageError(f"invalid size {size}: must be a positive multiple of {SECTOR} bytes")
+
+
+def validate_geometry(size: int, region_size: int) -> None:
+    """Raise UsageError unless size and region size make a valid volume."""
+    validate_region_size(region_size)
+    validate_size(size)
     if -(-size // region_size) > MAX_REGIONS:
         raise UsageError(f"size {size} with region size {region_size} gives more than "
                          f"{MAX_REGIONS} regions; choose a larger --region-size")
