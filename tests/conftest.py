@@ -138,3 +138,12 @@ def attach() -> Iterator:
         subprocess.run(["umount", str(m)], capture_output=True)
     for dev in devices:
         run_cli("detach", dev, check=False)
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Wait for ``condition()`` to hold (polling briefly); fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.005)

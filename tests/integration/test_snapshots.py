@@ -6,11 +6,12 @@ import random
 import struct
 import subprocess
 import threading
-import time
 
 import nbd
 import numpy as np
 import pytest
+
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -172,11 +173,13 @@ def test_snapshot_under_concurrent_writes_is_a_consistent_point(serve, cli, snap
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(writers)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_until(lambda: int((acked > 0).sum()) >= blocks // 2 or errors, what="writes to land")
     floor = acked.copy()
     cli("snapshot", "create", s.vol, "mid")
     ceiling = sent.copy()
-    time.sleep(1.0)  # keep writing: copy-on-write must protect the snapshot
+    # keep writing: copy-on-write must protect the snapshot
+    wait_until(lambda: int((acked > ceiling).sum()) >= blocks // 4 or errors,
+               what="writes after the snapshot")
     stop.set()
     for t in threads:
         t.join(30)
@@ -234,7 +237,9 @@ def test_sigkill_during_copy_on_write_keeps_snapshots_and_live_exact(serve, cli,
         threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.2 + 0.3 * round_)
+        # kill while copies are being made: some, not all, blocks of this round written
+        wait_until(lambda round_=round_, acked=acked: len(acked) >= 200 * (round_ + 1),
+                   what="acknowledged writes")
         s.kill()
         for t in threads:
             t.join(30)
@@ -268,6 +273,7 @@ def test_deleting_snapshots_under_concurrent_writes_keeps_the_others_exact(serve
     h.shutdown()
     stop = threading.Event()
     errors = []
+    written = [0] * 4
 
     def writer(k):
         c = s.connect()
@@ -275,6 +281,7 @@ def test_deleting_snapshots_under_concurrent_writes_keeps_the_others_exact(serve
         try:
             while not stop.is_set():
                 c.pwrite(r.randbytes(4096), r.randrange(0, size // 4096) * 4096)
+                written[k] += 1
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
         finally:
@@ -283,12 +290,16 @@ def test_deleting_snapshots_under_concurrent_writes_keeps_the_others_exact(serve
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
+    def some_writes() -> None:
+        start = sum(written)
+        wait_until(lambda: sum(written) >= start + 200 or errors, what="concurrent writes")
+
     try:
-        time.sleep(0.3)
+        some_writes()
         cli("snapshot", "delete", s.vol, "b")  # an older one: writes never pause
-        time.sleep(0.3)
+        some_writes()
         cli("snapshot", "delete", s.vol, "c")  # the newest: copies move while writes go on
-        time.sleep(0.3)
+        some_writes()
     finally:
         stop.set()
         for t in threads:
