@@ -9,7 +9,10 @@ after (it sees offset, length and the data). Reads only count themselves.
 
 Writes pass a gate: ``quiesce()`` closes it and waits for the writes in
 flight, so a snapshot is atomic with respect to writes: every write
-acknowledged before it is in it, none acknowledged after it.
+acknowledged before it is in it, none acknowledged after it. The gate is
+counted: several holders (a mirror cycle, a user's snapshot) may close it at
+once and it reopens when the last lets go; waiting for the writes in flight
+is bounded, so one stuck write cannot hold every other write at the gate.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import native
-from .errors import NbdMirrorError, RangeError, ReadOnlyError, VolumeError
+from .errors import NbdMirrorError, QuiesceTimeout, RangeError, ReadOnlyError, VolumeError
 from .regions import RegionTracker
 from .snapshots import SnapshotChain
 from .volume import Volume
@@ -35,6 +38,8 @@ EXTENT_ZERO = 2
 
 _ZERO_CHUNK = bytes(1 << 20)
 _MAX_EXTENTS = 1024
+#: how long quiesce() waits for the writes in flight before it gives up
+QUIESCE_TIMEOUT = 30.0
 
 #: (offset, length) -> None, called after marking and before the data lands
 PreWriteHook = Callable[[int, int], None]
@@ -85,10 +90,12 @@ class Engine:
         self.stats = Stats(self._lock)
         self.pre_write: list[PreWriteHook] = []
         self.post_write: list[PostWriteHook] = []
-        self._gate_open = threading.Event()
-        self._gate_open.set()
-        self._gate_closed = False
+        # The write gate: closed while _gate_holders > 0; _drained is signalled when the
+        # last write in flight leaves a closed gate, _reopened when the gate opens again.
+        self._gate_holders = 0
         self._inflight = 0
+        self._drained = threading.Condition(self._lock)
+        self._reopened = threading.Condition(self._lock)
         self._admin_lock = threading.Lock()  # one snapshot create/delete at a time
         if self.snapshots.chain:  # no snapshot, no hook: nothing on the hot path
             self.pre_write.append(self.snapshots.preserve)
@@ -107,18 +114,17 @@ class Engine:
         self._check(offset, length)
 
     def _enter(self) -> None:
-        """Pass the write gate (waiting while a snapshot is being taken)."""
-        lock = self._lock
-        while True:
-            with lock:
-                if not self._gate_closed:
-                    self._inflight += 1
-                    return
-            self._gate_open.wait()
+        """Pass the write gate (waiting while it is closed)."""
+        with self._lock:
+            while self._gate_holders:
+                self._reopened.wait()
+            self._inflight += 1
 
     def _leave(self) -> None:
         with self._lock:
             self._inflight -= 1
+            if self._gate_holders and not self._inflight:
+                self._drained.notify_all()
 
     def _write_op(self, kind: str, offset: int, length: int, apply: Callable[[], None],
                   fua: bool) -> None:
@@ -139,22 +145,34 @@ class Engine:
             self._leave()
 
     @contextlib.contextmanager
-    def quiesce(self) -> Iterator[None]:
-        """Hold new writes at the gate and wait for those in flight to finish."""
+    def quiesce(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold new writes at the gate and wait (``timeout`` s at most) for those in flight.
+
+        Re-entrant and counted: the gate reopens when the last holder leaves. Raises
+        QuiesceTimeout, with the gate reopened if no one else holds it, when the
+        writes in flight do not finish in time.
+        """
+        timeout = QUIESCE_TIMEOUT if timeout is None else timeout
         with self._lock:
-            self._gate_closed = True
-            self._gate_open.clear()
+            self._gate_holders += 1
+            drained = self._drained.wait_for(lambda: not self._inflight, timeout)
+            if not drained:
+                stuck = self._inflight
+                self._release_gate()
+        if not drained:
+            raise QuiesceTimeout(f"{stuck} write(s) in flight did not finish within "
+                                 f"{timeout:g}s; try again")
         try:
-            while True:
-                with self._lock:
-                    if not self._inflight:
-                        break
-                time.sleep(0.0002)
             yield
         finally:
             with self._lock:
-                self._gate_closed = False
-                self._gate_open.set()
+                self._release_gate()
+
+    def _release_gate(self) -> None:
+        """Let go of one hold of the gate (lock held); the last one reopens it."""
+        self._gate_holders -= 1
+        if not self._gate_holders:
+            self._reopened.notify_all()
 
     # -- requests ----------------------------------------------------------
     def pread(self, buf, offset: int) -> None:
@@ -183,7 +201,7 @@ class Engine:
             self._refuse(offset, length)
         lock = self._lock
         with lock:
-            closed = self._gate_closed
+            closed = self._gate_holders
             if not closed:
                 self._inflight += 1
                 durable = self.tracker.try_mark(offset, length)
@@ -211,6 +229,8 @@ class Engine:
             st = self.stats
             with lock:
                 self._inflight -= 1
+                if self._gate_holders and not self._inflight:
+                    self._drained.notify_all()
                 if done == length:  # count what was written, not what failed
                     st.writes += 1
                     st.bytes_written += length

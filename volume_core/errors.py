@@ -56,6 +56,12 @@ class ReadOnlyError(VolumeError):
     errno = errno.EROFS
 
 
+class QuiesceTimeout(VolumeError):
+    """Writes in flight did not finish in time for an operation that needs them stopped."""
+
+    errno = errno.ETIMEDOUT
+
+
 class ServerError(NbdMirrorError):
     """Starting, reaching or stopping a server failed."""
 
