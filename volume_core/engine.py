@@ -26,7 +26,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import native
-from .errors import NbdMirrorError, QuiesceTimeout, RangeError, ReadOnlyError, VolumeError
+from .blockio import pread_full, pwrite_full
+from .errors import (
+    NbdMirrorError,
+    QuiesceTimeout,
+    RangeError,
+    ReadOnlyError,
+    VolumeCorrupt,
+    VolumeError,
+)
 from .regions import RegionTracker
 from .snapshots import SnapshotChain
 from .volume import Volume
@@ -81,6 +89,8 @@ class Engine:
                                              volume.region_size, durable=durable_marks)
                 undo.callback(self.tracker.close)
                 self.snapshots = SnapshotChain(volume, self.fd)
+            except VolumeCorrupt:
+                raise  # already names the damaged file
             except (OSError, ValueError, NbdMirrorError) as err:
                 raise VolumeError(f"cannot open {volume.path}: {err}") from None
             undo.pop_all()
@@ -180,15 +190,7 @@ class Engine:
         length = len(buf)
         if offset < 0 or offset + length > self.size:
             self._check(offset, length)
-        done = os.preadv(self.fd, [buf], offset)
-        if done < length:
-            view = memoryview(buf)
-            while done < length:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-                if n == 0:  # past EOF of a data file that is too short: zeros
-                    view[done:] = bytes(length - done)
-                    break
-                done += n
+        pread_full(self.fd, buf, offset)
         st = self.stats
         with self._lock:
             st.reads += 1
@@ -215,16 +217,13 @@ class Engine:
             if self.pre_write:
                 for hook in self.pre_write:
                     hook(offset, length)
-            done = os.pwrite(self.fd, buf, offset)
-            if done < length:
-                view = memoryview(buf)
-                while done < length:
-                    done += os.pwrite(self.fd, view[done:], offset + done)
+            pwrite_full(self.fd, buf, offset)
             if fua:
                 os.fdatasync(self.fd)
             if self.post_write:
                 for hook in self.post_write:
                     hook("write", offset, length, buf)
+            done = length
         finally:
             st = self.stats
             with lock:
@@ -262,7 +261,8 @@ class Engine:
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
-            offset += os.pwrite(self.fd, memoryview(_ZERO_CHUNK)[:n], offset)
+            pwrite_full(self.fd, memoryview(_ZERO_CHUNK)[:n], offset)
+            offset += n
 
     def flush(self) -> None:
         """Make every completed write durable (marks already are)."""
@@ -340,9 +340,13 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        if not self.readonly:
-            os.fdatasync(self.fd)
-        self.snapshots.close()
-        os.close(self.fd)
-        self.tracker.close()
-        self.volume.unlock()
+        try:
+            if not self.readonly:
+                os.fdatasync(self.fd)
+        finally:
+            self.snapshots.close()
+            os.close(self.fd)
+            try:
+                self.tracker.close()
+            finally:
+                self.volume.unlock()

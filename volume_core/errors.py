@@ -76,3 +76,7 @@ class DeviceError(NbdMirrorError):
 
 class SnapshotError(NbdMirrorError):
     """A snapshot cannot be created, read, served or deleted as asked."""
+
+
+class SnapshotCorrupt(SnapshotError, VolumeCorrupt):
+    """A snapshot's files are damaged: the volume directory is damaged too."""

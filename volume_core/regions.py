@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from . import native
+from .blockio import preallocate, pwrite_full
+from .errors import VolumeCorrupt
+from .geometry import region_shift
 
 # States of a region in the persisted map, as held in memory.
 _CLEAR = 0  # 0 on disk
@@ -41,16 +44,22 @@ class RegionTracker:
     def __init__(self, path: Path, regions: int, region_size: int, *, durable: bool = True):
         self.regions = regions
         self.region_size = region_size
-        self.shift = region_size.bit_length() - 1
+        self.shift = region_shift(region_size)  # cached: try_mark() runs on every write
         self._durable_sync = durable
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
+            size = os.fstat(self._fd).st_size
+            if size != regions:
+                raise VolumeCorrupt(f"{path}: {size} bytes, expected {regions} "
+                                    "(one byte per region)")
             # What is in the page cache may not be on disk yet (a SIGKILL between pwrite and
             # fdatasync): sync before trusting it as durable.
             os.fdatasync(self._fd)
             on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
             if on_disk.size != regions:
-                raise OSError(f"{path} holds {on_disk.size} regions, expected {regions}")
+                raise VolumeCorrupt(f"{path}: shrank to {on_disk.size} bytes while read")
+            # A volume made before maps were preallocated, or a copied one, may be sparse.
+            preallocate(self._fd, regions)
         except BaseException:
             os.close(self._fd)
             raise
@@ -68,7 +77,8 @@ class RegionTracker:
         #: guards the maps; an owner may share it (see try_mark)
         self.lock = self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
-        self._unsynced: list[tuple[int, int]] = []
+        # Regions written to the map file and not yet synced, one index array per write.
+        self._unsynced: list[np.ndarray] = []
         self._write_seq = 0
         self._synced_seq = 0
         self.syncs = 0
@@ -78,11 +88,16 @@ class RegionTracker:
         """Mark the regions under ``[offset, offset+length)``; durable when this returns."""
         if length <= 0:
             return
-        with self._lock:
-            if self.try_mark(offset, length):
-                return
-            seq = self._persist(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
-        self._sync_upto(seq)
+        shift = self.shift
+        start, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
+        while True:
+            with self._lock:
+                if self.try_mark(offset, length):
+                    return
+                seq = self._persist(start, stop)
+            # Returns once the writes up to seq were synced, or raises. Another thread's
+            # failed sync may have rolled our regions back meanwhile: then look again.
+            self._sync_upto(seq)
 
     def try_mark(self, offset: int, length: int) -> bool:
         """Mark with ``self.lock`` already held by the caller; no I/O.
@@ -103,23 +118,31 @@ class RegionTracker:
     def _persist(self, start: int, stop: int) -> int:
         """Persist intent for [start, stop), widened to whole extents (lock held).
 
-        Returns the write sequence number the caller must see synced.
+        Returns the write sequence number the caller must see synced. The regions
+        count as written only once the map write succeeded: a failed one (ENOSPC,
+        EIO) leaves them CLEAR, so the next writer tries again, and at worst leaves
+        extra 1s on disk (intent for nothing, never a missed mark).
         """
         ext = self.extent
         start = start // ext * ext
         stop = min(self.regions, -(-stop // ext) * ext)
-        states = self._persisted[start:stop]
-        clear = states == _CLEAR
-        if clear.any():
-            states[clear] = _WRITTEN
-            os.pwrite(self._fd, b"\x01" * (stop - start), start)
+        clear = np.flatnonzero(self._persisted[start:stop] == _CLEAR)
+        if clear.size:
+            pwrite_full(self._fd, b"\x01" * (stop - start), start)
+            written = clear + start
+            self._persisted[written] = _WRITTEN
             self._write_seq += 1
-            self._unsynced.append((start, stop))
+            self._unsynced.append(written)
         # Regions already written by another thread still need that thread's sync to finish.
         return self._write_seq
 
     def _sync_upto(self, seq: int) -> None:
-        """Return once every map write up to ``seq`` is on disk (one fdatasync serves many)."""
+        """Return once every map write up to ``seq`` is on disk (one fdatasync serves many).
+
+        Each batch entry holds the exact regions its write set to WRITTEN, so only
+        they change state: a region of the same extent cleared and persisted again
+        while this sync ran belongs to a later batch, and is not promoted by it.
+        """
         with self._sync_lock:
             if self._synced_seq >= seq:
                 return
@@ -131,17 +154,19 @@ class RegionTracker:
                     os.fdatasync(self._fd)
             except BaseException:
                 # Not known to be on disk: make the next writer persist these again.
-                with self._lock:
-                    for start, stop in batch:
-                        states = self._persisted[start:stop]
-                        states[states == _WRITTEN] = _CLEAR
+                self._settle(batch, _CLEAR)
                 raise
             self.syncs += 1
+            self._settle(batch, _DURABLE)
             with self._lock:
-                for start, stop in batch:
-                    states = self._persisted[start:stop]
-                    states[states == _WRITTEN] = _DURABLE
                 self._synced_seq = target
+
+    def _settle(self, batch: list[np.ndarray], state: int) -> None:
+        """Move the WRITTEN regions of ``batch`` to ``state`` once their sync is over."""
+        with self._lock:
+            for written in batch:
+                states = self._persisted[written]
+                self._persisted[written[states == _WRITTEN]] = state
 
     # -- cycle operations --------------------------------------------------
     def count(self) -> int:
@@ -209,27 +234,36 @@ class RegionTracker:
     def _clear_persisted(self, done: np.ndarray) -> int:
         """Zero the persisted marks in ``done`` (lock held). Losing this write is harmless.
 
-        Regions whose intent was written but is not yet synced are left alone: a sync
-        under way must not promote a later re-persist that it did not cover.
+        The memory state turns CLEAR before the write, on purpose: CLEAR is right
+        whether the zeros reach the disk or not (a 1 left on disk is intent for
+        nothing), while DURABLE over a zeroed byte would let a later write skip
+        persisting its mark. Regions whose intent was written but is not yet
+        synced are left alone: their sync must settle them.
         """
         done_u8 = (done & (self._persisted == _DURABLE)).astype(np.uint8)
         runs = native.scan_runs(done_u8)
         for start, count in runs.tolist():
             self._persisted[start:start + count] = _CLEAR
-            os.pwrite(self._fd, bytes(count), start)
+        for start, count in runs.tolist():
+            pwrite_full(self._fd, bytes(count), start)
         return int(native.count(done_u8))
 
     def close(self) -> None:
         """Trim the persisted map to the exact marks and close it."""
         if self._fd >= 0:
-            with self._lock:
-                self._trim_intent()
-            os.fdatasync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                with self._lock:
+                    self._trim_intent()
+                os.fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def load_marks(path: Path, regions: int) -> np.ndarray:
     """Read a persisted map without opening a tracker (for offline inspection)."""
     on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
+    if on_disk.size != regions:
+        raise VolumeCorrupt(f"{path}: {on_disk.size} bytes, expected {regions} "
+                            "(one byte per region)")
     return (on_disk != 0).astype(np.uint8)

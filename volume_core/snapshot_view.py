@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RangeError, SnapshotError
+from .blockio import pread_full
+from .errors import RangeError, SnapshotCorrupt, SnapshotError
 from .snapshots import (
     CHAIN_SEQ,
     LOCK,
     PRESERVED,
     STORE,
-    read_info,
     snapshot_dirs,
     try_flock,
     validate_name,
@@ -46,10 +46,16 @@ class _Member:
 
     def __init__(self, path: Path, seq: int, regions: int):
         self.path = path
-        self.key = (path, seq)  # a name reused by a later snapshot is another member
         self.store_fd = os.open(path / STORE, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # A name and seq reused by a later snapshot make another member: the store's
+            # inode tells them apart (this one stays allocated while we hold it open).
+            self.key = (path, seq, os.fstat(self.store_fd).st_ino)
             with open(path / PRESERVED, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != regions:
+                    raise SnapshotCorrupt(f"{path / PRESERVED}: {size} bytes, expected "
+                                          f"{regions} (one byte per region)")
                 self._mm = mmap.mmap(f.fileno(), regions, prot=mmap.PROT_READ)
         except BaseException:
             os.close(self.store_fd)
@@ -71,19 +77,28 @@ class SnapshotView:
         self.volume = volume
         self.name = name
         self.size = volume.size
-        self.shift = volume.region_size.bit_length() - 1
+        self.shift = volume.geometry.shift
         path = volume.snapshot_dir / name
-        if not (path / STORE).is_file():
+        # Check the whole chain before touching anything (the lock file is created here).
+        found = {p.name: info for _seq, p, info in snapshot_dirs(volume)}
+        if name not in found:
             raise SnapshotError(f"no snapshot named {name!r} in {volume.path}")
         self.path = path
         # A shared lock: several exports may serve it, delete must wait for all of them.
         self._lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if not try_flock(self._lock_fd, fcntl.LOCK_SH) or read_info(path).get("deleting"):
+        if not try_flock(self._lock_fd, fcntl.LOCK_SH) or found[name].get("deleting"):
             os.close(self._lock_fd)
             raise SnapshotError(f"snapshot {name!r} is being deleted")
-        self.live_fd = os.open(volume.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        with open(volume.snapshot_dir / CHAIN_SEQ, "rb") as f:
-            self._seq_mm = mmap.mmap(f.fileno(), 8, prot=mmap.PROT_READ)
+        try:
+            self.live_fd = os.open(volume.data_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._seq_mm = _map_chain_seq(volume.snapshot_dir / CHAIN_SEQ)
+            except BaseException:
+                os.close(self.live_fd)
+                raise
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._seq = np.frombuffer(self._seq_mm, dtype=np.uint64, count=1)
         self.members: list[_Member] = []
         self._loaded_seq = -1
@@ -125,7 +140,7 @@ class SnapshotView:
         try:
             for seq, path, _ in found:
                 if seq >= mine[0]:
-                    member = current.get((path, seq))
+                    member = current.get((path, seq, os.stat(path / STORE).st_ino))
                     if member is None:
                         member = _Member(path, seq, self.volume.regions)
                         opened.append(member)
@@ -154,8 +169,9 @@ class SnapshotView:
                     self._close_retired()
 
     def _read(self, view: memoryview, offset: int, length: int) -> None:
-        first = offset >> self.shift
-        last = (offset + length - 1) >> self.shift
+        shift = self.shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
         for _ in range(_MAX_RETRIES):
             with self._lock:
                 if int(self._seq[0]) != self._loaded_seq:
@@ -171,10 +187,10 @@ class SnapshotView:
             starts = np.concatenate(([0], edges))
             stops = np.concatenate((edges, [src.size]))
             for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
-                lo = max(offset, (first + s) << self.shift)
-                hi = min(offset + length, (first + e) << self.shift)
+                lo = max(offset, (first + s) << shift)
+                hi = min(offset + length, (first + e) << shift)
                 fd = self.live_fd if src[s] == live else members[src[s]].store_fd
-                _pread_full(fd, view[lo - offset:hi - offset], lo)
+                pread_full(fd, view[lo - offset:hi - offset], lo)
             from_live = src == live
             if not from_live.any():
                 return
@@ -195,11 +211,24 @@ class SnapshotView:
         os.close(self._lock_fd)
 
 
-def _pread_full(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            view[done:] = bytes(len(view) - done)
-            return
-        done += n
+def _map_chain_seq(path: Path) -> mmap.mmap:
+    """Map the chain's change counter, giving it its 8 bytes if it has none yet.
+
+    Absent or empty is a valid state (a crash while the live server first made
+    it). Extending it is safe against that server, whose first write makes it 8
+    bytes anyway: ftruncate to the size it already has changes nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            with open(path, "r+b") as f:
+                os.ftruncate(f.fileno(), 8)
+        elif size != 8:
+            raise SnapshotCorrupt(f"{path}: {size} bytes, expected 8 (a change counter)")
+        return mmap.mmap(fd, 8, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)

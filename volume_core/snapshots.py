@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -39,14 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from . import native
-from .errors import SnapshotError
+from .blockio import preallocate, pwrite_full
+from .errors import SnapshotCorrupt, SnapshotError
+from .state_files import CHAIN_SEQ, PRESERVED, STORE, check_chain_seq, snapshot_entries
+from .state_files import SNAPSHOT_INFO as INFO
+from .state_files import read_snapshot_info as read_info
 from .volume import Volume, fsync_dir, write_json_atomic
 
-INFO = "snapshot.json"
-STORE = "store.img"
-PRESERVED = "preserved.map"
 LOCK = "lock"
-CHAIN_SEQ = "chain.seq"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@:+-]{0,99}$")
 
 
@@ -92,6 +91,11 @@ class Snapshot:
             preserved = np.zeros(regions, dtype=np.uint8)
         else:
             preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=regions)
+            if preserved.size != regions:  # a short map would let writes skip copy-on-write
+                os.close(store_fd)
+                os.close(map_fd)
+                raise SnapshotCorrupt(f"{path / PRESERVED}: {preserved.size} bytes, expected "
+                                      f"{regions} (one byte per region)")
             preserved = (preserved != 0).astype(np.uint8)
         return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved,
                    np.zeros(regions, dtype=np.uint8))
@@ -104,7 +108,7 @@ class Snapshot:
         os.fdatasync(self.store_fd)
         for runs in batch:
             for start, count in runs.tolist():
-                os.pwrite(self.map_fd, b"\x01" * count, start)
+                pwrite_full(self.map_fd, b"\x01" * count, start)
         os.fdatasync(self.map_fd)
 
     def close(self) -> None:
@@ -113,37 +117,34 @@ class Snapshot:
                 os.close(fd)
 
 
-def read_info(path: Path) -> dict:
-    try:
-        info = json.loads((path / INFO).read_text())
-        if not isinstance(info, dict) or not {"name", "seq", "created"} <= info.keys():
-            raise ValueError("incomplete")
-        return info
-    except (OSError, ValueError) as err:
-        raise SnapshotError(f"{path}: unreadable snapshot description ({err})") from None
-
-
 def snapshot_dirs(volume: Volume) -> list[tuple[int, Path, dict]]:
-    """(seq, path, info) of every snapshot directory, oldest first (deleting ones included)."""
-    out = []
-    root = volume.snapshot_dir
-    for entry in root.iterdir() if root.is_dir() else []:
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        with contextlib.suppress(SnapshotError):
-            info = read_info(entry)
-            out.append((info["seq"], entry, info))
-    return sorted(out, key=lambda t: t[0])
+    """(seq, path, info) of every snapshot directory, oldest first (deleting ones included).
+
+    Every snapshot's files are checked (state_files): SnapshotCorrupt names a damaged one.
+    """
+    return snapshot_entries(volume.snapshot_dir, volume.geometry)
+
+
+def read_chain_seq(volume: Volume) -> int:
+    """The chain's change counter (0 when it was never bumped)."""
+    path = volume.snapshot_dir / CHAIN_SEQ
+    check_chain_seq(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
 
 
 def bump_chain_seq(volume: Volume) -> None:
     """Tell readers in other processes that the chain changed."""
     path = volume.snapshot_dir / CHAIN_SEQ
+    check_chain_seq(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         raw = os.pread(fd, 8, 0)
         value = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-        os.pwrite(fd, (value + 1).to_bytes(8, "little"), 0)
+        pwrite_full(fd, (value + 1).to_bytes(8, "little"), 0)
     finally:
         os.close(fd)
 
@@ -190,13 +191,14 @@ class SnapshotChain:
     def __init__(self, volume: Volume, live_fd: int):
         self.volume = volume
         self.live_fd = live_fd
-        self.shift = volume.region_size.bit_length() - 1
+        self.shift = volume.geometry.shift  # cached: preserve() runs on every write
         self._cow = threading.Condition()  # claims of regions being copied, the batch
         self._commit_lock = threading.Lock()  # one group commit at a time
         self._batch: list[np.ndarray] = []  # copied runs waiting for their commit
         self._batch_seq = 0
         self._synced_seq = 0
         self.copies = 0  # regions copied on write (for status)
+        found = snapshot_dirs(volume)  # every file checked before anything is written
         root = volume.snapshot_dir
         root.mkdir(exist_ok=True)
         for pattern in (".creating-*", ".deleting-*"):  # a create or delete cut short
@@ -205,7 +207,7 @@ class SnapshotChain:
         self.chain: list[Snapshot] = []
         pending = []
         try:
-            for _seq, path, info in snapshot_dirs(volume):
+            for _seq, path, info in found:
                 snap = Snapshot.open(path, volume.regions, writable=True)
                 self.chain.append(snap)
                 # A SIGKILL between a pwrite and its fdatasync leaves bytes in the page
@@ -214,12 +216,12 @@ class SnapshotChain:
                 os.fdatasync(snap.map_fd)
                 if info.get("deleting"):
                     pending.append(snap)
+            for snap in pending:  # a delete interrupted by a crash: finish it
+                with contextlib.suppress(SnapshotError), exclusive(snap.path, "delete"):
+                    self._finish_delete(snap)
         except BaseException:
             self.close()
             raise
-        for snap in pending:  # a delete interrupted by a crash: finish it
-            with contextlib.suppress(SnapshotError), exclusive(snap.path, "delete"):
-                self._finish_delete(snap)
 
     @property
     def newest(self) -> Snapshot | None:
@@ -245,8 +247,9 @@ class SnapshotChain:
         if not chain:
             return
         snap = chain[-1]
-        first = offset >> self.shift
-        stop = ((offset + length - 1) >> self.shift) + 1
+        shift = self.shift
+        first = offset >> shift
+        stop = ((offset + length - 1) >> shift) + 1
         if stop - first == 1:
             if snap.preserved[first]:
                 return
@@ -309,28 +312,16 @@ class SnapshotChain:
     # -- create / delete -------------------------------------------------------
     def create(self, name: str | None) -> Snapshot:
         """Add a snapshot of the live volume as it is now. The caller quiesces writes."""
-        if name is None:
-            name = default_name()
-            taken = {s.name for s in self.chain}
-            base, n = name, 1
-            while name in taken:
-                n += 1
-                name = f"{base}-{n}"
-        validate_name(name)
+        name = self._new_name(name)
         root = self.volume.snapshot_dir
-        if (root / name).exists() or any(s.name == name for s in self.chain):
-            raise SnapshotError(f"a snapshot named {name!r} already exists")
-        seq = max((s.seq for s in self.chain), default=0) + 1
+        check_chain_seq(root / CHAIN_SEQ)  # refuse before making anything, not half-way
+        # Never reuse a seq, not even a deleted snapshot's: a seq then names one snapshot
+        # for good (an export in another process may still hold a deleted one open).
+        seq = max(max((s.seq for s in self.chain), default=0), read_chain_seq(self.volume)) + 1
         tmp = root / f".creating-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            tmp.mkdir()
-            with open(tmp / STORE, "wb") as f:
-                f.truncate(self.volume.size)
-            with open(tmp / PRESERVED, "wb") as f:
-                f.truncate(self.volume.regions)
-            created = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-            write_json_atomic(tmp / INFO, {"name": name, "seq": seq, "created": created})
+            self._make_files(tmp, name, seq)
             os.fdatasync(self.live_fd)  # the snapshot point is durable, not just visible
             os.rename(tmp, root / name)
             fsync_dir(root)
@@ -341,13 +332,49 @@ class SnapshotChain:
             snap = Snapshot.open(root / name, self.volume.regions, writable=True, fresh=True)
             self.chain.append(snap)
             bump_chain_seq(self.volume)
-        except OSError as err:
+        except (OSError, SnapshotError) as err:
             # Undo, or live writes would land without copy-on-write for a snapshot on disk.
             if self.chain and self.chain[-1].path == root / name:
                 self.chain.pop().close()
-            shutil.rmtree(root / name, ignore_errors=True)
-            raise SnapshotError(f"cannot create snapshot {name!r}: {err.strerror or err}") from None
+            self._remove_dir(root / name)
+            raise SnapshotError(f"cannot create snapshot {name!r}: "
+                                f"{getattr(err, 'strerror', None) or err}") from None
         return snap
+
+    def _new_name(self, name: str | None) -> str:
+        if name is None:
+            name = default_name()
+            taken = {s.name for s in self.chain}
+            base, n = name, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+        validate_name(name)
+        if (self.volume.snapshot_dir / name).exists() or any(s.name == name for s in self.chain):
+            raise SnapshotError(f"a snapshot named {name!r} already exists")
+        return name
+
+    def _make_files(self, tmp: Path, name: str, seq: int) -> None:
+        """A complete snapshot directory at ``tmp``, to be renamed into place."""
+        tmp.mkdir()
+        with open(tmp / STORE, "wb") as f:
+            f.truncate(self.volume.size)
+        with open(tmp / PRESERVED, "wb") as f:
+            f.truncate(self.volume.regions)
+            preallocate(f.fileno(), self.volume.regions)  # copies then never fail to record
+        created = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+        write_json_atomic(tmp / INFO, {"name": name, "seq": seq, "created": created})
+
+    def _remove_dir(self, path: Path) -> None:
+        """Remove a snapshot directory out of sight first: a crash inside rmtree leaves no
+        half snapshot (its hidden remains are removed by the next open)."""
+        gone = self.volume.snapshot_dir / f".deleting-{path.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        try:
+            os.rename(path, gone)
+        except OSError:
+            gone = path
+        shutil.rmtree(gone, ignore_errors=True)
 
     def delete(self, name: str, quiesce: Callable[[], AbstractContextManager] | None = None
                ) -> None:
@@ -383,12 +410,13 @@ class SnapshotChain:
 
     def _finish_delete(self, snap: Snapshot) -> None:
         self._move_to_older(snap)
-        self.chain.remove(snap)
-        snap.close()
-        # Out of sight in one rename, so a crash inside rmtree leaves no half snapshot.
+        # Out of sight in one rename, so a crash inside rmtree leaves no half snapshot; and
+        # the chain in memory changes only once the disk did (a failed rename keeps both).
         gone = self.volume.snapshot_dir / f".deleting-{snap.name}"
         shutil.rmtree(gone, ignore_errors=True)
         os.rename(snap.path, gone)
+        self.chain.remove(snap)
+        snap.close()
         fsync_dir(self.volume.snapshot_dir)
         bump_chain_seq(self.volume)
         shutil.rmtree(gone, ignore_errors=True)
@@ -404,13 +432,12 @@ class SnapshotChain:
 
 
 def describe(volume: Volume, path: Path, preserved: np.ndarray | None = None) -> dict:
+    """What ``snapshot list`` shows of the snapshot at ``path`` (checked by the caller)."""
     info = read_info(path)
     if preserved is None:
         preserved = np.fromfile(path / PRESERVED, dtype=np.uint8, count=volume.regions)
     regions = int(native.count(preserved))
-    nbytes = regions * volume.region_size
-    if regions and preserved[-1]:
-        nbytes -= volume.regions * volume.region_size - volume.size  # the short last region
+    nbytes = volume.geometry.bytes_in(regions, bool(regions and preserved[-1]))
     return {
         "name": info["name"],
         "seq": info["seq"],

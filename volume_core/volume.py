@@ -24,27 +24,46 @@ import tempfile
 import uuid as _uuid
 from pathlib import Path
 
-from .errors import UsageError, VolumeBusy, VolumeCorrupt, VolumeError, VolumeExists, VolumeNotFound
+from .blockio import preallocate
+from .errors import UsageError, VolumeBusy, VolumeError, VolumeExists, VolumeNotFound
+from .geometry import (
+    MAX_REGION_SIZE,
+    MAX_REGIONS,
+    MIN_REGION_SIZE,
+    SECTOR,
+    RegionGeometry,
+    geometry_problem,
+    region_size_problem,
+    size_problem,
+)
+from .state_files import (
+    DATA_FILE,
+    FORMAT_VERSION,
+    INFO_FILE,
+    LOCK_FILE,
+    MARKS_FILE,
+    ROLES,
+    SNAPSHOT_DIR,
+    check_volume_fields,
+    check_volume_files,
+    read_volume_fields,
+)
 
-FORMAT_VERSION = 1
-SECTOR = 512
-MIN_REGION_SIZE = 4 << 10
-MAX_REGION_SIZE = 16 << 20
+__all__ = ["DATA_FILE", "DEFAULT_REGION_SIZE", "FORMAT_VERSION", "INFO_FILE", "LOCK_FILE",
+           "MARKS_FILE", "MAX_REGIONS", "MAX_REGION_SIZE", "MIN_REGION_SIZE", "ROLES", "SECTOR",
+           "SNAPSHOT_DIR", "Volume", "VolumeInfo", "fsync_dir",
+           "validate_geometry", "validate_region_size", "validate_size", "write_json_atomic"]
+
 DEFAULT_REGION_SIZE = 64 << 10
-#: Keeps a map small enough to hold in memory and scan quickly (256 MiB at most).
-MAX_REGIONS = 1 << 28
-ROLES = ("primary", "secondary")
-
-INFO_FILE = "volume.json"
-DATA_FILE = "data.img"
-MARKS_FILE = "marks.map"
-SNAPSHOT_DIR = "snapshots"
-LOCK_FILE = "lock"
 
 
 @dataclasses.dataclass(frozen=True)
 class VolumeInfo:
-    """What a volume is. A peer checks ``uuid`` and ``generation`` before replicating."""
+    """What a volume is. A peer checks ``uuid`` and ``generation`` before replicating.
+
+    Every field needs a check in ``state_files.VOLUME_FIELDS``: volume.json is
+    checked field by field whenever a volume is opened.
+    """
 
     uuid: str
     size: int
@@ -56,46 +75,37 @@ class VolumeInfo:
 
     @property
     def regions(self) -> int:
-        return -(-self.size // self.region_size)
+        return RegionGeometry(self.size, self.region_size).regions
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> VolumeInfo:
-        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-            raise VolumeCorrupt(f"{where}: unknown volume format {data.get('format')!r}"
-                                if isinstance(data, dict) else f"{where}: not a volume description")
-        try:
-            info = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-        except TypeError as err:
-            raise VolumeCorrupt(f"{where}: incomplete volume description ({err})") from None
-        validate_geometry(info.size, info.region_size)
-        if info.role not in ROLES:
-            raise VolumeCorrupt(f"{where}: unknown role {info.role!r}")
-        return info
-
-
-def validate_region_size(region_size: int) -> None:
-    """Raise UsageError unless ``region_size`` is a power of two from 4K to 16M."""
-    if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
-        raise UsageError(f"invalid region size {region_size}: must be a power of two "
-                         "from 4K to 16M")
+        """Build from a parsed volume.json; VolumeCorrupt names the bad field."""
+        return cls(**check_volume_fields(data, where))
 
 
 def validate_size(size: int) -> None:
-    """Raise UsageError unless ``size`` is a positive multiple of the sector size."""
-    if size <= 0 or size % SECTOR:
-        raise UsageError(f"invalid size {size}: must be a positive multiple of {SECTOR} bytes")
+    """Raise UsageError unless ``size`` can be a volume's size."""
+    problem = size_problem(size)
+    if problem:
+        raise UsageError(problem)
+
+
+def validate_region_size(region_size: int) -> None:
+    """Raise UsageError unless ``region_size`` can be a volume's region size."""
+    problem = region_size_problem(region_size)
+    if problem:
+        raise UsageError(problem)
 
 
 def validate_geometry(size: int, region_size: int) -> None:
     """Raise UsageError unless size and region size make a valid volume."""
-    validate_region_size(region_size)
-    validate_size(size)
-    if -(-size // region_size) > MAX_REGIONS:
-        raise UsageError(f"size {size} with region size {region_size} gives more than "
-                         f"{MAX_REGIONS} regions; choose a larger --region-size")
+    problem = geometry_problem(size, region_size)
+    if problem:
+        hint = "; choose a larger --region-size" if problem.endswith(" regions") else ""
+        raise UsageError(problem + hint)
 
 
 def fsync_dir(path: Path) -> None:
@@ -124,6 +134,8 @@ class Volume:
     def __init__(self, path: Path, info: VolumeInfo):
         self.path = path
         self.info = info
+        #: how the volume is cut into regions (size and region size never change)
+        self.geometry = RegionGeometry(info.size, info.region_size)
         self._lock_fd: int | None = None
 
     # -- paths -------------------------------------------------------------
@@ -149,7 +161,7 @@ class Volume:
 
     @property
     def regions(self) -> int:
-        return self.info.regions
+        return self.geometry.regions
 
     # -- life cycle --------------------------------------------------------
     @classmethod
@@ -176,6 +188,7 @@ class Volume:
                 f.truncate(size)
             with open(tmp / MARKS_FILE, "wb") as f:
                 f.truncate(info.regions)
+                preallocate(f.fileno(), info.regions)
             (tmp / SNAPSHOT_DIR).mkdir()
             write_json_atomic(tmp / INFO_FILE, info.to_json())
             os.chmod(tmp, 0o755)
@@ -196,32 +209,37 @@ class Volume:
         return cls(path, info)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Volume:
-        """Read a volume's description; raise VolumeNotFound/VolumeCorrupt with a clear line."""
+    def open(cls, path: str | os.PathLike, *, check_files: bool = True) -> Volume:
+        """Open a volume directory after checking every state file in it (state_files).
+
+        Raises VolumeNotFound, or VolumeCorrupt (SnapshotCorrupt for a snapshot's
+        files) with one line naming the damaged file. Reads only: a damaged
+        volume is left exactly as it was. ``check_files=False`` checks only the
+        description: enough to ask or stop a running server, whose other files
+        may have been damaged while it ran.
+        """
         path = Path(path)
         info_path = path / INFO_FILE
         if not path.is_dir() or not info_path.is_file():
             what = "no such directory" if not path.exists() else "not an nbdmirror volume"
             raise VolumeNotFound(f"{path}: {what}")
-        try:
-            data = json.loads(info_path.read_text())
-        except (OSError, ValueError) as err:
-            raise VolumeCorrupt(f"{info_path}: unreadable volume description ({err})") from None
-        info = VolumeInfo.from_json(data, info_path)
-        vol = cls(path, info)
-        for name in (DATA_FILE, MARKS_FILE):
-            if not (path / name).is_file():
-                raise VolumeCorrupt(f"{path}: missing {name}")
-        actual = vol.data_path.stat().st_size
-        if actual != info.size:
-            raise VolumeCorrupt(f"{vol.data_path}: size {actual} does not match the volume's "
-                                f"{info.size}")
+        vol = cls(path, VolumeInfo(**read_volume_fields(path)))
+        if check_files:
+            check_volume_files(path, vol.geometry)
         return vol
 
     def update_info(self, **changes) -> None:
-        """Persist a changed description (role, generation) atomically."""
-        self.info = dataclasses.replace(self.info, **changes)
-        write_json_atomic(self.path / INFO_FILE, self.info.to_json())
+        """Persist a changed description (role, generation) atomically.
+
+        Never writes what open() would refuse, and changes the description in
+        memory only once the file holds it.
+        """
+        info = dataclasses.replace(self.info, **changes)
+        if (info.size, info.region_size) != (self.info.size, self.info.region_size):
+            raise VolumeError(f"{self.path}: size and region size cannot change")
+        check_volume_fields(info.to_json(), self.path / INFO_FILE)
+        write_json_atomic(self.path / INFO_FILE, info.to_json())
+        self.info = info
 
     # -- exclusive use -----------------------------------------------------
     def lock(self) -> None:

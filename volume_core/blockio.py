@@ -1,0 +1,60 @@
+"""Whole-buffer reads and writes at an offset of a file descriptor; preallocation.
+
+pread/pwrite may move fewer bytes than asked (a signal, a filesystem's
+limits); every caller that means "all of it" uses these two, so none of
+them forgets the loop. Each first tries one plain call, so the common case
+costs a single system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def pread_full(fd: int, buf, offset: int) -> None:
+    """Fill the writable buffer ``buf`` with the bytes at ``offset``.
+
+    Past end of file the rest of ``buf`` is zero-filled: a data file shorter
+    than its volume reads as zeros there, like a sparse hole. Raises OSError.
+    """
+    length = len(buf)
+    done = os.preadv(fd, [buf], offset)
+    if done < length:
+        view = memoryview(buf).cast("B")
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                view[done:] = bytes(length - done)
+                return
+            done += n
+
+
+def pwrite_full(fd: int, buf, offset: int) -> None:
+    """Write all of ``buf`` at ``offset``, looping over short writes.
+
+    Raises OSError (ENOSPC, EIO, ...); the bytes before the failure may have been
+    written, so a caller must treat the whole range as unknown on error.
+    """
+    length = len(buf)
+    done = os.pwrite(fd, buf, offset)
+    if done < length:
+        view = memoryview(buf).cast("B")
+        while done < length:
+            n = os.pwrite(fd, view[done:], offset + done)
+            if n == 0:  # never seen on a regular file; do not spin on it
+                raise OSError(errno.EIO, "write made no progress")
+            done += n
+
+
+def preallocate(fd: int, length: int) -> None:
+    """Allocate a map file's blocks now, so that marking a region never meets ENOSPC.
+
+    Best effort (a full or an unusual filesystem may refuse): a failed map write
+    is rolled back and reported anyway, this only makes it rarer. Changes
+    neither the file's contents nor its size.
+    """
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError:
+        pass

@@ -1,0 +1,76 @@
+"""Region geometry: how a volume of ``size`` bytes is cut into regions.
+
+One place for the arithmetic every map user needs (the region under a byte,
+the regions a request touches, the short last region), and for the rules a
+size and region size must obey. Hot paths copy ``shift`` into a local or an
+attribute instead of calling in here per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SECTOR = 512
+MIN_REGION_SIZE = 4 << 10
+MAX_REGION_SIZE = 16 << 20
+#: Keeps a map small enough to hold in memory and scan quickly (256 MiB at most).
+MAX_REGIONS = 1 << 28
+
+
+def region_size_problem(region_size: int) -> str | None:
+    """What is wrong with a region size, or None."""
+    if region_size & (region_size - 1) or not MIN_REGION_SIZE <= region_size <= MAX_REGION_SIZE:
+        return f"invalid region size {region_size}: must be a power of two from 4K to 16M"
+    return None
+
+
+def size_problem(size: int) -> str | None:
+    """What is wrong with a volume size, or None."""
+    if size <= 0 or size % SECTOR:
+        return f"invalid size {size}: must be a positive multiple of {SECTOR} bytes"
+    return None
+
+
+def geometry_problem(size: int, region_size: int) -> str | None:
+    """What is wrong with this size and region size together, or None when they make a volume."""
+    problem = region_size_problem(region_size) or size_problem(size)
+    if problem is None and -(-size // region_size) > MAX_REGIONS:
+        problem = (f"size {size} with region size {region_size} gives more than {MAX_REGIONS} "
+                   "regions")
+    return problem
+
+
+def region_shift(region_size: int) -> int:
+    """log2 of a (power of two) region size: the region of byte ``b`` is ``b >> shift``."""
+    return region_size.bit_length() - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionGeometry:
+    """``size`` bytes in regions of ``region_size`` (a power of two); the last may be short."""
+
+    size: int
+    region_size: int
+    #: log2(region_size): the region of byte ``b`` is ``b >> shift``
+    shift: int = dataclasses.field(init=False)
+    #: number of regions, the short last one included
+    regions: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shift", region_shift(self.region_size))
+        object.__setattr__(self, "regions", -(-self.size // self.region_size))
+
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """Regions ``[first, stop)`` touched by ``length > 0`` bytes at ``offset``."""
+        return offset >> self.shift, ((offset + length - 1) >> self.shift) + 1
+
+    def region_bytes(self, region: int) -> int:
+        """Bytes of the volume in ``region``: region_size, less for the short last one."""
+        return min(self.region_size, self.size - (region << self.shift))
+
+    def bytes_in(self, count: int, includes_last: bool) -> int:
+        """Bytes covered by ``count`` regions, ``includes_last`` when the last one is among them."""
+        nbytes = count << self.shift
+        if count and includes_last:
+            nbytes -= (self.regions << self.shift) - self.size
+        return nbytes
