@@ -49,12 +49,19 @@ LOCK = "lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@:+-]{0,99}$")
 
 
+#: names of nbdmirror's own files among the snapshots (all others start with '.')
+RESERVED_NAMES = frozenset({CHAIN_SEQ})
+
+
 def validate_name(name: str) -> str:
     if "/" in name or "\\" in name:
         raise SnapshotError(f"invalid snapshot name {name!r}: it must not contain a path separator")
     if not _NAME_RE.match(name):
         raise SnapshotError(f"invalid snapshot name {name!r}: use up to 100 letters, digits and "
                             "._@:+- , not starting with '.' or '-'")
+    if name in RESERVED_NAMES:
+        raise SnapshotError(f"invalid snapshot name {name!r}: reserved for nbdmirror's own "
+                            "files")
     return name
 
 
