@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from volume_core.errors import DeviceError
-from volume_core.server_files import pid_alive
+from volume_core.server_files import ServerPlace, pid_alive
 
 from .procs import require, run, wait_for
-from .server import RUN_DIR, Endpoint
+from .server import RUN_DIR, Endpoint, choose_endpoint
 
 ATTACH_DIR = RUN_DIR / "attach"
 FUSE_DIR = RUN_DIR / "fuse"
@@ -52,6 +52,40 @@ def attachments() -> list[dict]:
         with contextlib.suppress(OSError, ValueError):
             out.append(json.loads(path.read_text()))
     return out
+
+
+def _endpoint_key(text: str | None) -> str | None:
+    """An export address in one spelling: a unix socket by its real path."""
+    if text and text.startswith("unix:"):
+        return "unix:" + os.path.realpath(text[len("unix:"):])
+    return text
+
+
+def attached_to(place: ServerPlace) -> list[dict]:
+    """The recorded attachments of the export of ``place`` (a volume or a snapshot).
+
+    An attachment matches by the export it reaches: the address the running
+    server listens on, or the place's default socket (a server that died may
+    have left a device behind). Attachments made with ``attach VOL`` also name
+    the volume.
+    """
+    keys = {_endpoint_key(str(choose_endpoint(place, None, None, "127.0.0.1")))}
+    state = place.read_state()
+    if state and state.get("listen"):
+        keys.add(_endpoint_key(state["listen"]))
+    mine = str(place.volume.path.absolute())
+    return [rec for rec in attachments()
+            if _endpoint_key(rec.get("endpoint")) in keys
+            or (place.snapshot is None and rec.get("volume") == mine
+                and rec.get("snapshot") is None)]
+
+
+def ensure_not_attached(place: ServerPlace, hint: str) -> None:
+    """DeviceError when a block device made by 'attach' still reaches ``place``'s export."""
+    found = attached_to(place)
+    if found:
+        raise DeviceError(f"{place.what} is attached as {found[0]['device']}; detach it first"
+                          f"{hint}")
 
 
 def attach(endpoint: Endpoint, volume: str | None = None) -> dict:
@@ -157,9 +191,31 @@ def detach(device: str) -> dict:
     return record
 
 
+def fuse_mounted(mountpoint: Path) -> bool:
+    """True while anything is mounted on ``mountpoint``, dead or alive.
+
+    A FUSE mount whose daemon died answers stat() with "Transport endpoint is
+    not connected", so os.path.ismount() says no; the mount table still has it.
+    """
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # field 5 is the mount point, with space, tab, newline and \\ escaped in octal
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == target:
+                return True
+    return False
+
+
 def _unmount_fuse(mountpoint: Path, pid: int | None) -> None:
-    if os.path.ismount(mountpoint):
-        run(["fusermount3", "-u", str(mountpoint)], f"cannot unmount {mountpoint}", DeviceError)
+    if fuse_mounted(mountpoint):
+        try:
+            run(["fusermount3", "-u", str(mountpoint)], f"cannot unmount {mountpoint}",
+                DeviceError)
+        except DeviceError:
+            if fuse_mounted(mountpoint):  # fusermount3 may fail on a dead mount: detach lazily
+                run(["umount", "-l", str(mountpoint)], f"cannot unmount {mountpoint}",
+                    DeviceError)
     if pid:
         wait_for(lambda: not pid_alive(pid), 30)
         with contextlib.suppress(ChildProcessError):

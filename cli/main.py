@@ -161,18 +161,20 @@ def _serve(place: ServerPlace, socket: str | None, port: int | None, address: st
 
 @cli.command()
 @click.argument("vol", type=click.Path())
-@click.option("--force", is_flag=True, help="Stop even while a block device is attached to it.")
+@click.option("--force", is_flag=True, help="Stop even while a block device is attached or "
+              "NBD clients are connected: they are cut off, the volume still closes cleanly.")
 @json_option
 def stop(vol: str, force: bool, as_json: bool) -> None:
-    """Stop the background server of volume VOL."""
+    """Stop the server of volume VOL (background or foreground).
+
+    Refused while a block device is attached to it or NBD clients are
+    connected, naming them. Exits 1 if the server had to be killed.
+    """
     volume = Volume.open(vol)
+    place = ServerPlace(volume)
     if not force:
-        mine = str(volume.path.absolute())
-        for rec in devices.attachments():
-            if rec.get("volume") == mine:
-                raise ServerError(f"{vol} is attached as {rec['device']}; detach it first "
-                                  "(or use --force)")
-    pid = server.stop(ServerPlace(volume))
+        devices.ensure_not_attached(place, " (or use --force)")
+    pid = server.stop(place, force=force)
     emit({"volume": str(volume.path.absolute()), "pid": pid}, as_json,
          [f"stopped the server of {vol} (pid {pid})"])
 
@@ -195,6 +197,7 @@ def status(vol: str, as_json: bool) -> None:
         f"reads:       {s['reads']} requests, {format_size(s['bytes_read'])}",
         f"writes:      {s['writes']} requests, {format_size(s['bytes_written'])}",
         f"trims/zero:  {s['trims']} / {s['zeroes']}; flushes {s['flushes']}",
+        f"log:         {st.get('log') or '?'}",
     ]
     emit(st, as_json, human)
 
@@ -292,10 +295,12 @@ def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
     """Delete snapshot NAME of VOL and free its space.
 
     Copies that an older snapshot still needs move to it first, so every
-    other snapshot stays exact. Refused while NAME is being served.
+    other snapshot stays exact. Refused while NAME is being served or a block
+    device is attached to its export.
     """
     volume = Volume.open(vol)
     snapshots.validate_name(name)
+    devices.ensure_not_attached(ServerPlace(volume, name), "")
     operations.run(volume, "snapshot-delete", name=name)
     emit({"volume": str(volume.path.absolute()), "deleted": name}, as_json,
          [f"deleted snapshot {name} of {vol}"])
@@ -334,11 +339,19 @@ def snapshot_serve(vol: str, name: str, socket: str | None, port: int | None, ad
 @snapshot.command("stop")
 @click.argument("vol", type=click.Path())
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Stop even while a block device is attached or "
+              "NBD clients are connected: they are cut off.")
 @json_option
-def snapshot_stop(vol: str, name: str, as_json: bool) -> None:
-    """Stop the export of snapshot NAME of VOL."""
+def snapshot_stop(vol: str, name: str, force: bool, as_json: bool) -> None:
+    """Stop the export of snapshot NAME of VOL.
+
+    Refused while a block device is attached to it or NBD clients are
+    connected, naming them.
+    """
     place = _snapshot_place(vol, name)
-    pid = server.stop(place)
+    if not force:
+        devices.ensure_not_attached(place, " (or use --force)")
+    pid = server.stop(place, force=force)
     emit({"volume": str(place.volume.path.absolute()), "snapshot": name, "pid": pid}, as_json,
          [f"stopped the export of snapshot {name} of {vol} (pid {pid})"])
 

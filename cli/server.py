@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbd_plugin
 import volume_core
-from volume_core import admin
+from volume_core import admin, server_log
 from volume_core.errors import AdminError, ServerError, VolumeBusy
-from volume_core.server_files import ServerPlace, admin_socket
+from volume_core.server_files import ServerPlace, admin_socket, pid_alive, process_args
 
+from . import clients
 from .procs import last_line, require, wait_for
 
 READY_TIMEOUT = 30.0
@@ -25,7 +29,8 @@ READY_TIMEOUT = 30.0
 #: fight over the GIL; see the README's performance section for how this was chosen.
 DEFAULT_THREADS = 16
 MAX_THREADS = 64
-STOP_TIMEOUT = 30.0
+#: how long stop waits for a server to exit before it kills it (tests shorten it)
+STOP_TIMEOUT = float(os.environ.get("NBDMIRROR_STOP_TIMEOUT", "30"))
 # The plugin imports nbdkit, which exists only inside nbdkit: locate it, never import it.
 PLUGIN = Path(nbd_plugin.__file__).resolve().parent / "plugin.py"
 RUN_DIR = Path(os.environ.get("NBDMIRROR_RUN_DIR", "/run/nbdmirror"))
@@ -121,6 +126,9 @@ def ensure_not_served(place: ServerPlace) -> None:
         where = f" on {state['listen']}" if state.get("listen") else ""
         pid = f" (pid {state['pid']})" if state.get("pid") else ""
         raise VolumeBusy(f"{place.what} is already being served{where}{pid}")
+    if place.held():
+        raise VolumeBusy(f"{place.what} is in use by another process (starting a server, or "
+                         "another tool)")
 
 
 def clear_stale_socket(path: Path) -> None:
@@ -161,7 +169,14 @@ def serve_foreground(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, .
 
 def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, ...] = (),
                      threads: int = DEFAULT_THREADS) -> dict:
-    """Start nbdkit detached; return its state once it serves (and answers admin calls)."""
+    """Start nbdkit detached; return its state once it serves (and answers admin calls).
+
+    nbdkit forks itself (with -f it would die with this command: 1.32 sets a
+    parent-death signal unconditionally). The forked server holds the place's
+    lock from before the fork; if the lock comes free before the server is
+    ready, the server died (a full disk leaves not even a pid file), and the
+    start fails at once instead of waiting out the timeout.
+    """
     _prepare(place, endpoint)
     cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra, threads=threads)
     with open(place.log_file, "ab") as log:
@@ -169,54 +184,170 @@ def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, .
         proc = subprocess.run(cmd, env=python_env(), stdin=subprocess.DEVNULL,
                               stdout=log, stderr=log, timeout=READY_TIMEOUT, check=False)
     if proc.returncode != 0:
-        raise ServerError(f"nbdkit failed to start: {_log_reason(place.log_file, log_start)}")
-
-    def ready() -> bool:
-        if place.snapshot is not None:
-            return bool(place.read_state())
-        try:
-            admin.call(admin_socket(place.volume), "status", timeout=2)
-            return True
-        except AdminError:
-            return False
-
-    if not wait_for(ready, READY_TIMEOUT):
-        pid = place.read_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        _forget_failed_start(place, endpoint)
+        raise ServerError(f"nbdkit failed to start: {_start_failure(place, log_start)}")
+    if not wait_for(lambda: _ready(place) or not place.held(), READY_TIMEOUT):
+        _kill_unready(place)
+        _forget_failed_start(place, endpoint)
         raise ServerError(f"the server did not become ready within {READY_TIMEOUT:g}s: "
                           f"{_log_reason(place.log_file, log_start)}")
+    if not _ready(place):
+        _forget_failed_start(place, endpoint)
+        raise ServerError(f"the server exited before it was ready: "
+                          f"{_start_failure(place, log_start)}")
     return place.read_state() or {}
 
 
+def _kill_unready(place: ServerPlace) -> None:
+    """SIGKILL a server that never became ready, if its pid file names it for sure."""
+    pid = place.read_pid()
+    if pid and place.is_server_command(process_args(pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 10)
+
+
+def _ready(place: ServerPlace) -> bool:
+    """A snapshot export is ready once it recorded itself; a volume once it answers admin."""
+    if place.read_state() is None:
+        return False
+    if place.snapshot is not None:
+        return True
+    try:
+        admin.call(admin_socket(place.volume), "status", timeout=2)
+        return True
+    except AdminError:
+        return False
+
+
+def _forget_failed_start(place: ServerPlace, endpoint: Endpoint) -> None:
+    """Remove the runtime files a start that failed made, unless another server holds them.
+
+    The log stays, as after any stop: it is where the reason is.
+    """
+    if not place.held():
+        place.remove_runtime_files(str(endpoint))
+
+
+def _start_failure(place: ServerPlace, log_start: int) -> str:
+    """Why a server died starting: the log's last word, or a full disk (the log then is empty)."""
+    reason = _log_reason(place.log_file, log_start)
+    try:
+        full = os.statvfs(place.dir).f_bavail == 0
+    except OSError:
+        full = False
+    if full:  # the log could not take the server's last words either
+        return f"no space left on device (the filesystem of {place.dir} is full)"
+    return reason
+
+
+#: how long a failed start waits for the dead server's log reader to write its last words
+LOG_READER_TIMEOUT = 5.0
+#: what volume_core.server_log puts before a message: a time, maybe a level and a logger
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d "
+                         r"((DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: )?")
+
+
 def _log_reason(log_path: Path, start: int) -> str:
+    """The last word of the log since ``start``, in one line, without its time stamp.
+
+    Called once the server is gone: its log reader may still be writing its last
+    words, so wait (briefly) for the reader to finish first.
+    """
+    server_log.wait_for_readers(log_path.absolute(), LOG_READER_TIMEOUT)
     try:
         with open(log_path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < start:  # rotated meanwhile: a new file
+                start = 0
             f.seek(start)
             text = f.read().decode(errors="replace")
     except OSError:
         text = ""
     # nbdkit prefixes plugin errors; the interesting part is after the last "error: ".
-    line = last_line(text) or "no output"
+    line = _LOG_PREFIX.sub("", last_line(text)) or "no output"
     return line.split("error: ")[-1] + f" (log: {log_path})"
 
 
-def stop(place: ServerPlace) -> int:
-    """Stop the server of ``place``; return its pid. Waits until it has let go."""
+def running_server(place: ServerPlace) -> dict:
+    """The state of the proven server of ``place``; ServerError saying why there is none."""
     state = place.read_state()
-    if state is None:
+    if state is not None:
+        return state
+    if not place.held():
         raise ServerError(f"{place.what} is not being served")
-    pid = state.get("pid") or place.read_pid()
-    if not pid:
-        raise ServerError(f"{place.what} is held by a process that is not an nbdmirror server; "
-                          "not stopping it")
-    os.kill(pid, signal.SIGTERM)
-    if not wait_for(lambda: not place.held(), STOP_TIMEOUT):
-        os.kill(pid, signal.SIGKILL)
-        if not wait_for(lambda: not place.held(), 10):
-            raise ServerError(f"server pid {pid} did not exit")
-    place.clear_state()
+    pid = (place.recorded() or {}).get("pid")
+    gone = f" (the recorded server, pid {pid}, is not running)" if pid else ""
+    raise ServerError(f"{place.what} is in use by another process, not by an nbdmirror "
+                      f"server{gone}; not stopping anything")
+
+
+def connected_clients(state: dict) -> list[str]:
+    """The NBD clients of the running server ``state`` describes, each named."""
+    if not state.get("listen"):
+        return []
+    return clients.connected(state["pid"], Endpoint.parse(state["listen"]))
+
+
+def refuse_clients(place: ServerPlace, state: dict, action: str) -> None:
+    """ServerError naming the NBD clients connected to the server, if there are any."""
+    names = connected_clients(state)
+    if names:
+        many = "s are" if len(names) > 1 else " is"
+        raise ServerError(f"{len(names)} NBD client{many} connected to {place.what}: "
+                          f"{', '.join(names)}; disconnect first (or {action} --force)")
+
+
+def stop(place: ServerPlace, force: bool = False) -> int:
+    """Stop the server of ``place`` cleanly; return its pid.
+
+    Refuses while NBD clients are connected unless ``force``. nbdkit alone
+    would wait on SIGTERM for every client to hang up (see cli/clients.py), so
+    after the signal the clients' connections are shut down until it exits. A
+    server that still will not exit is killed, and that is an error: its
+    engine did not close cleanly.
+    """
+    state = running_server(place)
+    pid = state["pid"]
+    if not force:
+        refuse_clients(place, state, "stop")
+    try:
+        pidfd = os.pidfd_open(pid)  # signals through it cannot reach a reuse of the pid
+    except ProcessLookupError:
+        pidfd = None
+    try:
+        exited = pidfd is None or not place.proves(state)  # it went away meanwhile
+        if not exited:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            exited = _wait_exit(pid, state.get("listen"), STOP_TIMEOUT)
+        if not exited:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if not wait_for(lambda: not pid_alive(pid), 10):
+                raise ServerError(f"server pid {pid} did not exit, even on SIGKILL")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    place.remove_runtime_files(state.get("listen"))
+    if not exited:
+        raise ServerError(f"the server of {place.what} (pid {pid}) did not stop within "
+                          f"{STOP_TIMEOUT:g}s; killed it with SIGKILL: it did not close "
+                          "cleanly (see its log)")
     return pid
+
+
+def _wait_exit(pid: int, listen: str | None, timeout: float) -> bool:
+    """Wait for ``pid`` to exit, cutting off NBD clients it still waits for meanwhile."""
+    endpoint = Endpoint.parse(listen) if listen else None
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        if endpoint is not None:
+            try:
+                clients.disconnect(pid, endpoint)
+            except ServerError:  # not allowed to reach its sockets: wait, then kill
+                endpoint = None
+        wait_for(lambda: not pid_alive(pid), min(0.5, max(0.0, deadline - time.monotonic())))
+    return True
 
 
 def find_endpoint(place: ServerPlace) -> Endpoint:

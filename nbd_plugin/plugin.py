@@ -9,6 +9,12 @@ Config keys:
                     in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
 
+Once serving, everything the server says on stderr (nbdkit's messages, Python
+tracebacks, the log lines below) goes to the export's server.log, timestamped,
+rotated and capped (volume_core.server_log; NBDMIRROR_LOG_CAP in the
+environment changes the cap). Every failed request is logged with its kind,
+offset and length; repeats are throttled there.
+
 Thin on purpose: no tracking, snapshot or replication logic lives here.
 The embedding process must have volume_core and numpy on sys.path
 (``nbdmirror serve`` sets PYTHONPATH).
@@ -17,7 +23,9 @@ The embedding process must have volume_core and numpy on sys.path
 from __future__ import annotations
 
 import errno
+import logging
 import os
+from pathlib import Path
 
 import nbdkit
 
@@ -30,12 +38,38 @@ _engine = None  # volume_core.engine.Engine, or a SnapshotView for snapshot expo
 _pread = _pwrite = None  # bound methods of _engine: one lookup less per request
 _place = None
 _admin = None
+_log_path: Path | None = None  # absolute: the server may run in another directory
+_log_reader = None  # the process writing server.log (subprocess.Popen)
+log = logging.getLogger("nbdmirror.plugin")
 
 
-def _fail(err: BaseException) -> None:
-    """Report an error to nbdkit as an errno and one readable line."""
+def _fail(err: BaseException, kind: str, offset: int | None = None,
+          length: int | None = None) -> None:
+    """Report an error to nbdkit as an errno, and to the log with the request it ended."""
+    request = kind if offset is None else f"{kind} of {length} bytes at offset {offset}"
+    reason = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+    log.error("%s failed: %s", request, reason)
     nbdkit.set_error(getattr(err, "errno", None) or errno.EIO)
     raise err
+
+
+def _nbdkit_threads() -> int | None:
+    """nbdkit's -t (threads per connection), read from its command line, if given."""
+    try:
+        args = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-t", "--threads") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--threads="):
+            value = arg.partition("=")[2]
+        elif arg.startswith("-t") and arg[2:].isdigit():
+            value = arg[2:]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
 
 
 def thread_model():
@@ -56,7 +90,7 @@ def config_complete():
 def get_ready():
     # Open (and lock) before nbdkit forks into the background, so that a failure is
     # reported to the command that started it.
-    global _engine, _place, _pread, _pwrite
+    global _engine, _place, _pread, _pwrite, _log_path
     from volume_core.errors import NbdMirrorError
     from volume_core.server_files import ServerPlace
     from volume_core.volume import Volume
@@ -74,22 +108,25 @@ def get_ready():
         _place = ServerPlace(volume, _config.get("snapshot"))
     except NbdMirrorError as err:
         raise RuntimeError(str(err)) from None
+    _log_path = _place.log_file.absolute()
     _pread = _engine.pread
     _pwrite = getattr(_engine, "pwrite", None)
 
 
 def after_fork():
-    # Threads must start after the fork; server.json (and, for a volume, the admin
-    # socket) is the readiness signal.
-    global _admin
-    from volume_core import server_files
+    # Threads (and the log's reader process) must start after the fork; server.json
+    # (and, for a volume, the admin socket) is the readiness signal.
+    global _admin, _log_reader
+    from volume_core import server_files, server_log
 
+    _log_reader = server_log.capture_stderr(_log_path, server_log.cap_from_env())
     if "snapshot" not in _config:
         from volume_core import operations
         from volume_core.admin import AdminServer
 
         _admin = AdminServer(server_files.admin_socket(_place.volume),
-                             operations.handlers(_engine, listen=_config.get("listen", "")))
+                             operations.handlers(_engine, listen=_config.get("listen", ""),
+                                                 log=str(_log_path)))
         _admin.start()
     _place.write_state({
         "pid": os.getpid(),
@@ -97,7 +134,16 @@ def after_fork():
         "volume": str(_place.volume.path.absolute()),
         "snapshot": _config.get("snapshot"),
         "uuid": _place.volume.info.uuid,
+        "log": str(_log_path),
     })
+    threads = _nbdkit_threads()
+    log.info("serving %s on %s: pid %d, %s threads", _what(), _config.get("listen") or "?",
+             os.getpid(), threads or "nbdkit's default number of")
+
+
+def _what() -> str:
+    volume = _place.volume.path.absolute()
+    return f"snapshot {_place.snapshot!r} of {volume}" if _place.snapshot else str(volume)
 
 
 def cleanup():
@@ -106,6 +152,10 @@ def cleanup():
     if _engine is not None:
         _place.clear_state()
         _engine.close()
+        log.info("stopped serving %s: closed cleanly", _what())
+    from volume_core import server_log
+
+    server_log.flush()  # the reader logs what reached the pipe until nbdkit has exited
 
 
 def open(readonly):
@@ -153,14 +203,14 @@ def pread(h, buf, offset, flags):
     try:
         _pread(buf, offset)
     except Exception as err:
-        _fail(err)
+        _fail(err, "pread", offset, len(buf))
 
 
 def pwrite(h, buf, offset, flags):
     try:
         _pwrite(buf, offset, flags & _FUA)
     except Exception as err:
-        _fail(err)
+        _fail(err, "pwrite", offset, len(buf))
 
 
 def flush(h, flags):
@@ -169,28 +219,28 @@ def flush(h, flags):
     try:
         _engine.flush()
     except Exception as err:
-        _fail(err)
+        _fail(err, "flush")
 
 
 def trim(h, count, offset, flags):
     try:
         _engine.trim(count, offset, flags & nbdkit.FLAG_FUA)
     except Exception as err:
-        _fail(err)
+        _fail(err, "trim", offset, count)
 
 
 def zero(h, count, offset, flags):
     try:
         _engine.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), flags & nbdkit.FLAG_FUA)
     except Exception as err:
-        _fail(err)
+        _fail(err, "zero", offset, count)
 
 
 def extents(h, count, offset, flags):
     try:
         found = _engine.extents(count, offset)
     except Exception as err:
-        _fail(err)
+        _fail(err, "extents", offset, count)
     if flags & nbdkit.FLAG_REQ_ONE:
         return found[:1]
     return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 from .errors import AdminError, NbdMirrorError
 
 Handler = Callable[..., Any]
+log = logging.getLogger(__name__)
 _MAX_LINE = 1 << 20
 #: sun_path holds 108 bytes; longer paths are reached through /proc/self/fd/N/<name>.
 _SUN_PATH_MAX = 100
@@ -91,10 +93,12 @@ class AdminServer:
         try:
             return {"ok": True, "result": handler(**request)}
         except NbdMirrorError as err:
+            log.warning("admin %s refused: %s", op, err)
             return {"ok": False, "error": str(err)}
         except TypeError as err:
             return {"ok": False, "error": f"bad arguments for {op!r}: {err}"}
         except Exception as err:  # noqa: BLE001 - the server must answer, not die
+            log.exception("admin %s failed", op)  # a bug: keep its traceback in server.log
             return {"ok": False, "error": f"{op} failed: {type(err).__name__}: {err}"}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import threading
 import time
@@ -46,6 +47,8 @@ EXTENT_ZERO = 2
 
 _ZERO_CHUNK = bytes(1 << 20)
 _MAX_EXTENTS = 1024
+log = logging.getLogger(__name__)
+
 #: how long quiesce() waits for the writes in flight before it gives up
 QUIESCE_TIMEOUT = 30.0
 
@@ -110,6 +113,9 @@ class Engine:
         if self.snapshots.chain:  # no snapshot, no hook: nothing on the hot path
             self.pre_write.append(self.snapshots.preserve)
         self.started = time.time()
+        log.info("opened %s: %d bytes, %d regions, %d marked, %d snapshot(s)%s", volume.path,
+                 self.size, volume.regions, self.tracker.count(), len(self.snapshots.chain),
+                 " (read-only)" if readonly else "")
         self._closed = False
 
     # -- checks ------------------------------------------------------------
@@ -170,6 +176,8 @@ class Engine:
                 stuck = self._inflight
                 self._release_gate()
         if not drained:
+            log.warning("%d write(s) in flight did not finish within %gs; gate reopened",
+                        stuck, timeout)
             raise QuiesceTimeout(f"{stuck} write(s) in flight did not finish within "
                                  f"{timeout:g}s; try again")
         try:
@@ -301,12 +309,14 @@ class Engine:
             if self.snapshots.preserve not in self.pre_write:
                 self.pre_write.append(self.snapshots.preserve)
             snap = self.snapshots.create(name)
+        log.info("snapshot %s created (seq %d)", snap.name, snap.seq)
         return {"name": snap.name, "seq": snap.seq, "created": snap.created}
 
     def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot; writes pause only for the last step of deleting the newest."""
         with self._admin_lock:
             self.snapshots.delete(name, quiesce=self.quiesce)
+            log.info("snapshot %s deleted", name)
             if not self.snapshots.chain and self.snapshots.preserve in self.pre_write:
                 with self.quiesce():
                     self.pre_write.remove(self.snapshots.preserve)

@@ -2,8 +2,12 @@
 
 A server of a volume keeps them in ``VOL/``; a server of a snapshot export in
 ``VOL/snapshots/NAME/``. It writes ``server.json`` once it accepts
-connections; the file is believed only while the server's lock is held (a
-SIGKILLed server leaves a stale file and a free lock).
+connections. A SIGKILLed server leaves that file behind, and its pid may be
+reused by any process; so the file is believed only while the place's lock is
+held *and* the recorded pid is proven to be this place's server: alive, started
+at the recorded time (``/proc/PID/stat`` field 22) and running nbdkit with this
+volume (and snapshot) on its command line. Nothing may signal a pid that is not
+proven so.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -65,22 +70,68 @@ class ServerPlace:
         return snapshots.is_served(self.dir)
 
     def write_state(self, state: dict[str, Any]) -> None:
+        """Record the running server, with what proves later that its pid is still it."""
+        pid = state.get("pid")
+        if isinstance(pid, int) and "started" not in state:
+            state = state | {"started": process_start(pid)}
         write_json_atomic(self.state_file, state)
 
     def clear_state(self) -> None:
-        for path in (self.state_file, self.pid_file):
+        """Remove the state and pid files, and the unix socket the state says it listens on.
+
+        A server calls this as it exits, once nbdkit has closed its listening
+        socket: nbdkit (1.32) leaves the socket file behind.
+        """
+        listen = (self.recorded() or {}).get("listen")
+        for path in (self.state_file, self.pid_file, temp_of(self.state_file)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        _remove_socket(listen)
 
-    def read_state(self) -> dict[str, Any] | None:
-        """The running server's state, or None when none holds this place."""
-        if not self.held():
-            return None
+    def remove_runtime_files(self, listen: str | None = None) -> None:
+        """Remove what a server that is gone left behind: state, pid file and its sockets.
+
+        Only for a server known to be gone (it exited, or never started): a live
+        server's sockets would vanish under it.
+        """
+        self.clear_state()
+        _remove_socket(f"unix:{self.dir / ADMIN_SOCKET}")
+        _remove_socket(listen)
+
+    def recorded(self) -> dict[str, Any] | None:
+        """What server.json says, believed or not (None when absent or unreadable)."""
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
-            return {}  # held but no state yet: starting, or another tool holds it
-        return state if isinstance(state, dict) else {}
+            return None
+        return state if isinstance(state, dict) else None
+
+    def proves(self, state: dict[str, Any]) -> bool:
+        """True when the pid ``state`` records is this place's server, alive, not a reuse."""
+        pid = state.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+            return False
+        started = state.get("started")
+        if started is not None and process_start(pid) != started:
+            return False
+        return self.is_server_command(process_args(pid))
+
+    def is_server_command(self, args: list[str]) -> bool:
+        """True when ``args`` (a command line) is nbdkit serving this very place."""
+        if not args or Path(args[0]).name != "nbdkit":
+            return False
+        values = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+        volume = values.get("volume")
+        if volume is None or os.path.realpath(volume) != os.path.realpath(self.volume.path):
+            return False
+        return values.get("snapshot") == self.snapshot
+
+    def read_state(self) -> dict[str, Any] | None:
+        """The running server's state, or None unless a proven server holds this place."""
+        state = self.recorded()
+        if state is None or not self.proves(state) or not self.held():
+            return None
+        return state
 
     def read_pid(self) -> int | None:
         try:
@@ -105,3 +156,40 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def temp_of(path: Path) -> Path:
+    """The temporary name write_json_atomic writes ``path`` under before renaming it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (/proc/PID/stat field 22).
+
+    Two processes that share a pid never share a start time, so this tells a
+    reused pid from the process that was recorded.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])  # fields[0] is field 3 (the state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_args(pid: int) -> list[str]:
+    """The command line of process ``pid`` ([] when gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _remove_socket(listen: str | None) -> None:
+    """Unlink the unix socket of ``listen`` (``unix:PATH``), if it is one."""
+    if not isinstance(listen, str) or not listen.startswith("unix:"):
+        return
+    path = Path(listen[len("unix:"):])
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()

@@ -95,6 +95,10 @@ def test_foreground_serve_stops_on_sigint(make_volume, cli):
             proc.kill()
     assert cli("info", vol, "--json").json()["served"] is False
     assert (vol / "data.img").read_bytes()[:2] == b"fg"
+    # nbdkit leaves its socket file behind; the server's own clean-up removes it
+    leftovers = [n for n in ("nbd.sock", "admin.sock", "server.json", "nbdkit.pid")
+                 if (vol / n).exists()]
+    assert leftovers == []
 
 
 @pytest.mark.parametrize("args, message, code", [
