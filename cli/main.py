@@ -170,7 +170,7 @@ def stop(vol: str, force: bool, as_json: bool) -> None:
     Refused while a block device is attached to it or NBD clients are
     connected, naming them. Exits 1 if the server had to be killed.
     """
-    volume = Volume.open(vol)
+    volume = Volume.open(vol, check_files=False)  # a server can be stopped whatever its files
     place = ServerPlace(volume)
     if not force:
         devices.ensure_not_attached(place, " (or use --force)")
@@ -184,7 +184,7 @@ def stop(vol: str, force: bool, as_json: bool) -> None:
 @json_option
 def status(vol: str, as_json: bool) -> None:
     """Live state of the running server of VOL: requests, bytes, marked regions."""
-    volume = Volume.open(vol)
+    volume = Volume.open(vol, check_files=False)
     st = operations.call(volume, "status")
     s = st["stats"]
     human = [
@@ -306,8 +306,8 @@ def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
          [f"deleted snapshot {name} of {vol}"])
 
 
-def _snapshot_place(vol: str, name: str) -> ServerPlace:
-    volume = Volume.open(vol)
+def _snapshot_place(vol: str, name: str, check_files: bool = True) -> ServerPlace:
+    volume = Volume.open(vol, check_files=check_files)
     snapshots.validate_name(name)
     place = ServerPlace(volume, name)
     if not (place.dir / snapshots.INFO).is_file():
@@ -348,7 +348,7 @@ def snapshot_stop(vol: str, name: str, force: bool, as_json: bool) -> None:
     Refused while a block device is attached to it or NBD clients are
     connected, naming them.
     """
-    place = _snapshot_place(vol, name)
+    place = _snapshot_place(vol, name, check_files=False)
     if not force:
         devices.ensure_not_attached(place, " (or use --force)")
     pid = server.stop(place, force=force)

@@ -247,3 +247,15 @@ def test_serve_on_a_full_disk_fails_at_once_and_leaves_nothing(full_tmpfs, cli, 
     assert runtime_files() == before
     wait_until(lambda: not ServerPlace(Volume.open(vol), None if what == "volume" else "snap")
                .held(), 10, "the volume to be free")
+
+
+def test_status_and_stop_work_when_a_file_was_damaged_while_served(serve, cli):
+    s = serve(size="8M")
+    cli("snapshot", "create", s.vol, "old")
+    with open(s.vol / "snapshots" / "old" / "preserved.map", "r+b") as f:
+        f.truncate(3)  # damaged while the server runs: it must still be stoppable
+    assert "preserved.map" in one_line_error(cli("info", s.vol, check=False))
+    assert cli("status", s.vol, "--json").json()["snapshots"] == 1
+    cli("stop", s.vol)
+    assert leftovers(s.vol) == []
+    assert "preserved.map" in one_line_error(cli("serve", s.vol, "--background", check=False))
