@@ -56,6 +56,10 @@ class ReadOnlyError(VolumeError):
     errno = errno.EROFS
 
 
+class MarksTaken(VolumeError):
+    """The marks were taken for a cycle and not released before the next take."""
+
+
 class QuiesceTimeout(VolumeError):
     """Writes in flight did not finish in time for an operation that needs them stopped."""
 

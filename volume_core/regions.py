@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from . import native
 from .blockio import preallocate, pwrite_full
-from .errors import VolumeCorrupt
+from .errors import MarksTaken, VolumeCorrupt
 from .geometry import region_shift
 
 # States of a region in the persisted map, as held in memory.
 _CLEAR = 0  # 0 on disk
 _WRITTEN = 1  # 1 written to the map file, not yet fdatasync'ed
 _DURABLE = 2  # 1 on disk and synced
+
+#: regions per step of a whole-map pass (release, trim, clear): the lock every write
+#: takes is held for one step (about a millisecond), not for the whole map
+PASS_CHUNK = 1 << 18
 
 #: bytes of volume covered by one persisted intent extent
 INTENT_EXTENT = 4 << 20
@@ -73,6 +78,7 @@ class RegionTracker:
         self.marks = np.frombuffer(self._marks, dtype=np.uint8)
         # Taken by swap_and_reset() and not yet released: must stay persisted.
         self._outstanding = np.zeros(regions, dtype=np.uint8)
+        self._taken = False  # a swap_and_reset() not yet released
         self.extent = max(1, INTENT_EXTENT // region_size)
         #: guards the maps; an owner may share it (see try_mark)
         self.lock = self._lock = threading.Lock()
@@ -184,14 +190,19 @@ class RegionTracker:
         The taken regions stay marked on disk until ``release(taken)``: a crash
         before the caller has finished with them must still find them. Call it
         with writes quiesced (Engine.quiesce), so that no write marked before the
-        swap lands after it; and release one take before taking the next (the
-        outstanding set is a union, not a count).
+        swap lands after it. One take at a time: a second one before the first is
+        released raises MarksTaken (a failed cycle merges its take back, then
+        releases it).
         """
         with self._lock:
+            if self._taken:
+                raise MarksTaken("the marks were taken and not released yet; release that "
+                                 "take before taking again")
             taken = self.marks
             self._marks = bytearray(self.regions)
             self.marks = np.frombuffer(self._marks, dtype=np.uint8)
             native.merge_or(self._outstanding, taken)
+            self._taken = True
         return taken
 
     def merge(self, other: np.ndarray) -> None:
@@ -203,36 +214,61 @@ class RegionTracker:
         """Clear on disk the regions of ``taken`` not marked again since; return how many.
 
         Intent persisted for unmarked neighbours (whole extents) is trimmed too.
+        A pass over the whole map, a chunk at a time: every write takes the same
+        lock, so it is held for one chunk, never for the whole map.
         """
+        count = 0
+        for a, b in self._chunks():
+            part = taken[a:b] != 0
+            with self._lock:
+                self._outstanding[a:b][part] = 0
+                done = part & (self.marks[a:b] == 0) & (self._persisted[a:b] != _CLEAR)
+                count += int(np.count_nonzero(done))
+                self._trim_range(a, b)
         with self._lock:
-            self._outstanding[taken != 0] = 0
-            done = (taken != 0) & (self.marks == 0) & (self._persisted != _CLEAR)
-            count = int(native.count(done.astype(np.uint8)))
-            self._trim_intent()
-            return count
+            self._taken = False
+        return count
 
-    def _trim_intent(self) -> None:
-        """Clear persisted regions that are neither marked nor outstanding (lock held).
+    def _chunks(self) -> Iterator[tuple[int, int]]:
+        for a in range(0, self.regions, PASS_CHUNK):
+            yield a, min(self.regions, a + PASS_CHUNK)
+
+    def _trim_range(self, a: int, b: int) -> None:
+        """Clear persisted regions of [a, b) neither marked nor outstanding (lock held).
 
         Safe: a write in flight has set its mark before it checked the persisted state.
         """
-        extra = (self._persisted != _CLEAR) & (self.marks == 0) & (self._outstanding == 0)
-        self._clear_persisted(extra)
+        persisted = self._persisted[a:b]
+        if not persisted.any():
+            return
+        extra = (persisted != _CLEAR) & (self.marks[a:b] == 0) & (self._outstanding[a:b] == 0)
+        self._clear_persisted(extra, a)
+
+    def _trim_intent(self) -> None:
+        """Trim the whole persisted map to the marks and takes, a chunk at a time."""
+        for a, b in self._chunks():
+            with self._lock:
+                self._trim_range(a, b)
 
     def clear(self, regions: np.ndarray | None = None) -> int:
-        """Forget marks: all of them, or those set in the ``regions`` map."""
-        with self._lock:
-            if regions is None:
-                self.marks[:] = 0
-                done = self._persisted != _CLEAR
-            else:
-                sel = regions != 0
-                self.marks[sel] = 0
-                done = sel & (self._persisted != _CLEAR)
-            return self._clear_persisted(done)
+        """Forget marks: all of them, or those set in the ``regions`` map (a chunk at a time)."""
+        count = 0
+        for a, b in self._chunks():
+            with self._lock:
+                if regions is None:
+                    self.marks[a:b] = 0
+                    done = self._persisted[a:b] != _CLEAR
+                else:
+                    sel = regions[a:b] != 0
+                    self.marks[a:b][sel] = 0
+                    done = sel & (self._persisted[a:b] != _CLEAR)
+                count += self._clear_persisted(done, a)
+        return count
 
-    def _clear_persisted(self, done: np.ndarray) -> int:
-        """Zero the persisted marks in ``done`` (lock held). Losing this write is harmless.
+    def _clear_persisted(self, done: np.ndarray, base: int = 0) -> int:
+        """Zero the persisted marks in ``done`` (regions from ``base``; lock held).
+
+        Losing this write is harmless.
 
         The memory state turns CLEAR before the write, on purpose: CLEAR is right
         whether the zeros reach the disk or not (a 1 left on disk is intent for
@@ -240,20 +276,20 @@ class RegionTracker:
         persisting its mark. Regions whose intent was written but is not yet
         synced are left alone: their sync must settle them.
         """
-        done_u8 = (done & (self._persisted == _DURABLE)).astype(np.uint8)
+        persisted = self._persisted[base:base + done.size]
+        done_u8 = (done & (persisted == _DURABLE)).astype(np.uint8)
         runs = native.scan_runs(done_u8)
         for start, count in runs.tolist():
-            self._persisted[start:start + count] = _CLEAR
+            persisted[start:start + count] = _CLEAR
         for start, count in runs.tolist():
-            pwrite_full(self._fd, bytes(count), start)
+            pwrite_full(self._fd, bytes(count), base + start)
         return int(native.count(done_u8))
 
     def close(self) -> None:
         """Trim the persisted map to the exact marks and close it."""
         if self._fd >= 0:
             try:
-                with self._lock:
-                    self._trim_intent()
+                self._trim_intent()
                 os.fdatasync(self._fd)
             finally:
                 os.close(self._fd)

@@ -254,3 +254,56 @@ def test_a_sparse_map_is_preallocated_at_open(vol):
     assert os.stat(vol.marks_path).st_blocks * 512 >= vol.regions
     assert not on_disk(vol)  # contents unchanged
     t.close()
+
+
+def test_a_second_take_before_release_is_refused(vol):
+    from volume_core.errors import MarksTaken
+
+    t = tracker(vol)
+    t.mark(0, 1)
+    taken = t.swap_and_reset()
+    t.mark(3 * RS, 1)
+    with pytest.raises(MarksTaken, match="not released"):
+        t.swap_and_reset()
+    assert np.flatnonzero(t.marks).tolist() == [3]  # the refused take changed nothing
+    t.release(taken)
+    assert np.flatnonzero(t.swap_and_reset()).tolist() == [3]
+    t.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 18])
+def test_whole_map_passes_give_the_same_result_in_any_chunking(vol, monkeypatch, chunk):
+    monkeypatch.setattr(regions, "PASS_CHUNK", chunk)
+    t = tracker(vol)
+    t.mark(0, 3 * RS)  # 0,1,2 (intent persisted for the whole first extent)
+    taken = t.swap_and_reset()
+    t.mark(RS, 1)
+    t.mark(70 * RS, 1)
+    assert t.release(taken) == 2
+    assert on_disk(vol) == {1, 70}
+    sel = np.zeros(vol.regions, np.uint8)
+    sel[[1, 99]] = 1
+    assert t.clear(sel) == 1
+    assert on_disk(vol) == {70} and np.flatnonzero(t.marks).tolist() == [70]
+    t.close()
+    assert on_disk(vol) == {70}
+
+
+def test_whole_map_passes_let_go_of_the_write_lock_between_chunks(vol, monkeypatch):
+    monkeypatch.setattr(regions, "PASS_CHUNK", 16)
+    t = tracker(vol)
+    t.mark(0, vol.size)
+    taken = t.swap_and_reset()
+    chunks = t._chunks
+    held_between = []
+
+    def watched():
+        for span in chunks():
+            held_between.append(t.lock.locked())
+            yield span
+
+    monkeypatch.setattr(t, "_chunks", watched)
+    t.release(taken)
+    t.clear()
+    assert len(held_between) == 2 * -(-vol.regions // 16) and not any(held_between)
+    t.close()
