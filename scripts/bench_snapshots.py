@@ -1,4 +1,4 @@
-"""Snapshot figures for scripts/bench: copy-on-write cost and creation time.
+"""The snapshots topic of scripts/bench: copy-on-write cost and creation time.
 
 - Sequential write (nbdcopy) over a volume already full of data, three ways:
   with no snapshot, right after a snapshot (every region needs copy-on-write),
@@ -16,18 +16,22 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 
+from benchlib.context import Context
+from benchlib.procs import progress, run, tool
+from benchlib.targets import serve_nbdmirror
+
+TITLE = "snapshots"
 GIB = 1 << 30
 TIB = 1 << 40
 
 
-def bench_snapshots(bench, run_dir: Path, size: int, serve_nbdmirror, run, tool,
-                    progress) -> dict:
+def measure(ctx: Context) -> dict:
+    bench, run_dir = ctx.bench, ctx.run_dir
     out: dict = {"cow": {}, "create": {}}
     nbdmirror = tool("nbdmirror")
-    with serve_nbdmirror("snapbench", run_dir, size, durable=True) as served:
-        vol = run_dir / "snapbench"
+    with serve_nbdmirror("snapbench", run_dir, ctx.size, threads=ctx.threads) as served:
+        vol = served.volume
         progress("snapshots: filling the volume (unmeasured)")
         bench.seq_write(served)
         steps = [("seq_write_no_snapshot", None),
@@ -58,7 +62,8 @@ def bench_snapshots(bench, run_dir: Path, size: int, serve_nbdmirror, run, tool,
         vol = run_dir / f"snapcreate-{label}"
         run([nbdmirror, "create", str(vol), "--size", label], "create")
         try:
-            run([nbdmirror, "serve", str(vol), "--background"], "serve", timeout=120)
+            run([nbdmirror, "serve", str(vol), "--background", "--threads", str(ctx.threads)],
+                "serve", timeout=120)
             sock = admin_socket(Volume.open(vol))
             times = []
             for i in range(7):
@@ -93,7 +98,7 @@ def bench_snapshots(bench, run_dir: Path, size: int, serve_nbdmirror, run, tool,
     return out
 
 
-def render_snapshots(snap: dict) -> str:
+def render(snap: dict) -> str:
     cow, create, ratios = snap["cow"], snap["create"], snap["ratios"]
     lines = [
         "snapshots (nbdmirror volume, 64K regions)",
