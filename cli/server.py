@@ -27,7 +27,7 @@ from .procs import last_line, require, wait_for
 READY_TIMEOUT = 30.0
 #: nbdkit threads per connection. nbdkit's own default (16) makes the plugin's threads
 #: fight over the GIL; see the README's performance section for how this was chosen.
-DEFAULT_THREADS = 16
+DEFAULT_THREADS = 1
 MAX_THREADS = 64
 #: how long stop waits for a server to exit before it kills it (tests shorten it)
 STOP_TIMEOUT = float(os.environ.get("NBDMIRROR_STOP_TIMEOUT", "30"))

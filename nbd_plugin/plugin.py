@@ -137,8 +137,8 @@ def after_fork():
         "log": str(_log_path),
     })
     threads = _nbdkit_threads()
-    log.info("serving %s on %s: pid %d, %s threads", _what(), _config.get("listen") or "?",
-             os.getpid(), threads or "nbdkit's default number of")
+    log.info("serving %s on %s: pid %d, threads per connection: %s", _what(),
+             _config.get("listen") or "?", os.getpid(), threads or "nbdkit's default")
 
 
 def _what() -> str:

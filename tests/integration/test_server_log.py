@@ -10,6 +10,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from cli.server import DEFAULT_THREADS
 from tests.conftest import Served, _kill_server, run_cli, wait_until
 from volume_core import server_log
 from volume_core.server_files import pid_alive
@@ -88,7 +89,8 @@ def test_a_failed_write_is_logged_with_a_timestamp_while_the_server_runs(
     assert pid_alive(s.pid())
     text = log_text(vol)
     assert re.search(rf"^{STAMP} INFO nbdmirror\.plugin: serving {re.escape(str(vol))} on "
-                     rf"unix:{re.escape(str(s.socket))}: pid {s.pid()}, 16 threads", text), text
+                     rf"unix:{re.escape(str(s.socket))}: pid {s.pid()}, "
+                     rf"threads per connection: {DEFAULT_THREADS}", text), text
 
 
 def test_repeated_errors_are_throttled_with_a_count_of_the_suppressed(
