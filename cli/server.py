@@ -22,7 +22,7 @@ from volume_core.errors import AdminError, ServerError, VolumeBusy
 from volume_core.server_files import ServerPlace, admin_socket, pid_alive, process_args
 
 from . import clients
-from .procs import last_line, require, wait_for
+from .procs import require, wait_for
 
 READY_TIMEOUT = 30.0
 #: nbdkit threads per connection. nbdkit's own default (16) makes the plugin's threads
@@ -153,6 +153,11 @@ def clear_stale_socket(path: Path) -> None:
 
 def _prepare(place: ServerPlace, endpoint: Endpoint) -> None:
     ensure_not_served(place)
+    for path in (place.pid_file, place.state_file, place.log_file):
+        # nbdkit and the server open these by name: a FIFO there would hang them
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise ServerError(f"{path} is not a regular file; remove it")
     if endpoint.socket is not None:
         clear_stale_socket(endpoint.socket)
 
@@ -179,7 +184,7 @@ def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, .
     """
     _prepare(place, endpoint)
     cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra, threads=threads)
-    with open(place.log_file, "ab") as log:
+    with _open_log(place) as log:
         log_start = log.tell()
         proc = subprocess.run(cmd, env=python_env(), stdin=subprocess.DEVNULL,
                               stdout=log, stderr=log, timeout=READY_TIMEOUT, check=False)
@@ -196,6 +201,20 @@ def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, .
         raise ServerError(f"the server exited before it was ready: "
                           f"{_start_failure(place, log_start)}")
     return place.read_state() or {}
+
+
+def _open_log(place: ServerPlace):
+    """Open the server's log for appending; refuse anything but a regular file (no blocking)."""
+    try:
+        fd = os.open(place.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ServerError(f"cannot open the log {place.log_file}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ServerError(f"{place.log_file} is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    return open(fd, "ab")
 
 
 def _kill_unready(place: ServerPlace) -> None:
@@ -244,6 +263,7 @@ def _start_failure(place: ServerPlace, log_start: int) -> str:
 #: how long a failed start waits for the dead server's log reader to write its last words
 LOG_READER_TIMEOUT = 5.0
 #: what volume_core.server_log puts before a message: a time, maybe a level and a logger
+_ERROR_LINE = re.compile(r"error: | (ERROR|CRITICAL) |Error: ")
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d "
                          r"((DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: )?")
 
@@ -263,8 +283,12 @@ def _log_reason(log_path: Path, start: int) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         text = ""
+    # Another server may have logged meanwhile (two serves racing share the log): the
+    # reason is this server's last error line, else the last line of all.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if _ERROR_LINE.search(ln)]
+    line = _LOG_PREFIX.sub("", (errors or lines or [""])[-1]) or "no output"
     # nbdkit prefixes plugin errors; the interesting part is after the last "error: ".
-    line = _LOG_PREFIX.sub("", last_line(text)) or "no output"
     return line.split("error: ")[-1] + f" (log: {log_path})"
 
 

@@ -159,8 +159,12 @@ class RegionTracker:
                 if self._durable_sync:
                     os.fdatasync(self._fd)
             except BaseException:
-                # Not known to be on disk: make the next writer persist these again.
-                self._settle(batch, _CLEAR)
+                # A failed fdatasync drops the file's dirty pages (Linux marks them clean and
+                # reports the error once): every map write made before it, in this batch or
+                # queued behind it, is unknown on disk. All of them must be written again.
+                with self._lock:
+                    self._persisted[self._persisted == _WRITTEN] = _CLEAR
+                    self._unsynced = []
                 raise
             self.syncs += 1
             self._settle(batch, _DURABLE)

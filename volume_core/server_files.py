@@ -13,6 +13,7 @@ proven so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -101,7 +102,7 @@ class ServerPlace:
     def recorded(self) -> dict[str, Any] | None:
         """What server.json says, believed or not (None when absent or unreadable)."""
         try:
-            state = json.loads(self.state_file.read_text())
+            state = json.loads(read_runtime_file(self.state_file))
         except (OSError, ValueError):
             return None
         return state if isinstance(state, dict) else None
@@ -135,7 +136,7 @@ class ServerPlace:
 
     def read_pid(self) -> int | None:
         try:
-            return int(self.pid_file.read_text().strip())
+            return int(read_runtime_file(self.pid_file).strip())
         except (OSError, ValueError):
             return None
 
@@ -193,3 +194,21 @@ def _remove_socket(listen: str | None) -> None:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             path.unlink()
+
+
+#: runtime files are a few hundred bytes
+_RUNTIME_FILE_MAX = 64 << 10
+
+
+def read_runtime_file(path: Path) -> str:
+    """Read a small runtime file; OSError unless it is a regular file.
+
+    Never blocks: a FIFO or device planted at its name is refused, not waited on.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        return os.read(fd, _RUNTIME_FILE_MAX).decode(errors="replace")
+    finally:
+        os.close(fd)

@@ -204,6 +204,7 @@ class SnapshotChain:
         self._batch: list[np.ndarray] = []  # copied runs waiting for their commit
         self._batch_seq = 0
         self._synced_seq = 0
+        self._failures = 0  # failed store/map syncs so far: copies made across one are redone
         self.copies = 0  # regions copied on write (for status)
         found = snapshot_dirs(volume)  # every file checked before anything is written
         root = volume.snapshot_dir
@@ -273,6 +274,7 @@ class SnapshotChain:
                     self._cow.wait()  # others are copying the rest
                     continue
                 busy[need] = 1
+                failures = self._failures
             runs = native.scan_runs(need.view(np.uint8))
             runs[:, 0] += first
             try:
@@ -282,9 +284,16 @@ class SnapshotChain:
                 self._unclaim(snap, [runs])
                 raise
             with self._cow:
+                if failures != self._failures:
+                    # A store sync failed while we copied: our bytes may have been dropped
+                    # with its write-back. Copy again (after letting others see the claim go).
+                    self._release_claims(snap, [runs])
+                    continue
                 self._batch.append(runs)
                 self._batch_seq += 1
                 seq = self._batch_seq
+            # Returns once our copies are committed, or once a failed sync dropped them (then
+            # they are unclaimed, and the loop copies again).
             self._commit(snap, seq)
 
     def _commit(self, snap: Snapshot, seq: int) -> None:
@@ -298,7 +307,13 @@ class SnapshotChain:
             try:
                 snap.record_preserved(batch)
             except BaseException:
-                self._unclaim(snap, batch)  # their writers will copy again
+                # A failed fdatasync drops the store's dirty pages: every copy made before
+                # it, committed by this batch or queued behind it, must be made again.
+                with self._cow:
+                    self._failures += 1
+                    batch += self._batch
+                    self._batch = []
+                    self._release_claims(snap, batch)
                 raise
             with self._cow:
                 for runs in batch:
@@ -311,10 +326,14 @@ class SnapshotChain:
 
     def _unclaim(self, snap: Snapshot, batch: list[np.ndarray]) -> None:
         with self._cow:
-            for runs in batch:
-                for start, count in runs.tolist():
-                    snap.copying[start:start + count] = 0
-            self._cow.notify_all()
+            self._release_claims(snap, batch)
+
+    def _release_claims(self, snap: Snapshot, batch: list[np.ndarray]) -> None:
+        """Give up claims on copies that were not committed (``_cow`` held)."""
+        for runs in batch:
+            for start, count in runs.tolist():
+                snap.copying[start:start + count] = 0
+        self._cow.notify_all()
 
     # -- create / delete -------------------------------------------------------
     def create(self, name: str | None) -> Snapshot:

@@ -42,6 +42,10 @@ SNAPSHOT_INFO = "snapshot.json"
 STORE = "store.img"
 PRESERVED = "preserved.map"
 
+#: the largest snapshot sequence number or chain counter accepted (one change a
+#: nanosecond would take 146 years to get there)
+MAX_SEQ = 1 << 62
+
 #: a description is a few hundred bytes; refuse to read a huge file as one
 _MAX_JSON = 64 << 10
 
@@ -74,7 +78,8 @@ _VOLUME_REQUIRED = ("uuid", "size", "region_size")
 
 SNAPSHOT_FIELDS: dict[str, Check] = {
     "name": (lambda v: isinstance(v, str), "must be a string"),
-    "seq": (lambda v: _is_int(v) and v >= 1, "must be an integer of at least 1"),
+    "seq": (lambda v: _is_int(v) and 1 <= v <= MAX_SEQ,
+            f"must be an integer from 1 to {MAX_SEQ}"),
     "created": (lambda v: isinstance(v, str), "must be a string"),
     "deleting": (lambda v: isinstance(v, bool), "must be true or false"),
 }
@@ -160,6 +165,12 @@ def check_chain_seq(path: Path) -> None:
         return
     if not stat.S_ISREG(st.st_mode) or st.st_size not in (0, 8):
         raise SnapshotCorrupt(f"{path}: {st.st_size} bytes, expected 8 (a change counter)")
+    if st.st_size:
+        with open(path, "rb") as f:
+            value = int.from_bytes(f.read(8), "little")
+        if value > MAX_SEQ:
+            raise SnapshotCorrupt(f"{path}: counter {value} is implausibly large "
+                                  f"(at most {MAX_SEQ})")
 
 
 def read_snapshot_info(path: Path) -> dict:

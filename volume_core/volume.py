@@ -14,6 +14,7 @@ a failed ``create`` leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -119,7 +120,10 @@ def fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover (of any kind: opening a FIFO would block) is ours to replace
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
