@@ -84,3 +84,14 @@ class SnapshotError(NbdMirrorError):
 
 class SnapshotCorrupt(SnapshotError, VolumeCorrupt):
     """A snapshot's files are damaged: the volume directory is damaged too."""
+
+
+class ProtocolError(NbdMirrorError):
+    """A replication peer sent bytes that break the wire protocol, or a frame was misused.
+
+    The connection is unusable afterwards: drop it and resync what it concerned.
+    """
+
+
+class PeerRefused(NbdMirrorError):
+    """The replication handshake failed: the peer refused us, or we refused it."""
