@@ -19,7 +19,13 @@ import nbd_plugin
 import volume_core
 from volume_core import admin, server_log
 from volume_core.errors import AdminError, ServerError, VolumeBusy
-from volume_core.server_files import ServerPlace, admin_socket, pid_alive, process_args
+from volume_core.server_files import (
+    ADMIN_SOCKET,
+    ServerPlace,
+    admin_socket,
+    pid_alive,
+    process_args,
+)
 
 from . import clients
 from .procs import require, wait_for
@@ -292,12 +298,28 @@ def _log_reason(log_path: Path, start: int) -> str:
     return line.split("error: ")[-1] + f" (log: {log_path})"
 
 
+def _clear_stale_files(place: ServerPlace) -> None:
+    """Remove what a killed server left (no one holds the place): state, pid, sockets.
+
+    A socket goes only if nothing listens on it any more.
+    """
+    listen = (place.recorded() or {}).get("listen")
+    for where in (place.dir.absolute() / ADMIN_SOCKET,
+                  Endpoint.parse(listen).socket if isinstance(listen, str) and
+                  listen.startswith("unix:") else None):
+        if where is not None:
+            with contextlib.suppress(ServerError, OSError):
+                clear_stale_socket(where)
+    place.clear_state()
+
+
 def running_server(place: ServerPlace) -> dict:
     """The state of the proven server of ``place``; ServerError saying why there is none."""
     state = place.read_state()
     if state is not None:
         return state
     if not place.held():
+        _clear_stale_files(place)
         raise ServerError(f"{place.what} is not being served")
     pid = (place.recorded() or {}).get("pid")
     gone = f" (the recorded server, pid {pid}, is not running)" if pid else ""

@@ -26,7 +26,14 @@ import uuid as _uuid
 from pathlib import Path
 
 from .blockio import preallocate
-from .errors import UsageError, VolumeBusy, VolumeError, VolumeExists, VolumeNotFound
+from .errors import (
+    UsageError,
+    VolumeBusy,
+    VolumeCorrupt,
+    VolumeError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from .geometry import (
     MAX_REGION_SIZE,
     MAX_REGIONS,
@@ -250,7 +257,12 @@ class Volume:
         """Take the volume for exclusive use by this process; VolumeBusy if someone has it."""
         if self._lock_fd is not None:
             return
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise VolumeCorrupt(f"{self.path / LOCK_FILE}: cannot open the lock file: "
+                                f"{err.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -123,3 +123,21 @@ def test_serve_and_stop_refuse_a_fifo_at_a_runtime_file_without_hanging(volume, 
         else:
             assert res.returncode in (0, 1) and "Traceback" not in res.stderr, res
     assert stat.S_ISFIFO(os.lstat(volume / name).st_mode)  # left as it was
+
+
+def test_a_directory_at_the_lock_file_is_refused_in_one_line(volume):
+    (volume / "lock").mkdir()
+    res = run_cli("serve", volume, "--background", check=False)
+    assert res.code == 1 and "lock" in res.err and "internal error" not in res.err, res
+    assert len(res.err.strip().splitlines()) == 1
+
+
+def test_stop_after_a_killed_server_clears_what_it_left(volume):
+    run_cli("serve", volume, "--background")
+    _kill_server(volume)
+    _kill_nbdkits_of(volume)
+    res = run_cli("stop", volume, check=False)
+    assert res.code == 1 and "not being served" in res.err
+    left = [n for n in ("server.json", "nbdkit.pid", "admin.sock", "nbd.sock")
+            if os.path.lexists(volume / n)]
+    assert left == []
