@@ -2,10 +2,13 @@
 
 Every write-like request (pwrite, trim, zero) goes through one path:
 
-    check range -> mark regions (durable) -> pre-write hooks -> apply -> post-write hooks
+    check range -> gate -> mark regions (durable) -> pre-write hooks -> apply
 
-Snapshots hook in before the data lands (copy-on-write); a replicator hooks in
-after (it sees offset, length and the data). Reads only count themselves.
+Snapshots hook in before the data lands (copy-on-write). A replicator, when
+one is attached, gets every request as a numbered ``WriteEvent`` (see
+write_events.py): submitted before the local write, settled after it, with
+overlapping writes applied one at a time so both sides see one order. Reads
+only count themselves.
 
 Writes pass a gate: ``quiesce()`` closes it and waits for the writes in
 flight, so a snapshot is atomic with respect to writes: every write
@@ -18,6 +21,7 @@ is bounded, so one stuck write cannot hold every other write at the gate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -33,12 +37,14 @@ from .errors import (
     QuiesceTimeout,
     RangeError,
     ReadOnlyError,
+    UsageError,
     VolumeCorrupt,
     VolumeError,
 )
 from .regions import RegionTracker
 from .snapshots import SnapshotChain
 from .volume import Volume
+from .write_events import FLUSH, TRIM, WRITE, ZERO, RegionLocks, Replicator, WriteEvent
 
 #: extent types, as NBD (and nbdkit.EXTENT_*) number them
 EXTENT_DATA = 0
@@ -54,8 +60,6 @@ QUIESCE_TIMEOUT = 30.0
 
 #: (offset, length) -> None, called after marking and before the data lands
 PreWriteHook = Callable[[int, int], None]
-#: (kind, offset, length, data or None) -> None, called after the data landed
-PostWriteHook = Callable[[str, int, int, Any], None]
 
 
 class Stats:
@@ -77,10 +81,17 @@ class Stats:
 class Engine:
     """A volume opened for serving: exclusive, with marks tracked on every write."""
 
-    def __init__(self, volume: Volume, *, readonly: bool = False, durable_marks: bool = True):
+    def __init__(self, volume: Volume, *, readonly: bool = False, durable_marks: bool = True,
+                 replica: bool = False):
+        """Open ``volume`` for serving (locked). ``replica``: it takes writes from its
+        primary only (apply_replica); host writes are refused."""
+        if volume.info.role == "secondary" and not (readonly or replica):
+            raise VolumeError(f"{volume.path} is a secondary: it takes writes from its primary "
+                              "only; serve it read-only, or promote it first")
         self.volume = volume
         self.size = volume.size
-        self.readonly = readonly
+        self.readonly = readonly or replica
+        self.replica = replica
         with contextlib.ExitStack() as undo:  # on failure, let go of what was taken
             volume.lock()
             undo.callback(volume.unlock)
@@ -102,7 +113,10 @@ class Engine:
         self._lock = self.tracker.lock
         self.stats = Stats(self._lock)
         self.pre_write: list[PreWriteHook] = []
-        self.post_write: list[PostWriteHook] = []
+        self.replicator: Replicator | None = None
+        self._seq = 0  # numbers every write and flush while replicating
+        self._region_locks: RegionLocks | None = None
+        self._shift = volume.region_size.bit_length() - 1
         # The write gate: closed while _gate_holders > 0; _drained is signalled when the
         # last write in flight leaves a closed gate, _reopened when the gate opens again.
         self._gate_holders = 0
@@ -147,6 +161,13 @@ class Engine:
         """The write path for trim and zero (pwrite has an inlined copy of it)."""
         if offset < 0 or length < 0 or offset + length > self.size or self.readonly:
             self._refuse(offset, length)
+        if self.replicator is not None:
+            self._replicated(WriteEvent(0, kind, offset, length, None, fua), apply)
+            return
+        self._apply_locally(offset, length, apply, fua)
+
+    def _apply_locally(self, offset: int, length: int, apply: Callable[[], None],
+                       fua: bool) -> None:
         self._enter()
         try:
             self.tracker.mark(offset, length)
@@ -155,10 +176,96 @@ class Engine:
             apply()
             if fua:
                 os.fdatasync(self.fd)
-            for hook in self.post_write:
-                hook(kind, offset, length, None)
         finally:
             self._leave()
+
+    # -- replication ---------------------------------------------------------
+    def attach_replicator(self, replicator: Replicator) -> None:
+        """Hand every write from now on to ``replicator`` (writes quiesced meanwhile)."""
+        if not self.tracker.durable:
+            raise UsageError("replication needs durable marks: durable-marks=0 is for "
+                             "benchmarks only")
+        if self.readonly:
+            raise ReadOnlyError(f"{self.volume.path} is open read-only: nothing to replicate")
+        self.tracker.track_pending()
+        with self.quiesce():
+            if self._region_locks is None:
+                self._region_locks = RegionLocks(self.volume.regions, self._lock)
+            self.replicator = replicator
+
+    def detach_replicator(self) -> None:
+        with self.quiesce():
+            self.replicator = None
+
+    def _replicated(self, event: WriteEvent, apply: Callable[[], None]) -> None:
+        """The write path with a replicator: numbered, ordered, submitted, applied, settled."""
+        first = event.offset >> self._shift
+        stop = max(first + 1, ((event.offset + event.length - 1) >> self._shift) + 1)
+        regions = self._region_locks
+        tracker = self.tracker
+        with self._lock:
+            while self._gate_holders or regions.busy(first, stop):
+                if self._gate_holders:
+                    self._reopened.wait()
+                else:
+                    regions.wait()
+            rep = self.replicator  # re-read: a detach may have happened while we waited
+            self._inflight += 1
+            regions.take(first, stop)
+            durable = event.length == 0 or tracker.try_mark(event.offset, event.length)
+            tracker.begin(first, stop)
+            self._seq += 1
+            event = dataclasses.replace(event, seq=self._seq)
+        ticket = submitted = landed = None
+        try:
+            try:
+                if not durable:
+                    tracker.mark(event.offset, event.length)
+                for hook in self.pre_write:
+                    hook(event.offset, event.length)
+                if rep is not None:
+                    ticket, submitted = rep.submit(event), True
+                apply()
+                if event.fua:
+                    os.fdatasync(self.fd)
+                landed = True
+            finally:
+                with self._lock:
+                    regions.let_go(first, stop)
+            if submitted:
+                rep.settle(ticket, True)
+        except BaseException:
+            if submitted and not landed:  # sent, but not applied here: keep it out of sync
+                rep.settle(ticket, False)
+            raise
+        finally:
+            tracker.end(first, stop)
+            self._leave()
+
+    def apply_replica(self, event: WriteEvent) -> None:
+        """Apply a write received from the primary (a replica engine only).
+
+        The same path as a host's write, less the replicator: marked, copied on
+        write into the newest snapshot, then applied.
+        """
+        if not self.replica:
+            raise ReadOnlyError(f"{self.volume.path} is not open as a replica")
+        self._check(event.offset, event.length)
+        if event.kind == WRITE:
+            data = event.data
+
+            def apply() -> None:
+                pwrite_full(self.fd, data, event.offset)
+        elif event.kind == TRIM or (event.kind == ZERO and event.may_trim):
+            def apply() -> None:
+                self._discard(event.offset, event.length)
+        elif event.kind == ZERO:
+            def apply() -> None:
+                self._write_zeros(event.offset, event.length)
+        else:
+            raise UsageError(f"cannot apply a {event.kind!r} request to a replica")
+        if event.length:
+            self._apply_locally(event.offset, event.length, apply, event.fua)
 
     @contextlib.contextmanager
     def quiesce(self, timeout: float | None = None) -> Iterator[None]:
@@ -209,6 +316,13 @@ class Engine:
         length = len(buf)
         if offset < 0 or offset + length > self.size or self.readonly:
             self._refuse(offset, length)
+        if self.replicator is not None:
+            self._replicated(WriteEvent(0, WRITE, offset, length, memoryview(buf).toreadonly(),
+                                        fua), lambda: pwrite_full(self.fd, buf, offset))
+            with self._lock:
+                self.stats.writes += 1
+                self.stats.bytes_written += length
+            return
         lock = self._lock
         with lock:
             closed = self._gate_holders
@@ -228,9 +342,6 @@ class Engine:
             pwrite_full(self.fd, buf, offset)
             if fua:
                 os.fdatasync(self.fd)
-            if self.post_write:
-                for hook in self.post_write:
-                    hook("write", offset, length, buf)
             done = length
         finally:
             st = self.stats
@@ -244,7 +355,7 @@ class Engine:
 
     def trim(self, length: int, offset: int, fua: bool = False) -> None:
         """Discard a range; it reads back as zeros (a hole where the filesystem allows)."""
-        self._write_op("trim", offset, length, lambda: self._discard(offset, length), fua)
+        self._write_op(TRIM, offset, length, lambda: self._discard(offset, length), fua)
         with self._lock:
             self.stats.trims += 1
             self.stats.bytes_trimmed += length
@@ -252,7 +363,12 @@ class Engine:
     def zero(self, length: int, offset: int, may_trim: bool = True, fua: bool = False) -> None:
         """Make a range read back as zeros; punch a hole when ``may_trim`` allows it."""
         apply = self._discard if may_trim else self._write_zeros
-        self._write_op("zero", offset, length, lambda: apply(offset, length), fua)
+        if self.replicator is not None and not self.readonly:
+            self._check(offset, length)
+            self._replicated(WriteEvent(0, ZERO, offset, length, None, fua, may_trim),
+                             lambda: apply(offset, length))
+        else:
+            self._write_op(ZERO, offset, length, lambda: apply(offset, length), fua)
         with self._lock:
             self.stats.zeroes += 1
             self.stats.bytes_zeroed += length
@@ -273,10 +389,17 @@ class Engine:
             offset += n
 
     def flush(self) -> None:
-        """Make every completed write durable (marks already are)."""
+        """Make every completed write durable (marks already are); with a replicator in
+        sync mode, on the peer too."""
         os.fdatasync(self.fd)
+        rep = self.replicator
         with self._lock:
             self.stats.flushes += 1
+            if rep is not None:
+                self._seq += 1
+                event = WriteEvent(self._seq, FLUSH, 0, 0)
+        if rep is not None:
+            rep.flush(event)
 
     def extents(self, length: int, offset: int) -> list[tuple[int, int, int]]:
         """Allocated data and holes in ``[offset, offset+length)`` as (offset, length, type)."""
@@ -351,7 +474,7 @@ class Engine:
             return
         self._closed = True
         try:
-            if not self.readonly:
+            if not self.readonly or self.replica:
                 os.fdatasync(self.fd)
         finally:
             self.snapshots.close()

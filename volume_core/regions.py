@@ -79,6 +79,8 @@ class RegionTracker:
         # Taken by swap_and_reset() and not yet released: must stay persisted.
         self._outstanding = np.zeros(regions, dtype=np.uint8)
         self._taken = False  # a swap_and_reset() not yet released
+        # Unsettled writes per region, counted only while replicating (see begin()).
+        self._pending: np.ndarray | None = None
         self.extent = max(1, INTENT_EXTENT // region_size)
         #: guards the maps; an owner may share it (see try_mark)
         self.lock = self._lock = threading.Lock()
@@ -255,19 +257,47 @@ class RegionTracker:
                 self._trim_range(a, b)
 
     def clear(self, regions: np.ndarray | None = None) -> int:
-        """Forget marks: all of them, or those set in the ``regions`` map (a chunk at a time)."""
+        """Forget marks: all of them, or those set in the ``regions`` map (a chunk at a time).
+
+        A region with a write not yet settled (see begin()) keeps its mark: that
+        write may still fail to reach the peer.
+        """
         count = 0
         for a, b in self._chunks():
             with self._lock:
-                if regions is None:
-                    self.marks[a:b] = 0
-                    done = self._persisted[a:b] != _CLEAR
-                else:
-                    sel = regions[a:b] != 0
-                    self.marks[a:b][sel] = 0
-                    done = sel & (self._persisted[a:b] != _CLEAR)
+                sel = np.ones(b - a, dtype=bool) if regions is None else regions[a:b] != 0
+                if self._pending is not None:
+                    sel &= self._pending[a:b] == 0
+                self.marks[a:b][sel] = 0
+                done = sel & (self._persisted[a:b] != _CLEAR)
                 count += self._clear_persisted(done, a)
         return count
+
+    # -- writes not yet settled with a peer (replication) ---------------------
+    def track_pending(self) -> None:
+        """Start counting unsettled writes per region (a replicator is attaching)."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = np.zeros(self.regions, dtype=np.uint32)
+
+    def begin(self, first: int, stop: int) -> None:
+        """A write to regions [first, stop) is under way (lock held, after try_mark)."""
+        self._pending[first:stop] += 1
+
+    def end(self, first: int, stop: int) -> None:
+        """That write is settled: acknowledged by the peer, or its regions left marked."""
+        with self._lock:
+            self._pending[first:stop] -= 1
+
+    def pending(self) -> int:
+        """Regions with at least one unsettled write."""
+        with self._lock:
+            return 0 if self._pending is None else int(np.count_nonzero(self._pending))
+
+    @property
+    def durable(self) -> bool:
+        """False when marks are not fdatasync'ed (``durable-marks=0``, benchmarks only)."""
+        return self._durable_sync
 
     def _clear_persisted(self, done: np.ndarray, base: int = 0) -> int:
         """Zero the persisted marks in ``done`` (regions from ``base``; lock held).
