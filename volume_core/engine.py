@@ -242,6 +242,32 @@ class Engine:
             tracker.end(first, stop)
             self._leave()
 
+    def read_ordered(self, offset: int, length: int, send: Callable[[bytearray], None]) -> None:
+        """Read a range and hand it to ``send`` with no replicated write to it in between.
+
+        For a resync or a recovering secondary: holding the range's regions (as a
+        write does) orders the read with the host's writes, so what ``send``
+        queues goes out after the frames of every write the read saw, and before
+        those of every write it did not.
+        """
+        self._check(offset, length)
+        first = offset >> self._shift
+        stop = max(first + 1, ((offset + length - 1) >> self._shift) + 1)
+        regions = self._region_locks
+        if regions is not None:
+            with self._lock:
+                while regions.busy(first, stop):
+                    regions.wait()
+                regions.take(first, stop)
+        try:
+            buf = bytearray(length)
+            pread_full(self.fd, buf, offset)
+            send(buf)
+        finally:
+            if regions is not None:
+                with self._lock:
+                    regions.let_go(first, stop)
+
     def apply_replica(self, event: WriteEvent) -> None:
         """Apply a write received from the primary (a replica engine only).
 

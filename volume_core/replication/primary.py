@@ -1,0 +1,298 @@
+"""The primary's side of sync and semi-async replication: the engine's Replicator.
+
+The engine numbers every write and calls ``submit`` before its local write
+and ``settle`` after it (write_events.py). Here a write becomes frames on the
+link to the secondary, and ``settle`` waits for the acknowledgement its mode
+needs:
+
+    sync        WRITE (TRIM, ZERO) on the bulk path; settle waits for DATA_ACK
+    semi-async  META on the urgent path, then DATA on the bulk path; settle waits
+                for META_ACK only (the secondary has the metadata, durably)
+
+No wait is longer than ``ack_timeout``: a peer that does not answer in time
+is dropped (the link reconnects), and the host's write completes anyway. A
+write is never failed for the peer's sake: its regions simply stay marked in
+the tracker, the durable out-of-sync map, and resync carries them later.
+
+Regions leave the map only when every write to them was applied on both
+sides: DATA_ACK (or a trim's/zero's ack) for a write that also landed here.
+Such regions collect in ``_acked`` and ``sweep()`` clears them in one pass
+(the tracker skips regions with a write still in flight). Regions that may
+differ for another reason (a write sent but failed here, a write lost with a
+link, everything marked when a link came up) are *out of sync* and are never
+cleared by an acknowledgement; only resync clears them.
+
+The link (link.py) owns sockets, threads and timers: it hands this object a
+channel (``connected``), each frame the secondary sends (``on_frame``), and
+the loss of the channel (``disconnected``). A channel needs only
+``send_urgent(frame)``, ``send_bulk(frame)`` and ``close(reason)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .. import native
+from ..errors import NbdMirrorError, ProtocolError
+from ..write_events import TRIM, WRITE, ZERO, WriteEvent
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+SYNC = "sync"
+SEMI_ASYNC = "semi-async"
+MODES = (SYNC, SEMI_ASYNC)
+
+
+class Channel(Protocol):
+    def send_urgent(self, frame: p.Frame) -> None: ...
+    def send_bulk(self, frame: p.Frame) -> None: ...
+    def close(self, reason: str = "") -> None: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A write on its way to the secondary: what settle() waits for."""
+
+    seq: int
+    first: int
+    stop: int
+    answered: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False  # the answer was the one the mode needs (not a lost link)
+
+
+class PrimaryReplicator:
+    """Sends the engine's writes to a secondary and waits as the mode requires."""
+
+    def __init__(self, engine: Any, mode: str, *, ack_timeout: float = 5.0):
+        if mode not in MODES:
+            raise NbdMirrorError(f"unknown replication mode {mode!r} (expected sync or "
+                                 "semi-async)")
+        self.engine = engine
+        self.mode = mode
+        self.ack_timeout = ack_timeout
+        self.shift = engine.volume.region_size.bit_length() - 1
+        regions = engine.volume.regions
+        self._lock = threading.Lock()
+        self._channel: Channel | None = None
+        self._waiting: dict[int, Ticket] = {}  # answer the host's write waits for
+        self._unapplied: dict[int, tuple[int, int]] = {}  # seq -> regions, until DATA_ACK
+        self._flushes: dict[int, Ticket] = {}
+        self._acked = np.zeros(regions, dtype=np.uint8)  # may be cleared by sweep()
+        self._out_of_sync = np.zeros(regions, dtype=np.uint8)  # only resync clears these
+        self.stats = {"writes_sent": 0, "bytes_sent": 0, "acks": 0, "timeouts": 0,
+                      "links_lost": 0, "write_failures_reported": 0, "regions_read": 0}
+        self.last_ack: float | None = None
+        self.state = "disconnected"
+
+    # -- link events ------------------------------------------------------------
+    def connected(self, channel: Channel) -> None:
+        """A channel to the secondary is up: everything marked now may differ."""
+        with self._lock:
+            self._channel = channel
+            with self.engine.tracker.lock:
+                native.merge_or(self._out_of_sync, self.engine.tracker.marks)
+            self.state = "connected"
+        log.info("connected to the secondary (%s mode)", self.mode)
+
+    def disconnected(self, reason: str) -> None:
+        """The channel is gone: every unanswered write stays out of sync."""
+        with self._lock:
+            if self._channel is None:
+                return
+            self._channel = None
+            self.state = "disconnected"
+            self.stats["links_lost"] += 1
+            self._lose_unanswered()
+        log.warning("lost the secondary: %s", reason)
+
+    def _lose_unanswered(self) -> None:
+        """(lock held) Writes and flushes in the air will never be answered."""
+        for first, stop in self._unapplied.values():
+            self._out_of_sync[first:stop] = 1
+        self._unapplied.clear()
+        for ticket in list(self._waiting.values()) + list(self._flushes.values()):
+            ticket.answered.set()
+        self._waiting.clear()
+        self._flushes.clear()
+
+    # -- the engine's Replicator ---------------------------------------------------
+    def submit(self, event: WriteEvent) -> Ticket | None:
+        with self._lock:
+            channel = self._channel
+            if channel is None:
+                return None  # marked by the engine, and it stays marked: out of sync
+            first = event.offset >> self.shift
+            stop = max(first + 1, ((event.offset + event.length - 1) >> self.shift) + 1)
+            ticket = Ticket(event.seq, first, stop)
+            self._waiting[event.seq] = ticket
+            self._unapplied[event.seq] = (first, stop)
+        try:
+            for urgent, frame in self._frames(event):
+                (channel.send_urgent if urgent else channel.send_bulk)(frame)
+        except (NbdMirrorError, OSError) as err:
+            self._drop(channel, f"sending failed: {err}")
+        self.stats["writes_sent"] += 1
+        self.stats["bytes_sent"] += event.length if event.kind == WRITE else 0
+        return ticket
+
+    def _frames(self, event: WriteEvent) -> list[tuple[bool, p.Frame]]:
+        """The frames of ``event`` for this mode, each with its path (urgent or bulk)."""
+        seq, off, length = event.seq, event.offset, event.length
+        # The host's buffer is only lent until settle() returns; frames may outlive it.
+        data = bytes(event.data) if event.kind == WRITE else b""
+        if self.mode == SYNC:
+            if event.kind == WRITE:
+                return [(False, p.Write(seq, off, data, event.fua))]
+            if event.kind == TRIM:
+                return [(False, p.Trim(seq, off, length, event.fua))]
+            return [(False, p.Zero(seq, off, length, event.may_trim, event.fua))]
+        kind = {WRITE: p.WriteKind.WRITE, TRIM: p.WriteKind.TRIM, ZERO: p.WriteKind.ZERO}
+        frames: list[tuple[bool, p.Frame]] = [
+            (True, p.Meta(seq, off, length, kind[event.kind], event.fua,
+                          event.kind == ZERO and event.may_trim))]
+        if event.kind == WRITE:
+            frames.append((False, p.Data(seq, off, data)))
+        return frames
+
+    def settle(self, ticket: Ticket | None, landed: bool) -> None:
+        if ticket is None:
+            return
+        if not landed:  # sent, but not written here: the two sides may differ
+            with self._lock:
+                self._out_of_sync[ticket.first:ticket.stop] = 1
+        if not ticket.answered.wait(self.ack_timeout):
+            self.stats["timeouts"] += 1
+            channel = self._channel
+            if channel is not None:
+                self._drop(channel, f"no acknowledgement within {self.ack_timeout:g}s")
+        with self._lock:
+            self._waiting.pop(ticket.seq, None)
+
+    def flush(self, event: WriteEvent) -> None:
+        """Sync mode: return once the secondary flushed every write it acknowledged."""
+        if self.mode != SYNC:
+            return
+        with self._lock:
+            channel = self._channel
+            if channel is None:
+                return
+            ticket = Ticket(event.seq, 0, 0)
+            self._flushes[event.seq] = ticket
+        try:
+            channel.send_bulk(p.Flush(event.seq))  # behind the data it must cover
+        except (NbdMirrorError, OSError) as err:
+            self._drop(channel, f"sending failed: {err}")
+        if not ticket.answered.wait(self.ack_timeout):
+            self.stats["timeouts"] += 1
+            self._drop(channel, f"no flush acknowledgement within {self.ack_timeout:g}s")
+        with self._lock:
+            self._flushes.pop(event.seq, None)
+
+    def _drop(self, channel: Channel, reason: str) -> None:
+        try:
+            channel.close(reason)
+        finally:
+            with self._lock:
+                if self._channel is channel:
+                    self._channel = None
+                    self.state = "disconnected"
+                    self.stats["links_lost"] += 1
+                    self._lose_unanswered()
+        log.warning("dropped the link to the secondary: %s", reason)
+
+    # -- frames from the secondary ------------------------------------------------
+    def on_frame(self, frame: p.Frame) -> None:
+        """Handle one frame the secondary sent (the link's receiver thread)."""
+        if isinstance(frame, p.MetaAck):
+            self._answer(frame.seq, frame.count, applied=False)
+        elif isinstance(frame, p.DataAck):
+            self._answer(frame.seq, frame.count, applied=True)
+        elif isinstance(frame, p.WriteFailed):
+            self._write_failed(frame)
+        elif isinstance(frame, p.FlushAck):
+            self._flush_answered(frame)
+        elif isinstance(frame, p.ReadRegion):
+            self._send_region(frame)
+        elif not isinstance(frame, (p.Pong, p.Ping)):
+            raise ProtocolError(f"a primary does not expect {p.frame_name(frame)} frames")
+
+    def _answer(self, seq: int, count: int, applied: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.last_ack = now
+            self.stats["acks"] += count
+            for s in range(seq, seq + count):
+                if applied:
+                    regions = self._unapplied.pop(s, None)
+                    if regions is not None:
+                        self._acked[regions[0]:regions[1]] = 1
+                # sync waits for the data, semi-async for the metadata (a trim or zero
+                # is acknowledged as applied at once in either mode)
+                if applied or self.mode == SEMI_ASYNC:
+                    ticket = self._waiting.get(s)
+                    if ticket is not None:
+                        ticket.ok = True
+                        ticket.answered.set()
+
+    def _write_failed(self, frame: p.WriteFailed) -> None:
+        """The secondary could not write: it recovers the region itself (READ_REGION)."""
+        first = frame.offset >> self.shift
+        stop = max(first + 1, ((frame.offset + frame.length - 1) >> self.shift) + 1)
+        with self._lock:
+            self.stats["write_failures_reported"] += 1
+            self._unapplied.pop(frame.seq, None)
+            # Until it has recovered, the secondary differs there (only resync clears this).
+            self._out_of_sync[first:stop] = 1
+            ticket = self._waiting.get(frame.seq)
+            if ticket is not None:  # answered: the secondary knows of the write
+                ticket.ok = True
+                ticket.answered.set()
+
+    def _flush_answered(self, frame: p.FlushAck) -> None:
+        with self._lock:
+            ticket = self._flushes.get(frame.seq)
+            if ticket is not None:
+                ticket.ok = not frame.failed
+                ticket.answered.set()
+
+    def _send_region(self, frame: p.ReadRegion) -> None:
+        """Answer a recovering secondary with the region's current contents, in order."""
+        channel = self._channel
+        if channel is None:
+            return
+
+        def send(buf: bytearray) -> None:
+            channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)))
+
+        self.engine.read_ordered(frame.offset, frame.length, send)
+        self.stats["regions_read"] += 1
+
+    # -- clearing and status -------------------------------------------------------
+    def sweep(self) -> int:
+        """Clear from the marks the regions both sides hold the same; return how many."""
+        with self._lock:
+            done = self._acked & (self._out_of_sync == 0)
+            self._acked[:] = 0
+        return self.engine.tracker.clear(done) if done.any() else 0
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            out_of_sync = int(native.count(self._out_of_sync))
+            in_flight = len(self._unapplied)
+        marked = self.engine.tracker.count()
+        age = None if self.last_ack is None else round(time.monotonic() - self.last_ack, 3)
+        state = self.state
+        if state == "connected":
+            # Never "in-sync" while a region may differ: one out of sync, or a write
+            # the secondary has not confirmed applying.
+            state = "in-sync" if out_of_sync == 0 and in_flight == 0 else "out-of-sync"
+        return {"mode": self.mode, "state": state, "out_of_sync_regions": out_of_sync,
+                "marked_regions": marked, "in_flight_writes": in_flight,
+                "last_ack_age": age, **self.stats}
