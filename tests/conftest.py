@@ -147,3 +147,39 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``where`` for one test; skip where mounting is not allowed.
+
+    On the way out every server with a pid file on it is stopped (killed if it
+    will not stop) and the tmpfs is unmounted, whatever happened.
+    """
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        for pidfile in where.rglob("nbdkit.pid"):
+            run_cli("stop", pidfile.parent, "--force", check=False, timeout=60)
+            _kill_server(pidfile.parent)
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(mnt: Path) -> Path:
+    """Fill the filesystem at ``mnt`` to the last byte; return the file that holds it."""
+    filler = mnt / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in (b"\xff" * (1 << 20), b"\xff" * 4096, b"\xff"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler

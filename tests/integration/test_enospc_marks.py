@@ -8,10 +8,8 @@ real nbdkit against a small tmpfs that really fills up.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import nbd
 import numpy as np
 import pytest
 
-from tests.conftest import Served, _kill_server, run_cli
+from tests.conftest import Served, fill, mounted_tmpfs, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -32,34 +30,8 @@ REGION = AT // RS
 @pytest.fixture
 def tmpfs(tmp_path) -> Iterator[Path]:
     """A 64 MiB tmpfs for this test only; servers on it are stopped before it is unmounted."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "64M") as mnt:
         yield mnt
-    finally:
-        for vol in (p.parent for p in tmp_path.rglob("nbdkit.pid")):
-            run_cli("stop", vol, "--force", check=False, timeout=60)
-            _kill_server(vol)
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(mnt: Path) -> Path:
-    """Fill the filesystem at ``mnt`` to the last byte; return the file that holds it."""
-    filler = mnt / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for chunk in (b"\xff" * MiB, b"\xff" * 4096, b"\xff"):
-            with contextlib.suppress(OSError):
-                while os.write(fd, chunk):
-                    pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def write_fails_with_enospc(h, data: bytes, offset: int) -> None:

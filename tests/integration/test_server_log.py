@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
 import pytest
 
 from cli.server import DEFAULT_THREADS
-from tests.conftest import Served, _kill_server, run_cli, wait_until
+from tests.conftest import Served, _kill_server, fill, mounted_tmpfs, run_cli, wait_until
 from volume_core import server_log
 from volume_core.server_files import pid_alive
 
@@ -25,26 +25,11 @@ SUPPRESSED = re.compile(rf"^{STAMP} suppressed \d+ more messages like: ", re.MUL
 
 
 @pytest.fixture
-def full_disk(tmp_path) -> Path:
+def full_disk(tmp_path) -> Iterator[Path]:
     """A tiny tmpfs, mounted for this test only and filled up."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        with open(mnt / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"\xff" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+    with mounted_tmpfs(tmp_path / "tmpfs", "1M") as mnt:
+        fill(mnt)
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def data_on(vol: Path, mnt: Path) -> None:

@@ -13,7 +13,7 @@ import time
 import nbd
 import pytest
 
-from tests.conftest import Served, run_cli, wait_until
+from tests.conftest import Served, fill, mounted_tmpfs, run_cli, wait_until
 from tests.integration.test_serve_cli import free_port, one_line_error
 from volume_core.server_files import ServerPlace, pid_alive
 from volume_core.volume import Volume
@@ -198,31 +198,8 @@ def test_snapshot_stop_refuses_while_a_client_is_connected(serve, cli):
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A small tmpfs of our own (unmounted at the end, whatever happens)."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "2M") as mnt:
         yield mnt
-    finally:
-        for path in (mnt / "vol", mnt / "vol" / "snapshots" / "snap"):
-            with contextlib.suppress(OSError, ValueError):
-                pid = int((path / "nbdkit.pid").read_text())
-                os.kill(pid, signal.SIGKILL)
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(mnt) -> None:
-    with open(mnt / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\xff" * 65536)
-                f.flush()
-        except OSError:
-            pass
 
 
 @pytest.mark.parametrize("what", ["volume", "snapshot"])
