@@ -95,3 +95,10 @@ class ProtocolError(NbdMirrorError):
 
 class PeerRefused(NbdMirrorError):
     """The replication handshake failed: the peer refused us, or we refused it."""
+
+
+class LinkError(NbdMirrorError):
+    """A replication link cannot be opened or kept: unreachable peer, timeout, TLS failure.
+
+    Unlike ``PeerRefused`` nothing was decided by the peer: retry with backoff.
+    """
