@@ -1,0 +1,641 @@
+"""The secondary's policy: frames from the primary in, acknowledgements out, no I/O of its own.
+
+A ``Receiver`` wraps a replica ``Engine`` (opened with ``replica=True``). The
+link decodes frames and hands each to ``Receiver.handle`` in arrival order; the
+receiver applies writes through ``Engine.apply_replica`` and answers through an
+``out`` object with ``send_urgent(frame)`` / ``send_bulk(frame)`` (the link's
+channel). It opens no socket and starts no thread: writes are applied in the
+thread that delivered the frame that made them applicable, outside the
+receiver's lock, so a META handled by the link's urgent reader never waits
+behind another thread's disk write. ``tick(now)`` (retries) and ``sweep()``
+(clearing) are driven by the link's timer.
+
+**The semi-async promise.** The secondary answers META_ACK only once the
+write's regions are recorded as *pending* durably: the replica's region
+tracker marks them (``RegionTracker.mark``: one map fdatasync when a region
+turns pending, nothing when it is already marked) and counts the write as
+unsettled, so no ``sweep`` can clear the mark before the write's data is
+applied and synced. A region stays marked while it has a write announced and
+not applied, a write that failed and is being recovered, or applied data not
+yet fdatasync'ed; regions whose META arrived on a link that was lost before
+their DATA, and regions marked before this receiver started, stay marked
+until a later write covering each of them whole has landed. So at every
+moment the secondary's marks (marks.map) name every region whose data may be
+missing, and after losing the primary it can name exactly those.
+
+**Write order.** The primary numbers writes so that, of two writes sharing a
+region, the lower number was applied first on the primary; META frames may
+overtake earlier writes' DATA. Every write known to the receiver (a META, or
+a WRITE/TRIM/ZERO with its data) is an entry kept in number order until it is
+applied; an entry is applied only when no lower entry sharing a region is
+still unapplied. A DATA that arrives early waits in that list (memory is
+bounded by the primary's window); writes to other regions pass it.
+
+**Recovery.** A write that fails on the secondary's disk is answered with
+WRITE_FAILED; its regions (whole, at most ``MAX_DATA`` bytes per request)
+become *recovering* and stay marked. The receiver asks the primary for their
+current contents with READ_REGION and applies the REGION_DATA answer in the
+same order as writes: after every write it knew of when it asked (the
+primary reads the regions only once those have landed there, so its answer
+holds them) and before every later write to those regions (which the answer
+may or may not hold, so they are applied again on top of it). A region is
+whole again, no longer recovering, when that answer has landed. When it fails
+too, the receiver asks again from ``tick(now)`` after a backoff (doubling
+from ``retry_base`` up to ``retry_max`` seconds, for as long as it takes).
+
+Request ids: READ_REGION/REGION_DATA carry a request id in ``seq``, drawn
+from the receiver's own counter with bit 63 set (``REQUEST_ID_BASE``): they
+are matched only against outstanding requests, never against write numbers,
+and the high bit keeps them apart from write numbers in logs. An answer to a
+request abandoned after ``answer_timeout`` is ignored.
+
+``FaultInjector`` is a TEST-ONLY way to make the secondary's disk writes fail
+for chosen regions a chosen number of times. It is off by default (the
+``faults`` argument is None) and consulted just before each local apply.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from .. import native
+from ..engine import Engine
+from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
+from ..write_events import TRIM, WRITE, ZERO, WriteEvent
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+SYNC: Final = "sync"
+SEMI_ASYNC: Final = "semi-async"
+MODES: Final = (SYNC, SEMI_ASYNC)
+#: READ_REGION request ids: this bit set, then a counter (see the module docstring)
+REQUEST_ID_BASE: Final = 1 << 63
+_KINDS = {p.WriteKind.WRITE: WRITE, p.WriteKind.TRIM: TRIM, p.WriteKind.ZERO: ZERO}
+_RECOVER = "recover"
+
+Key = tuple[int, int, int]  # (write seq, 0, 0); a recovery: (last seq known, 1, request id)
+
+
+class Outbox(Protocol):
+    """Where the receiver's frames go (the link's channel)."""
+
+    def send_urgent(self, frame: p.Frame) -> None: ...
+
+    def send_bulk(self, frame: p.Frame) -> None: ...
+
+
+class FaultInjector:
+    """TEST ONLY: make the secondary's disk writes fail for chosen regions, a chosen number
+    of times. Off unless passed to ``Receiver(faults=...)``; production never builds one.
+
+    Each apply (write, trim, zero or recovered region) touching a region with
+    failures left uses up one of them and fails with ``OSError(EIO)`` before
+    anything is written.
+    """
+
+    def __init__(self) -> None:
+        self._left: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.injected = 0
+
+    def fail(self, first: int, count: int = 1, times: int = 1) -> None:
+        """Regions ``first .. first+count-1`` fail their next ``times`` applies."""
+        with self._lock:
+            for region in range(first, first + count):
+                self._left[region] = self._left.get(region, 0) + times
+
+    def check(self, first: int, stop: int) -> None:
+        """Raise OSError(EIO) if a region of [first, stop) has failures left."""
+        with self._lock:
+            hit = [r for r in self._left if first <= r < stop]
+            if not hit:
+                return
+            for region in hit:
+                self._left[region] -= 1
+                if not self._left[region]:
+                    del self._left[region]
+            self.injected += 1
+        raise OSError(errno.EIO, f"injected write failure (regions {hit})")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Recovery:
+    """Whole regions [first, stop) being recovered from the primary's current contents."""
+
+    first: int
+    stop: int
+    offset: int
+    length: int
+    attempts: int = 0
+    due: float | None = None  # when to ask (again); None while a request is out
+    request: _Entry | None = None
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Entry:
+    """A write (or a recovery's answer) waiting to be applied in order."""
+
+    key: Key
+    kind: str  # WRITE, TRIM, ZERO or _RECOVER
+    seq: int  # the write's number, or the request id
+    offset: int
+    length: int
+    first: int
+    stop: int
+    fua: bool = False
+    may_trim: bool = False
+    data: p.Buffer | None = None
+    ready: bool = False  # its data is here (or it needs none)
+    acked: bool = True  # its META_ACK is sent: only then may it be applied
+    applying: bool = False
+    recovery: _Recovery | None = None
+    sent_at: float = 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Counters:
+    writes_applied: int = 0
+    bytes_applied: int = 0
+    write_failures: int = 0
+    regions_recovered: int = 0
+    recovery_attempts: int = 0
+    flushes: int = 0
+    flush_failures: int = 0
+    stale_answers: int = 0
+    resyncs_begun: int = 0
+    resyncs_ended: int = 0
+
+
+class Receiver:
+    """The secondary's replication policy over a replica engine (see the module docstring).
+
+    ``handle(frame)`` is thread-safe: the link may call it from an urgent reader
+    and a bulk reader at once, each in its connection's arrival order. It raises
+    ``ProtocolError`` when the primary broke the protocol, and ``VolumeError``
+    when this side cannot keep its promise (pending regions could not be
+    recorded durably): either way, drop the connection and call ``link_lost()``.
+    ``out`` may be replaced when the link reconnects.
+    """
+
+    def __init__(self, engine: Engine, mode: str, out: Outbox, *,
+                 faults: FaultInjector | None = None, clock: Callable[[], float] = time.monotonic,
+                 retry_base: float = 0.1, retry_max: float = 10.0,
+                 answer_timeout: float = 30.0) -> None:
+        if mode not in MODES:
+            raise UsageError(f"unknown replication mode {mode!r} for a secondary "
+                             f"(expected {' or '.join(MODES)})")
+        if not engine.replica:
+            raise UsageError(f"{engine.volume.path} is not open as a replica")
+        self.engine = engine
+        self.mode = mode
+        self.out = out
+        self.faults = faults
+        self.clock = clock
+        self.retry_base, self.retry_max, self.answer_timeout = retry_base, retry_max, answer_timeout
+        self.tracker = engine.tracker
+        self.tracker.track_pending()
+        self._shift = self.tracker.shift
+        self._rs = engine.volume.region_size
+        self._regions = engine.volume.regions
+        self._lock = threading.Lock()  # the receiver's state; taken before the tracker's lock
+        self._sweep_lock = threading.Lock()
+        self._order: list[_Entry] = []  # unapplied entries, by key
+        self._by_seq: dict[int, _Entry] = {}
+        self._requests: dict[int, _Entry] = {}  # request id -> its entry
+        self._abandoned: set[int] = set()
+        self._recoveries: list[_Recovery] = []
+        self._applicable = 0  # entries ready and acked, not applying (0: nothing to scan)
+        self._max_seq = 0  # the highest write number known on this connection
+        self._next_request = 0
+        # Applied since the last data fdatasync; synced since the last sweep; may be missing.
+        self._landed = np.zeros(self._regions, dtype=bool)
+        self._synced = np.zeros(self._regions, dtype=bool)
+        # Marked before we started: unknown, so kept until written whole.
+        self._suspect = self.tracker.marks != 0
+        self._counts = _Counters()
+        self._last_frame: float | None = None
+
+    # -- frames in -----------------------------------------------------------
+    def handle(self, frame: p.Frame) -> None:
+        """Act on one frame from the primary (see the module docstring)."""
+        self._last_frame = self.clock()
+        handler = self._HANDLERS.get(type(frame))
+        if handler is None:
+            raise ProtocolError(f"a secondary does not take {p.frame_name(frame)} frames here")
+        handler(self, frame)
+
+    def _on_write(self, frame: p.Write) -> None:
+        entry = self._write_entry(frame.seq, WRITE, frame.offset, frame.length, frame.fua)
+        entry.data, entry.ready = frame.data, True
+        self._admit(entry)
+
+    def _on_trim(self, frame: p.Trim) -> None:
+        entry = self._write_entry(frame.seq, TRIM, frame.offset, frame.length, frame.fua)
+        entry.ready = True
+        self._admit(entry)
+
+    def _on_zero(self, frame: p.Zero) -> None:
+        entry = self._write_entry(frame.seq, ZERO, frame.offset, frame.length, frame.fua,
+                                  frame.may_trim)
+        entry.ready = True
+        self._admit(entry)
+
+    def _on_meta(self, frame: p.Meta) -> None:
+        """Record the regions as pending durably, then META_ACK at once."""
+        if self.mode != SEMI_ASYNC:
+            raise ProtocolError(f"META for write {frame.seq} in {self.mode} mode")
+        kind = _KINDS[frame.kind]
+        entry = self._write_entry(frame.seq, kind, frame.offset, frame.length, frame.fua,
+                                  frame.may_trim)
+        entry.ready, entry.acked = kind != WRITE, False
+        self._admit(entry)  # registered (counted unsettled) before the mark: no sweep clears it
+        try:
+            self.tracker.mark(frame.offset, frame.length)
+        except OSError as err:
+            raise VolumeError(f"cannot record regions of write {frame.seq} as pending durably: "
+                              f"{err}; the primary keeps them out of sync") from err
+        self.out.send_urgent(p.MetaAck(frame.seq))
+        with self._lock:
+            entry.acked = True
+            if entry.ready:
+                self._applicable += 1
+        self._drain()
+
+    def _on_data(self, frame: p.Data) -> None:
+        with self._lock:
+            entry = self._by_seq.get(frame.seq)
+            if entry is None or entry.kind != WRITE or entry.ready:
+                raise ProtocolError(f"DATA for write {frame.seq}, which has no META waiting "
+                                    "for its data")
+            if (frame.offset, frame.length) != (entry.offset, entry.length):
+                raise ProtocolError(f"DATA for write {frame.seq} covers {frame.offset}+"
+                                    f"{frame.length}; its META said {entry.offset}+"
+                                    f"{entry.length}")
+            entry.data, entry.ready = frame.data, True
+            self._applicable += entry.acked
+        self._drain()
+
+    def _on_region_data(self, frame: p.RegionData) -> None:
+        with self._lock:
+            entry = self._requests.pop(frame.seq, None)
+            if entry is None:
+                if frame.seq in self._abandoned:  # a late answer to a request given up on
+                    self._abandoned.discard(frame.seq)
+                    self._counts.stale_answers += 1
+                    return
+                raise ProtocolError(f"REGION_DATA for request {frame.seq}, which is not "
+                                    "outstanding")
+            if (frame.offset, frame.length) != (entry.offset, entry.length):
+                raise ProtocolError(f"REGION_DATA for request {frame.seq} covers {frame.offset}"
+                                    f"+{frame.length}; the request was {entry.offset}+"
+                                    f"{entry.length}")
+            entry.data, entry.ready = frame.data, True
+            self._applicable += 1
+        self._drain()
+
+    def _on_flush(self, frame: p.Flush) -> None:
+        """fdatasync what has been applied, then FLUSH_ACK (failed if the sync failed)."""
+        failed = not self._sync_landed()
+        with self._lock:
+            self._counts.flushes += 1
+        self.out.send_urgent(p.FlushAck(frame.seq, failed=failed))
+
+    def _on_ping(self, frame: p.Ping) -> None:
+        self.out.send_urgent(p.Pong(frame.seq))
+
+    def _on_pong(self, frame: p.Pong) -> None:
+        pass  # the link's keepalive reads the time of the last frame
+
+    def _on_resync_begin(self, frame: p.ResyncBegin) -> None:
+        self._counts.resyncs_begun += 1
+
+    def _on_resync_end(self, frame: p.ResyncEnd) -> None:
+        self._counts.resyncs_ended += 1
+
+    _HANDLERS: dict[type, Callable[[Receiver, Any], None]] = {
+        p.Write: _on_write, p.Trim: _on_trim, p.Zero: _on_zero, p.Meta: _on_meta,
+        p.Data: _on_data, p.RegionData: _on_region_data, p.Flush: _on_flush,
+        p.Ping: _on_ping, p.Pong: _on_pong, p.ResyncBegin: _on_resync_begin,
+        p.ResyncEnd: _on_resync_end,
+    }
+
+    # -- entries and their order ---------------------------------------------
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        """The regions [first, stop) under a byte range."""
+        return offset >> self._shift, ((offset + length - 1) >> self._shift) + 1
+
+    def _write_entry(self, seq: int, kind: str, offset: int, length: int, fua: bool,
+                     may_trim: bool = False) -> _Entry:
+        if length <= 0 or offset < 0 or offset + length > self.engine.size:
+            raise ProtocolError(f"write {seq} covers {offset}+{length}, not a range inside "
+                                f"the volume ({self.engine.size} bytes)")
+        first, stop = self._span(offset, length)
+        return _Entry((seq, 0, 0), kind, seq, offset, length, first, stop, fua, may_trim)
+
+    def _admit(self, entry: _Entry) -> None:
+        """Register a write: in order, counted unsettled in its regions; apply what can be."""
+        with self._lock:
+            if entry.seq in self._by_seq:
+                raise ProtocolError(f"write {entry.seq} announced twice")
+            self._by_seq[entry.seq] = entry
+            self._max_seq = max(self._max_seq, entry.seq)
+            self._insert(entry)
+            with self.tracker.lock:
+                self.tracker.begin(entry.first, entry.stop)
+        if entry.acked:
+            self._drain()
+
+    def _insert(self, entry: _Entry) -> None:
+        bisect.insort(self._order, entry, key=lambda e: e.key)
+        if entry.ready and entry.acked:
+            self._applicable += 1
+
+    def _next_applicable(self) -> _Entry | None:
+        """The lowest entry with its data whose regions no lower unapplied entry shares."""
+        left = self._applicable
+        held: list[tuple[int, int]] = []
+        for entry in self._order:
+            if not left:
+                break
+            if entry.ready and entry.acked and not entry.applying:
+                if not any(a < entry.stop and entry.first < b for a, b in held):
+                    return entry
+                left -= 1
+            held.append((entry.first, entry.stop))
+        return None
+
+    def _drain(self) -> None:
+        """Apply every entry that has become applicable, one at a time, in this thread."""
+        while True:
+            with self._lock:
+                entry = self._next_applicable()
+                if entry is None:
+                    return
+                entry.applying = True
+                self._applicable -= 1
+            ok = False
+            try:
+                ok = self._apply(entry)
+            finally:
+                with self._lock:
+                    frames = self._finish(entry, ok)
+                self._send(frames)
+
+    def _apply(self, entry: _Entry) -> bool:
+        """Apply one entry to the replica; False (logged) when the disk refused it."""
+        kind = WRITE if entry.kind == _RECOVER else entry.kind
+        data = memoryview(entry.data) if entry.data is not None else None
+        event = WriteEvent(entry.seq, kind, entry.offset, entry.length, data, entry.fua,
+                           entry.may_trim)
+        try:
+            if self.faults is not None:
+                self.faults.check(entry.first, entry.stop)
+            self.engine.apply_replica(event)
+        except (OSError, NbdMirrorError) as err:
+            what = "recovery of" if entry.kind == _RECOVER else f"{entry.kind} {entry.seq} to"
+            log.warning("%s %d+%d failed on the secondary's disk: %s", what, entry.offset,
+                        entry.length, err)
+            self._keep_marked(entry)
+            return False
+        return True
+
+    def _keep_marked(self, entry: _Entry) -> None:
+        """A failed apply may have failed before its mark was durable: make sure it is."""
+        try:
+            self.tracker.mark(entry.offset, entry.length)
+        except OSError as err:  # still counted unsettled: at least never cleared in this run
+            log.error("cannot mark regions %d..%d of a failed write durably: %s", entry.first,
+                      entry.stop - 1, err)
+
+    def _finish(self, entry: _Entry, ok: bool) -> list[p.Frame]:
+        """Take an applied (or failed) entry out of the order; what to send (lock held)."""
+        self._order.remove(entry)
+        entry.data = None
+        if entry.kind == _RECOVER:
+            return self._recovery_done(entry, ok)
+        self._by_seq.pop(entry.seq, None)
+        if ok:
+            self._counts.writes_applied += 1
+            self._counts.bytes_applied += entry.length
+            self._landed_whole(entry)
+            answer: list[p.Frame] = [p.DataAck(entry.seq)]
+        else:
+            self._counts.write_failures += 1
+            answer = [p.WriteFailed(entry.seq, entry.offset, entry.length)]
+            answer += self._start_recovery(entry.first, entry.stop)  # before end(): kept marked
+        self.tracker.end(entry.first, entry.stop)
+        return answer
+
+    def _landed_whole(self, entry: _Entry) -> None:
+        """Note regions applied; those covered whole are no longer of unknown content."""
+        self._landed[entry.first:entry.stop] = True
+        rs = self._rs
+        whole_first = -(-entry.offset // rs)
+        end = entry.offset + entry.length
+        whole_stop = self._regions if end == self.engine.size else end // rs
+        if whole_stop > whole_first:
+            self._suspect[whole_first:whole_stop] = False
+
+    def _send(self, frames: Iterable[p.Frame]) -> None:
+        for frame in frames:
+            self.out.send_urgent(frame)
+
+    # -- recovery ------------------------------------------------------------
+    def _start_recovery(self, first: int, stop: int) -> list[p.Frame]:
+        """Regions [first, stop) become recovering, asked for at once (lock held)."""
+        per = max(1, p.MAX_DATA // self._rs)
+        frames: list[p.Frame] = []
+        for a in range(first, stop, per):
+            b = min(stop, a + per)
+            offset = a * self._rs
+            length = min(b * self._rs, self.engine.size) - offset
+            rec = _Recovery(a, b, offset, length)
+            self._recoveries.append(rec)
+            with self.tracker.lock:
+                self.tracker.begin(a, b)  # unsettled until whole: no sweep clears it
+            frames.append(self._request(rec))
+        return frames
+
+    def _request(self, rec: _Recovery) -> p.ReadRegion:
+        """Ask for a recovering range; its answer goes after every write known now."""
+        self._next_request += 1
+        rid = REQUEST_ID_BASE | self._next_request
+        entry = _Entry((self._max_seq, 1, rid), _RECOVER, rid, rec.offset, rec.length,
+                       rec.first, rec.stop, recovery=rec, sent_at=self.clock())
+        rec.request, rec.due = entry, None
+        rec.attempts += 1
+        self._counts.recovery_attempts += 1
+        self._requests[rid] = entry
+        self._insert(entry)
+        return p.ReadRegion(rid, rec.offset, rec.length)
+
+    def _recovery_done(self, entry: _Entry, ok: bool) -> list[p.Frame]:
+        rec = entry.recovery
+        assert rec is not None
+        rec.request = None
+        if ok:
+            self._recoveries.remove(rec)
+            self._counts.regions_recovered += rec.stop - rec.first
+            self._landed_whole(entry)
+            self.tracker.end(rec.first, rec.stop)
+            log.info("regions %d..%d recovered from the primary", rec.first, rec.stop - 1)
+        else:
+            rec.due = self.clock() + self._backoff(rec.attempts)
+        return []
+
+    def _backoff(self, attempts: int) -> float:
+        return min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1))
+
+    def tick(self, now: float | None = None) -> float | None:
+        """Ask again for recoveries that are due, and give up on unanswered requests.
+
+        For the link's timer thread. Returns when the next retry is due, or None.
+        """
+        now = self.clock() if now is None else now
+        frames: list[p.Frame] = []
+        with self._lock:
+            for rec in self._recoveries:
+                req = rec.request
+                if req is not None and not req.applying and (
+                        now - req.sent_at >= self.answer_timeout):
+                    self._abandon(req)
+                    rec.due = now
+                if rec.request is None and rec.due is not None and rec.due <= now:
+                    frames.append(self._request(rec))
+            next_due = min((r.due for r in self._recoveries if r.due is not None), default=None)
+        self._send(frames)
+        self._drain()  # an abandoned request may have held later writes
+        return next_due
+
+    def _abandon(self, req: _Entry) -> None:
+        """Give up on an unanswered (or unapplied) request (lock held)."""
+        self._order.remove(req)
+        if req.ready:
+            self._applicable -= 1
+        if self._requests.pop(req.seq, None) is not None:
+            self._abandoned.add(req.seq)
+        assert req.recovery is not None
+        req.recovery.request = None
+
+    # -- the link ------------------------------------------------------------
+    def link_lost(self) -> None:
+        """The connection is gone: writes whose data never came stay marked, and suspect.
+
+        Call once no ``handle`` is running. Recoveries are asked for again by the
+        next ``tick`` (over the next connection).
+        """
+        now = self.clock()
+        with self._lock:
+            for entry in list(self._order):
+                if entry.applying:
+                    continue
+                if entry.kind == _RECOVER:
+                    self._abandon(entry)
+                    assert entry.recovery is not None
+                    entry.recovery.due = now
+                    continue
+                self._order.remove(entry)
+                self._by_seq.pop(entry.seq, None)
+                self._suspect[entry.first:entry.stop] = True  # before end(): kept marked
+                self.tracker.end(entry.first, entry.stop)
+            self._applicable = 0
+            self._abandoned.clear()
+            self._max_seq = 0  # a restarted primary numbers from 1 again
+
+    def close(self) -> None:
+        """Forget the link and clear what is settled (the engine stays open: the caller's)."""
+        self.link_lost()
+        try:
+            self.sweep()
+        except OSError as err:
+            log.warning("final sweep failed: %s", err)
+
+    # -- clearing ------------------------------------------------------------
+    def _sync_landed(self) -> bool:
+        """fdatasync the data applied so far; on failure recover it (fsyncgate). -> ok"""
+        with self._lock:
+            taken, self._landed = self._landed, np.zeros(self._regions, dtype=bool)
+        try:
+            self.engine.flush()
+        except OSError as err:
+            # Linux drops the dirty pages of a failed sync: what they held may be lost.
+            log.warning("fdatasync of the replica failed: %s; recovering what it held", err)
+            with self._lock:
+                self._counts.flush_failures += 1
+                frames = self._recover_map(taken)
+            self._send(frames)
+            return False
+        with self._lock:
+            self._synced |= taken
+        return True
+
+    def _recover_map(self, regions: np.ndarray) -> list[p.Frame]:
+        """Start recovering every run of set regions (lock held)."""
+        frames: list[p.Frame] = []
+        for start, count in native.scan_runs(regions.astype(np.uint8)).tolist():
+            frames += self._start_recovery(start, start + count)
+        return frames
+
+    def sweep(self) -> int:
+        """Clear the marks of regions whose data has landed durably and that have no
+        unapplied, recovering or lost write; return how many were cleared.
+
+        One fdatasync of the data file, then one pass over the map with the
+        receiver's lock held (so no write can land unsynced between the choice
+        and the clearing).
+        """
+        with self._sweep_lock:
+            if not self._sync_landed():
+                return 0
+            with self._lock:
+                chosen = self._synced & ~self._landed & ~self._suspect
+                self._synced = np.zeros(self._regions, dtype=bool)
+                return self.tracker.clear(chosen)
+
+    # -- state ---------------------------------------------------------------
+    def missing_runs(self) -> list[tuple[int, int]]:
+        """Regions whose data may be missing, as (first region, count): the marks."""
+        return [(int(a), int(n)) for a, n in self.tracker.runs().tolist()]
+
+    def status(self) -> dict[str, Any]:
+        """What the secondary's status shows of replication (field names are the README's)."""
+        with self._lock:
+            pending = [(e.first, e.stop) for e in self._order if e.kind != _RECOVER]
+            recovering = [(r.first, r.stop) for r in self._recoveries]
+            waiting = sum(1 for e in self._order if e.kind != _RECOVER and e.ready
+                          and not e.applying)
+            counts = dataclasses.asdict(self._counts)
+            suspect = int(np.count_nonzero(self._suspect))
+            last = self._last_frame
+        return {
+            "mode": self.mode,
+            "pending_regions": _union_count(pending),
+            "pending_writes": len(pending),
+            "waiting_writes": waiting,
+            "recovering_regions": _union_count(recovering),
+            "suspect_regions": suspect,
+            "marked_regions": self.tracker.count(),
+            **counts,
+            "last_frame_age": None if last is None else round(self.clock() - last, 3),
+        }
+
+
+def _union_count(spans: list[tuple[int, int]]) -> int:
+    """How many regions a list of [first, stop) spans covers together."""
+    total, reach = 0, -1
+    for first, stop in sorted(spans):
+        first = max(first, reach)
+        if stop > first:
+            total += stop - first
+            reach = stop
+    return total
