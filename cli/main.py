@@ -16,6 +16,7 @@ import click
 
 from volume_core import operations, snapshots
 from volume_core.errors import NbdMirrorError, ServerError, UsageError
+from volume_core.replication import session
 from volume_core.server_files import ServerPlace
 from volume_core.units import format_size
 from volume_core.volume import Volume, validate_geometry
@@ -51,10 +52,11 @@ def emit(data: dict, as_json: bool, human: list[str]) -> None:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 threads_option = click.option(
-    "--threads", type=click.IntRange(1, server.MAX_THREADS), default=server.DEFAULT_THREADS,
-    show_default=True,
-    help="Requests nbdkit handles at once per connection. Python threads share one GIL, so "
-         "fewer threads are often faster; see the README's performance section.")
+    "--threads", type=click.IntRange(1, server.MAX_THREADS), default=None,
+    help=f"Requests nbdkit handles at once per connection (default {server.DEFAULT_THREADS}, "
+         f"{server.REPLICATED_THREADS} when replicating: a replicated write waits for its "
+         "peer). Python threads share one GIL, so fewer threads are often faster; see the "
+         "README's performance section.")
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,28 +131,77 @@ def info(vol: str, as_json: bool) -> None:
               help="Address to listen on with --port.")
 @click.option("--background", is_flag=True,
               help="Return once the export accepts connections; the pid is in VOL/nbdkit.pid.")
+@click.option("--replicate-to", metavar="HOST:PORT",
+              help="Replicate every write to the secondary listening there "
+                   "('nbdmirror receive').")
+@click.option("--mode", type=click.Choice(["sync", "semi-async"]),
+              help="sync: a write completes once the secondary has its data; semi-async: "
+                   "once the secondary has its metadata (durably).")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="Shared secret for the replication link (both sides prove they know it).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="Encrypt the replication link; the secondary's certificate must be signed "
+                   "by this CA.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="This primary's certificate (when the secondary asks for one).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key.")
 @threads_option
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
-          threads: int, as_json: bool) -> None:
+          replicate_to: str | None, mode: str | None, secret_file: str | None,
+          tls_ca: str | None, tls_cert: str | None, tls_key: str | None, threads: int | None,
+          as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
     In the foreground it runs until Ctrl-C; with --background until
     'nbdmirror stop VOL'.
     """
-    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, threads, as_json)
+    extra = _replication_keys(replicate_to, mode, secret_file, tls_ca, tls_cert, tls_key)
+    if threads is None:
+        threads = server.REPLICATED_THREADS if extra else server.DEFAULT_THREADS
+    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, threads, as_json,
+           extra)
+
+
+def _replication_keys(replicate_to: str | None, mode: str | None, secret_file: str | None,
+                      tls_ca: str | None, tls_cert: str | None,
+                      tls_key: str | None) -> tuple[str, ...]:
+    """The plugin's config keys for replication; usage errors for what does not fit."""
+    given = {"--mode": mode, "--secret-file": secret_file, "--tls-ca": tls_ca,
+             "--tls-cert": tls_cert, "--tls-key": tls_key}
+    if replicate_to is None:
+        if any(given.values()):
+            raise click.UsageError(f"{next(k for k, v in given.items() if v)} needs "
+                                   "--replicate-to HOST:PORT")
+        return ()
+    if mode is None:
+        raise click.UsageError("--replicate-to needs --mode sync or --mode semi-async")
+    try:
+        session.parse_peer(replicate_to)
+    except UsageError as err:
+        raise click.UsageError(str(err)) from None
+    if (tls_cert is None) != (tls_key is None) or (tls_cert and not tls_ca):
+        raise click.UsageError("give --tls-cert and --tls-key together, with --tls-ca")
+    keys = [f"replicate-to={replicate_to}", f"mode={mode}"]
+    for key, value in (("secret-file", secret_file), ("tls-ca", tls_ca),
+                       ("tls-cert", tls_cert), ("tls-key", tls_key)):
+        if value is not None:
+            keys.append(f"{key}={Path(value).absolute()}")
+    return tuple(keys)
 
 
 def _serve(place: ServerPlace, socket: str | None, port: int | None, address: str,
-           background: bool, threads: int, as_json: bool) -> None:
+           background: bool, threads: int | None, as_json: bool,
+           extra: tuple[str, ...] = ()) -> None:
+    threads = server.DEFAULT_THREADS if threads is None else threads
     if socket and port:
         raise click.UsageError("give --socket or --port, not both")
     endpoint = server.choose_endpoint(place, socket, port, address)
     if not background:
         click.echo(f"serving {place.what} on {endpoint} (Ctrl-C to stop)", err=True)
-        server.serve_foreground(place, endpoint, threads=threads)
+        server.serve_foreground(place, endpoint, extra=extra, threads=threads)
         return
-    state = server.serve_background(place, endpoint, threads=threads)
+    state = server.serve_background(place, endpoint, extra=extra, threads=threads)
     stop_cmd = (f"nbdmirror stop {place.volume.path}" if place.snapshot is None
                 else f"nbdmirror snapshot stop {place.volume.path} {place.snapshot}")
     emit({"volume": str(place.volume.path.absolute()), "snapshot": place.snapshot,
@@ -198,8 +249,24 @@ def status(vol: str, as_json: bool) -> None:
         f"writes:      {s['writes']} requests, {format_size(s['bytes_written'])}",
         f"trims/zero:  {s['trims']} / {s['zeroes']}; flushes {s['flushes']}",
         f"log:         {st.get('log') or '?'}",
-    ]
+    ] + _replication_lines(st.get("replication"))
     emit(st, as_json, human)
+
+
+def _replication_lines(rep: dict | None) -> list[str]:
+    """What status says of a primary's link to its secondary."""
+    if not rep:
+        return []
+    age = rep.get("last_ack_age")
+    lines = [
+        f"replication: {rep['mode']} to {rep['peer']}: {rep['state']}",
+        f"  out of sync: {rep['out_of_sync_regions']} regions; in flight: "
+        f"{rep['in_flight_writes']} writes; last ack "
+        + ("never" if age is None else f"{age:.1f}s ago"),
+    ]
+    if rep.get("last_error"):
+        lines.append(f"  last error: {rep['last_error']}")
+    return lines
 
 
 @cli.command()

@@ -34,6 +34,10 @@ READY_TIMEOUT = 30.0
 #: nbdkit threads per connection. nbdkit's own default (16) makes the plugin's threads
 #: fight over the GIL; see the README's performance section for how this was chosen.
 DEFAULT_THREADS = 1
+#: with --replicate-to: a sync or semi-async write holds its thread for a round trip, so
+#: one thread would serialise a connection's writes on the link (provisional: to be chosen
+#: by scripts/bench per mode)
+REPLICATED_THREADS = 4
 MAX_THREADS = 64
 #: how long stop waits for a server to exit before it kills it (tests shorten it)
 STOP_TIMEOUT = float(os.environ.get("NBDMIRROR_STOP_TIMEOUT", "30"))

@@ -8,6 +8,9 @@ Config keys:
   listen=WHERE      how nbdkit was told to listen (unix:PATH or tcp:HOST:PORT); recorded
                     in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
+  replicate-to=HOST:PORT mode=sync|semi-async [secret-file=F] [tls-ca=A [tls-cert=C
+  tls-key=K]] [ack-timeout=SECONDS]
+                    replicate every write to the secondary there (volume_core.replication)
 
 Once serving, everything the server says on stderr (nbdkit's messages, Python
 tracebacks, the log lines below) goes to the export's server.log, timestamped,
@@ -30,7 +33,8 @@ from pathlib import Path
 import nbdkit
 
 API_VERSION = 2
-_KEYS = ("volume", "snapshot", "listen", "durable-marks")
+_KEYS = ("volume", "snapshot", "listen", "durable-marks", "replicate-to", "mode",
+         "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout")
 
 _FUA = nbdkit.FLAG_FUA
 _config: dict[str, str] = {}
@@ -40,6 +44,7 @@ _place = None
 _admin = None
 _log_path: Path | None = None  # absolute: the server may run in another directory
 _log_reader = None  # the process writing server.log (subprocess.Popen)
+_session = None  # volume_core.replication.session.PrimarySession when replicating
 log = logging.getLogger("nbdmirror.plugin")
 
 
@@ -90,7 +95,7 @@ def config_complete():
 def get_ready():
     # Open (and lock) before nbdkit forks into the background, so that a failure is
     # reported to the command that started it.
-    global _engine, _place, _pread, _pwrite, _log_path
+    global _engine, _place, _pread, _pwrite, _log_path, _session
     from volume_core.errors import NbdMirrorError
     from volume_core.server_files import ServerPlace
     from volume_core.volume import Volume
@@ -103,8 +108,12 @@ def get_ready():
             _engine = SnapshotView(volume, _config["snapshot"])
         else:
             from volume_core.engine import Engine
+            from volume_core.replication import session
 
+            settings = session.Settings.from_config(_config)
             _engine = Engine(volume, durable_marks=_config.get("durable-marks", "1") != "0")
+            if settings is not None:
+                _session = session.replicate(_engine, settings)
         _place = ServerPlace(volume, _config.get("snapshot"))
     except NbdMirrorError as err:
         raise RuntimeError(str(err)) from None
@@ -126,8 +135,11 @@ def after_fork():
 
         _admin = AdminServer(server_files.admin_socket(_place.volume),
                              operations.handlers(_engine, listen=_config.get("listen", ""),
-                                                 log=str(_log_path)))
+                                                 log=str(_log_path),
+                                                 replication=_replication_status))
         _admin.start()
+    if _session is not None:
+        _session.start()
     _place.write_state({
         "pid": os.getpid(),
         "listen": _config.get("listen", ""),
@@ -141,12 +153,18 @@ def after_fork():
              _config.get("listen") or "?", os.getpid(), threads or "nbdkit's default")
 
 
+def _replication_status():
+    return None if _session is None else _session.status()
+
+
 def _what() -> str:
     volume = _place.volume.path.absolute()
     return f"snapshot {_place.snapshot!r} of {volume}" if _place.snapshot else str(volume)
 
 
 def cleanup():
+    if _session is not None:
+        _session.close()
     if _admin is not None:
         _admin.close()
     if _engine is not None:

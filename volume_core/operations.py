@@ -30,7 +30,9 @@ def handlers(engine: Engine, **status_extra: Any) -> dict[str, Handler]:
     """The operations of an open engine, by name (the admin socket's table)."""
 
     def status() -> dict[str, Any]:
-        return engine.status() | status_extra
+        # a callable extra is asked each time (the replication link's state)
+        return engine.status() | {key: value() if callable(value) else value
+                                  for key, value in status_extra.items()}
 
     return {
         "status": status,

@@ -10,14 +10,17 @@ regions stay marked.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
-from ..errors import LinkError, PeerRefused, ProtocolError
-from . import link
-from .primary import PrimaryReplicator
+from ..errors import LinkError, PeerRefused, ProtocolError, UsageError
+from . import link, tls
+from .primary import MODES, PrimaryReplicator
 from .protocol import Identity
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,73 @@ class PrimarySession:
                 channel.close("the primary is stopping")
             self.replicator.disconnected(channel.close_reason or "closed")
 
-    def status(self) -> dict:
-        return {"peer": f"{self.host}:{self.port}", "connects": self.connects,
-                "last_error": self.last_error}
+    def status(self) -> dict[str, Any]:
+        return self.replicator.status() | {
+            "peer": f"{self.host}:{self.port}", "connects": self.connects,
+            "last_error": self.last_error}
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:7000`` for IPv6) -> (host, port); UsageError if malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
+    return host, int(port)
+
+
+def read_secret(path: str | Path) -> bytes:
+    """The shared secret in ``path`` (surrounding whitespace ignored); one line if unusable."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as err:
+        raise UsageError(f"cannot read the secret file {path}: {err.strerror}") from None
+    if not secret:
+        raise UsageError(f"the secret file {path} is empty")
+    return secret
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How a primary replicates, as the server was told (nbdkit config keys)."""
+
+    host: str
+    port: int
+    mode: str
+    secret: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    ack_timeout: float = 5.0
+
+    KEYS = ("replicate-to", "mode", "secret-file", "tls-ca", "tls-cert", "tls-key",
+            "ack-timeout")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> Settings | None:
+        """None when the config asks for no replication; UsageError when it is wrong."""
+        if "replicate-to" not in config:
+            if any(k in config for k in cls.KEYS):
+                raise UsageError("replication options need replicate-to=HOST:PORT")
+            return None
+        host, port = parse_peer(config["replicate-to"])
+        mode = config.get("mode", "")
+        if mode not in MODES:
+            raise UsageError(f"replication mode {mode!r}: expected one of {', '.join(MODES)}")
+        secret = read_secret(config["secret-file"]) if "secret-file" in config else None
+        context = None
+        if "tls-ca" in config:
+            context = tls.client_context(config["tls-ca"], config.get("tls-cert"),
+                                         config.get("tls-key"))
+        elif "tls-cert" in config or "tls-key" in config:
+            raise UsageError("TLS needs tls-ca (the CA that signed the secondary's certificate)")
+        return cls(host, port, mode, secret, context, float(config.get("ack-timeout", 5.0)))
+
+
+def replicate(engine: Any, settings: Settings) -> PrimarySession:
+    """Attach a replicator to ``engine`` and return its session (start it after any fork)."""
+    replicator = PrimaryReplicator(engine, settings.mode, ack_timeout=settings.ack_timeout)
+    engine.attach_replicator(replicator)
+    info = engine.volume.info
+    return PrimarySession(replicator, settings.host, settings.port,
+                          identity=lambda: Identity(info.uuid, info.size, info.region_size,
+                                                    info.generation),
+                          secret=settings.secret, tls=settings.tls)
