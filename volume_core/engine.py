@@ -242,27 +242,32 @@ class Engine:
             tracker.end(first, stop)
             self._leave()
 
-    def read_ordered(self, offset: int, length: int, send: Callable[[bytearray], None]) -> None:
-        """Read a range and hand it to ``send`` with no replicated write to it in between.
+    def read_ordered(self, offset: int, length: int,
+                     send: Callable[[int, bytearray], None]) -> None:
+        """Read a range and hand it, numbered, to ``send(seq, data)``, with no replicated
+        write to it in between.
 
         For a resync or a recovering secondary: holding the range's regions (as a
         write does) orders the read with the host's writes, so what ``send``
         queues goes out after the frames of every write the read saw, and before
-        those of every write it did not.
+        those of every write it did not; ``seq`` (from the writes' counter) tells
+        the secondary where it stands among them.
         """
         self._check(offset, length)
         first = offset >> self._shift
         stop = max(first + 1, ((offset + length - 1) >> self._shift) + 1)
         regions = self._region_locks
-        if regions is not None:
-            with self._lock:
+        with self._lock:
+            if regions is not None:
                 while regions.busy(first, stop):
                     regions.wait()
                 regions.take(first, stop)
+            self._seq += 1
+            seq = self._seq
         try:
             buf = bytearray(length)
             pread_full(self.fd, buf, offset)
-            send(buf)
+            send(seq, buf)
         finally:
             if regions is not None:
                 with self._lock:

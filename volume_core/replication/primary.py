@@ -45,6 +45,9 @@ from . import protocol as p
 
 log = logging.getLogger(__name__)
 
+#: bytes per resync frame: small enough that an urgent frame never waits long behind one
+RESYNC_CHUNK = 1 << 20
+
 SYNC = "sync"
 SEMI_ASYNC = "semi-async"
 MODES = (SYNC, SEMI_ASYNC)
@@ -86,8 +89,14 @@ class PrimaryReplicator:
         self._flushes: dict[int, Ticket] = {}
         self._acked = np.zeros(regions, dtype=np.uint8)  # may be cleared by sweep()
         self._out_of_sync = np.zeros(regions, dtype=np.uint8)  # only resync clears these
+        # Bumped whenever a region turns out of sync: a resync frame acknowledged later
+        # clears only the regions that did not turn out of sync again after it was read.
+        self._oos_gen = np.zeros(regions, dtype=np.uint32)
+        self._resync_sent: dict[int, tuple[int, int, np.ndarray]] = {}  # seq -> regions, gens
+        self.resync = {"regions": 0, "regions_sent": 0, "bytes_sent": 0, "running": False}
         self.stats = {"writes_sent": 0, "bytes_sent": 0, "acks": 0, "timeouts": 0,
-                      "links_lost": 0, "write_failures_reported": 0, "regions_read": 0}
+                      "links_lost": 0, "write_failures_reported": 0, "regions_read": 0,
+                      "resync_bytes": 0}
         self.last_ack: float | None = None
         self.state = "disconnected"
 
@@ -97,9 +106,16 @@ class PrimaryReplicator:
         with self._lock:
             self._channel = channel
             with self.engine.tracker.lock:
-                native.merge_or(self._out_of_sync, self.engine.tracker.marks)
+                # Marked and not known to match: regions acknowledged since the last
+                # sweep match, everything else marked may not (written while no link
+                # was up, or before this process started).
+                marked = (self.engine.tracker.marks != 0) & (self._acked == 0)
+            self._out_of_sync[marked] = 1
+            self._oos_gen[marked] += 1
             self.state = "connected"
         log.info("connected to the secondary (%s mode)", self.mode)
+        threading.Thread(target=self._resync, args=(channel,), daemon=True,
+                         name="resync").start()
 
     def disconnected(self, reason: str) -> None:
         """The channel is gone: every unanswered write stays out of sync."""
@@ -112,11 +128,17 @@ class PrimaryReplicator:
             self._lose_unanswered()
         log.warning("lost the secondary: %s", reason)
 
+    def _mark_out_of_sync(self, first: int, stop: int) -> None:
+        """(lock held) The two sides may differ in [first, stop) until a resync."""
+        self._out_of_sync[first:stop] = 1
+        self._oos_gen[first:stop] += 1
+
     def _lose_unanswered(self) -> None:
         """(lock held) Writes and flushes in the air will never be answered."""
         for first, stop in self._unapplied.values():
-            self._out_of_sync[first:stop] = 1
+            self._mark_out_of_sync(first, stop)
         self._unapplied.clear()
+        self._resync_sent.clear()
         for ticket in list(self._waiting.values()) + list(self._flushes.values()):
             ticket.answered.set()
         self._waiting.clear()
@@ -126,10 +148,11 @@ class PrimaryReplicator:
     def submit(self, event: WriteEvent) -> Ticket | None:
         with self._lock:
             channel = self._channel
-            if channel is None:
-                return None  # marked by the engine, and it stays marked: out of sync
             first = event.offset >> self.shift
             stop = max(first + 1, ((event.offset + event.length - 1) >> self.shift) + 1)
+            if channel is None:  # marked by the engine; the next resync carries it
+                self._mark_out_of_sync(first, stop)
+                return None
             ticket = Ticket(event.seq, first, stop)
             self._waiting[event.seq] = ticket
             self._unapplied[event.seq] = (first, stop)
@@ -166,7 +189,7 @@ class PrimaryReplicator:
             return
         if not landed:  # sent, but not written here: the two sides may differ
             with self._lock:
-                self._out_of_sync[ticket.first:ticket.stop] = 1
+                self._mark_out_of_sync(ticket.first, ticket.stop)
         if not ticket.answered.wait(self.ack_timeout):
             self.stats["timeouts"] += 1
             channel = self._channel
@@ -233,6 +256,9 @@ class PrimaryReplicator:
                     regions = self._unapplied.pop(s, None)
                     if regions is not None:
                         self._acked[regions[0]:regions[1]] = 1
+                    resent = self._resync_sent.pop(s, None)
+                    if resent is not None:
+                        self._resynced(*resent)
                 # sync waits for the data, semi-async for the metadata (a trim or zero
                 # is acknowledged as applied at once in either mode)
                 if applied or self.mode == SEMI_ASYNC:
@@ -249,7 +275,7 @@ class PrimaryReplicator:
             self.stats["write_failures_reported"] += 1
             self._unapplied.pop(frame.seq, None)
             # Until it has recovered, the secondary differs there (only resync clears this).
-            self._out_of_sync[first:stop] = 1
+            self._mark_out_of_sync(first, stop)
             ticket = self._waiting.get(frame.seq)
             if ticket is not None:  # answered: the secondary knows of the write
                 ticket.ok = True
@@ -268,11 +294,67 @@ class PrimaryReplicator:
         if channel is None:
             return
 
-        def send(buf: bytearray) -> None:
+        def send(_seq: int, buf: bytearray) -> None:
             channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)))
 
         self.engine.read_ordered(frame.offset, frame.length, send)
         self.stats["regions_read"] += 1
+
+    # -- resync -----------------------------------------------------------------
+    def _resync(self, channel: Channel) -> None:
+        """Send the regions out of sync when the link came up, read live, in order.
+
+        Runs of regions found with the C helper, sent a chunk at a time (never a
+        Python step per region); an all-zero chunk travels as a ZERO frame.
+        Host writes go on meanwhile: each chunk is read holding its regions, so
+        it is numbered among the writes and the secondary applies it in order.
+        """
+        with self._lock:
+            todo = self._out_of_sync.copy()
+        runs = native.scan_runs(todo)
+        size, rs = self.engine.size, self.engine.volume.region_size
+        step = max(1, RESYNC_CHUNK // rs)
+        self.resync = {"regions": int(runs[:, 1].sum()) if len(runs) else 0, "regions_sent": 0,
+                       "bytes_sent": 0, "running": True}
+        log.info("resync: %d regions out of sync", self.resync["regions"])
+        try:
+            for start, count in runs.tolist():
+                for first in range(start, start + count, step):
+                    stop = min(start + count, first + step)
+                    if self._channel is not channel:
+                        return
+                    self._resync_chunk(channel, first, stop, size, rs)
+        except (NbdMirrorError, OSError) as err:
+            self._drop(channel, f"resync failed: {err}")
+        finally:
+            self.resync["running"] = False
+
+    def _resync_chunk(self, channel: Channel, first: int, stop: int, size: int,
+                      rs: int) -> None:
+        offset = first * rs
+        length = min(stop * rs, size) - offset
+
+        def send(seq: int, buf: bytearray) -> None:
+            with self._lock:
+                if self._channel is not channel:
+                    return
+                self._unapplied[seq] = (first, stop)
+                self._resync_sent[seq] = (first, stop, self._oos_gen[first:stop].copy())
+            if buf.count(0) == len(buf):
+                channel.send_bulk(p.Zero(seq, offset, length, may_trim=True))
+            else:
+                channel.send_bulk(p.Write(seq, offset, bytes(buf)))
+                self.stats["resync_bytes"] += length
+
+        self.engine.read_ordered(offset, length, send)
+        self.resync["regions_sent"] += stop - first
+        self.resync["bytes_sent"] += length
+
+    def _resynced(self, first: int, stop: int, gens: np.ndarray) -> None:
+        """(lock held) A resync frame was applied: those regions match, unless they
+        turned out of sync again after it was read."""
+        same = self._oos_gen[first:stop] == gens
+        self._out_of_sync[first:stop][same] = 0
 
     # -- clearing and status -------------------------------------------------------
     def sweep(self) -> int:
@@ -292,7 +374,10 @@ class PrimaryReplicator:
         if state == "connected":
             # Never "in-sync" while a region may differ: one out of sync, or a write
             # the secondary has not confirmed applying.
-            state = "in-sync" if out_of_sync == 0 and in_flight == 0 else "out-of-sync"
+            if out_of_sync == 0 and in_flight == 0:
+                state = "in-sync"
+            else:
+                state = "resyncing" if self.resync["running"] else "out-of-sync"
         return {"mode": self.mode, "state": state, "out_of_sync_regions": out_of_sync,
                 "marked_regions": marked, "in_flight_writes": in_flight,
-                "last_ack_age": age, **self.stats}
+                "last_ack_age": age, "resync": dict(self.resync), **self.stats}
