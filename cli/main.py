@@ -16,12 +16,12 @@ import click
 
 from volume_core import operations, snapshots
 from volume_core.errors import NbdMirrorError, ServerError, UsageError
-from volume_core.replication import session
+from volume_core.replication import receiver, session
 from volume_core.server_files import ServerPlace
 from volume_core.units import format_size
 from volume_core.volume import Volume, validate_geometry
 
-from . import devices, params, server
+from . import devices, params, receiving, server
 from .server import Endpoint
 
 
@@ -257,6 +257,8 @@ def _replication_lines(rep: dict | None) -> list[str]:
     """What status says of a primary's link to its secondary."""
     if not rep:
         return []
+    if rep.get("role") == "secondary":
+        return _receiving_lines(rep)
     age = rep.get("last_ack_age")
     lines = [
         f"replication: {rep['mode']} to {rep['peer']}: {rep['state']}",
@@ -266,6 +268,22 @@ def _replication_lines(rep: dict | None) -> list[str]:
     ]
     if rep.get("last_error"):
         lines.append(f"  last error: {rep['last_error']}")
+    return lines
+
+
+def _receiving_lines(rep: dict) -> list[str]:
+    """What status says of a secondary's link from its primary."""
+    peer = f" from {rep['peer']}" if rep.get("peer") else ""
+    mode = f" ({rep['mode']})" if rep.get("mode") else ""
+    lines = [
+        f"replication: receiving on {rep['listen']}: {rep['state']}{peer}{mode}",
+        f"  primary: {rep.get('primary_uuid') or 'none yet'}; received "
+        f"{format_size(rep['bytes_received'])}, {rep['writes_applied']} writes applied",
+        f"  pending: {rep['pending_regions']} regions; recovering: "
+        f"{rep['recovering_regions']}; marked: {rep['marked_regions']}",
+    ]
+    if rep.get("last_refusal"):
+        lines.append(f"  last refused: {rep['last_refusal']}")
     return lines
 
 
@@ -421,6 +439,54 @@ def snapshot_stop(vol: str, name: str, force: bool, as_json: bool) -> None:
     pid = server.stop(place, force=force)
     emit({"volume": str(place.volume.path.absolute()), "snapshot": name, "pid": pid}, as_json,
          [f"stopped the export of snapshot {name} of {vol} (pid {pid})"])
+
+
+@cli.command()
+@click.argument("vol", type=click.Path())
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Address to take the primary's connection on, e.g. 0.0.0.0:7000.")
+@click.option("--background", is_flag=True,
+              help="Return once the listener accepts connections; the pid is in "
+                   "VOL/nbdkit.pid.")
+@click.option("--secret-file", type=click.Path(),
+              help="Shared secret the primary must prove it knows (the file's bytes).")
+@click.option("--tls-cert", type=click.Path(), help="This secondary's TLS certificate.")
+@click.option("--tls-key", type=click.Path(), help="Its private key.")
+@click.option("--tls-ca", type=click.Path(),
+              help="CA that signed the primaries' certificates (required with TLS).")
+@json_option
+def receive(vol: str, listen: str, background: bool, secret_file: str | None,
+            tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
+            as_json: bool) -> None:
+    """Receive replication into VOL: make it the secondary of a primary.
+
+    VOL must exist with the primary's size and region size. The first
+    primary to connect pairs with it (VOL's role becomes secondary); others
+    are refused. In the foreground it runs until Ctrl-C; with --background
+    until 'nbdmirror stop VOL'. 'nbdmirror status VOL' shows the link.
+    """
+    try:
+        host, port = session.parse_peer(listen)
+        if any((tls_cert, tls_key, tls_ca)) and not all((tls_cert, tls_key, tls_ca)):
+            raise UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    except UsageError as err:
+        raise click.UsageError(str(err)) from None
+    files = {"--secret-file": secret_file, "--tls-cert": tls_cert, "--tls-key": tls_key,
+             "--tls-ca": tls_ca}
+    # Read them here too: a bad file is refused in one line before anything starts.
+    receiver.Settings.load(listen, secret_file, tls_cert, tls_key, tls_ca)
+    place = ServerPlace(Volume.open(vol))
+    endpoint = Endpoint(host=host, port=port)
+    cmd = receiving.command(place, listen, files)
+    if not background:
+        click.echo(f"receiving into {place.what} on {endpoint} (Ctrl-C to stop)", err=True)
+        receiving.receive_foreground(place, endpoint, cmd)
+        return
+    state = receiving.receive_background(place, endpoint, cmd)
+    emit({"volume": str(place.volume.path.absolute()), "listen": state.get("listen"),
+          "pid": state.get("pid"), "log": state.get("log")}, as_json,
+         [f"receiving into {place.what} on {state.get('listen')} (pid {state.get('pid')}); "
+          f"stop with: nbdmirror stop {place.volume.path}"])
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from volume_core import admin, server_log
 from volume_core.errors import AdminError, ServerError, VolumeBusy
 from volume_core.server_files import (
     ADMIN_SOCKET,
+    RECEIVER_KIND,
     ServerPlace,
     admin_socket,
     pid_alive,
@@ -135,7 +136,8 @@ def ensure_not_served(place: ServerPlace) -> None:
     if state is not None:
         where = f" on {state['listen']}" if state.get("listen") else ""
         pid = f" (pid {state['pid']})" if state.get("pid") else ""
-        raise VolumeBusy(f"{place.what} is already being served{where}{pid}")
+        doing = "receiving replication" if is_receiver(state) else "being served"
+        raise VolumeBusy(f"{place.what} is already {doing}{where}{pid}")
     if place.held():
         raise VolumeBusy(f"{place.what} is in use by another process (starting a server, or "
                          "another tool)")
@@ -331,9 +333,14 @@ def running_server(place: ServerPlace) -> dict:
                       f"server{gone}; not stopping anything")
 
 
+def is_receiver(state: dict) -> bool:
+    """True when ``state`` (server.json) is a secondary's receiver: it has no NBD export."""
+    return state.get("kind") == RECEIVER_KIND
+
+
 def connected_clients(state: dict) -> list[str]:
     """The NBD clients of the running server ``state`` describes, each named."""
-    if not state.get("listen"):
+    if not state.get("listen") or is_receiver(state):
         return []
     return clients.connected(state["pid"], Endpoint.parse(state["listen"]))
 
@@ -368,7 +375,8 @@ def stop(place: ServerPlace, force: bool = False) -> int:
         exited = pidfd is None or not place.proves(state)  # it went away meanwhile
         if not exited:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            exited = _wait_exit(pid, state.get("listen"), STOP_TIMEOUT)
+            listen = None if is_receiver(state) else state.get("listen")
+            exited = _wait_exit(pid, listen, STOP_TIMEOUT)
         if not exited:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             if not wait_for(lambda: not pid_alive(pid), 10):
@@ -402,6 +410,9 @@ def _wait_exit(pid: int, listen: str | None, timeout: float) -> bool:
 
 def find_endpoint(place: ServerPlace) -> Endpoint:
     state = place.read_state()
+    if state and is_receiver(state):
+        raise ServerError(f"{place.what} is a secondary receiving replication on "
+                          f"{state.get('listen')}; it has no NBD export")
     if not state or not state.get("listen"):
         raise ServerError(f"{place.what} is not being served")
     return Endpoint.parse(state["listen"])

@@ -8,6 +8,11 @@ held *and* the recorded pid is proven to be this place's server: alive, started
 at the recorded time (``/proc/PID/stat`` field 22) and running nbdkit with this
 volume (and snapshot) on its command line. Nothing may signal a pid that is not
 proven so.
+
+A secondary's receiving process (``nbdmirror receive``) keeps the same files
+in ``VOL/``, so ``status`` and ``stop`` treat it like a server; its
+server.json says ``"kind": "receiver"`` and its ``listen`` is the replication
+address, not an NBD export.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ STATE_FILE = "server.json"
 LOG_FILE = "server.log"
 ADMIN_SOCKET = "admin.sock"
 NBD_SOCKET = "nbd.sock"
+#: a secondary's receiving process runs as ``python -m RECEIVER_MODULE VOL ...``
+RECEIVER_MODULE = "volume_core.replication.receiver"
+#: server.json's ``kind`` of a receiving process (an nbdkit server records none)
+RECEIVER_KIND = "receiver"
 
 
 def admin_socket(volume: Volume) -> Path:
@@ -118,7 +127,10 @@ class ServerPlace:
         return self.is_server_command(process_args(pid))
 
     def is_server_command(self, args: list[str]) -> bool:
-        """True when ``args`` (a command line) is nbdkit serving this very place."""
+        """True when ``args`` (a command line) is nbdkit serving this very place, or the
+        replication receiver of this volume (``python -m RECEIVER_MODULE VOL ...``)."""
+        if self.snapshot is None and args[1:3] == ["-m", RECEIVER_MODULE] and len(args) > 3:
+            return os.path.realpath(args[3]) == os.path.realpath(self.volume.path)
         if not args or Path(args[0]).name != "nbdkit":
             return False
         values = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))

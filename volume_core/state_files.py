@@ -73,6 +73,10 @@ VOLUME_FIELDS: dict[str, Check] = {
     "role": (lambda v: isinstance(v, str) and v in ROLES, f"must be one of {', '.join(ROLES)}"),
     "generation": (lambda v: _is_int(v) and v >= 1, "must be an integer of at least 1"),
     "created": (lambda v: isinstance(v, str), "must be a string"),
+    # A secondary's pairing: absent in volumes made before replication existed.
+    "peer_uuid": (lambda v: v is None or _is_uuid(v), "must be null or a UUID"),
+    "peer_generation": (lambda v: _is_int(v) and 0 <= v <= MAX_SEQ,
+                        f"must be an integer from 0 to {MAX_SEQ}"),
 }
 _VOLUME_REQUIRED = ("uuid", "size", "region_size")
 

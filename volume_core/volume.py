@@ -2,7 +2,8 @@
 
 Layout of a volume ``VOL/``::
 
-    volume.json     description: format, uuid, size, region size, role, generation
+    volume.json     description: format, uuid, size, region size, role, generation,
+                    and on a secondary the uuid and generation of its primary
     data.img        the live data, a raw sparse image (qemu-img, cmp, losetup read it)
     marks.map       the persisted write-intent map, one byte per region
     snapshots/      copy-on-write snapshots
@@ -80,6 +81,10 @@ class VolumeInfo:
     generation: int = 1
     created: str = ""
     format: int = FORMAT_VERSION
+    #: a secondary's primary: its uuid (None until the first primary pairs with it)
+    peer_uuid: str | None = None
+    #: the highest generation of that primary seen so far (0 before pairing)
+    peer_generation: int = 0
 
     @property
     def regions(self) -> int:
