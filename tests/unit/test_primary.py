@@ -28,7 +28,7 @@ class RecordingChannel:
     def send_urgent(self, frame):
         self._add("urgent", frame)
 
-    def send_bulk(self, frame):
+    def send_bulk(self, frame, timeout=None):
         self._add("bulk", frame)
 
     def _add(self, path, frame):
@@ -138,6 +138,7 @@ def test_a_recovering_secondary_gets_the_current_region(engine):
     engine.detach_replicator()
     engine.pwrite(b"f" * RS, 7 * RS)
     rep.on_frame(p.ReadRegion(1 << 62, 7 * RS, RS))
+    wait_until(lambda: ch.sent, what="the answer")
     assert ch.frames() == [("bulk", "RegionData", 1 << 62)]
     assert ch.sent[0][1].data == b"f" * RS
 

@@ -31,6 +31,7 @@ the loss of the channel (``disconnected``). A channel needs only
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ MODES = (SYNC, SEMI_ASYNC)
 
 class Channel(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
-    def send_bulk(self, frame: p.Frame) -> None: ...
+    def send_bulk(self, frame: p.Frame, timeout: float | None = None) -> None: ...
     def close(self, reason: str = "") -> None: ...
 
 
@@ -99,6 +100,10 @@ class PrimaryReplicator:
                       "resync_bytes": 0}
         self.last_ack: float | None = None
         self.state = "disconnected"
+        self._region_requests: queue.SimpleQueue[p.ReadRegion | None] = queue.SimpleQueue()
+        self._region_worker = threading.Thread(target=self._answer_regions, daemon=True,
+                                               name="read-region")
+        self._region_worker.start()
 
     # -- link events ------------------------------------------------------------
     def connected(self, channel: Channel) -> None:
@@ -158,7 +163,10 @@ class PrimaryReplicator:
             self._unapplied[event.seq] = (first, stop)
         try:
             for urgent, frame in self._frames(event):
-                (channel.send_urgent if urgent else channel.send_bulk)(frame)
+                if urgent:
+                    channel.send_urgent(frame)
+                else:  # a full window may not hold the host past the ack timeout
+                    channel.send_bulk(frame, timeout=self.ack_timeout)
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
         self.stats["writes_sent"] += 1
@@ -209,7 +217,7 @@ class PrimaryReplicator:
             ticket = Ticket(event.seq, 0, 0)
             self._flushes[event.seq] = ticket
         try:
-            channel.send_bulk(p.Flush(event.seq))  # behind the data it must cover
+            channel.send_bulk(p.Flush(event.seq), timeout=self.ack_timeout)  # behind its data
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
         if not ticket.answered.wait(self.ack_timeout):
@@ -242,7 +250,9 @@ class PrimaryReplicator:
         elif isinstance(frame, p.FlushAck):
             self._flush_answered(frame)
         elif isinstance(frame, p.ReadRegion):
-            self._send_region(frame)
+            # Not on the link's receiver thread: reading waits for the regions' writes,
+            # and a write that drops the link joins that thread.
+            self._region_requests.put(frame)
         elif not isinstance(frame, (p.Pong, p.Ping)):
             raise ProtocolError(f"a primary does not expect {p.frame_name(frame)} frames")
 
@@ -288,14 +298,31 @@ class PrimaryReplicator:
                 ticket.ok = not frame.failed
                 ticket.answered.set()
 
-    def _send_region(self, frame: p.ReadRegion) -> None:
+    def _answer_regions(self) -> None:
+        """The worker that answers READ_REGION requests, one at a time."""
+        while True:
+            frame = self._region_requests.get()
+            if frame is None:
+                return
+            channel = self._channel
+            if channel is None:
+                continue
+            try:
+                self._send_region(channel, frame)
+            except (NbdMirrorError, OSError) as err:
+                self._drop(channel, f"answering READ_REGION failed: {err}")
+
+    def close(self) -> None:
+        """Stop the READ_REGION worker (the engine may close after this)."""
+        self._region_requests.put(None)
+        self._region_worker.join(10)
+
+    def _send_region(self, channel: Channel, frame: p.ReadRegion) -> None:
         """Answer a recovering secondary with the region's current contents, in order."""
-        channel = self._channel
-        if channel is None:
-            return
 
         def send(_seq: int, buf: bytearray) -> None:
-            channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)))
+            channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)),
+                              timeout=self.ack_timeout)
 
         self.engine.read_ordered(frame.offset, frame.length, send)
         self.stats["regions_read"] += 1
@@ -340,10 +367,12 @@ class PrimaryReplicator:
                     return
                 self._unapplied[seq] = (first, stop)
                 self._resync_sent[seq] = (first, stop, self._oos_gen[first:stop].copy())
+            # bounded: host writes to these regions wait behind this chunk
             if buf.count(0) == len(buf):
-                channel.send_bulk(p.Zero(seq, offset, length, may_trim=True))
+                channel.send_bulk(p.Zero(seq, offset, length, may_trim=True),
+                                  timeout=self.ack_timeout)
             else:
-                channel.send_bulk(p.Write(seq, offset, bytes(buf)))
+                channel.send_bulk(p.Write(seq, offset, bytes(buf)), timeout=self.ack_timeout)
                 self.stats["resync_bytes"] += length
 
         self.engine.read_ordered(offset, length, send)
@@ -358,11 +387,19 @@ class PrimaryReplicator:
 
     # -- clearing and status -------------------------------------------------------
     def sweep(self) -> int:
-        """Clear from the marks the regions both sides hold the same; return how many."""
+        """Clear from the marks the regions both sides hold the same; return how many.
+
+        Not a region whose data is still on its way (semi-async settles a write on
+        META_ACK, before its data is applied): its mark is what a crash now would
+        resync. The clear runs under this object's lock, so no write can be
+        submitted into a region between choosing it and clearing it.
+        """
         with self._lock:
             done = self._acked & (self._out_of_sync == 0)
             self._acked[:] = 0
-        return self.engine.tracker.clear(done) if done.any() else 0
+            for first, stop in self._unapplied.values():
+                done[first:stop] = 0
+            return self.engine.tracker.clear(done) if done.any() else 0
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -701,6 +701,9 @@ def _check_range(name: str, offset: int, length: int, size: int, region_size: in
     if offset + length > size:
         raise ProtocolError(f"{name} frame range {offset}+{length} reaches past the end of the "
                             f"volume ({size} bytes)")
+    if whole_regions and length > MAX_DATA:  # the answer must fit in one frame
+        raise ProtocolError(f"{name} frame asks for {length} bytes, more than one frame "
+                            f"carries ({MAX_DATA})")
     if whole_regions and (offset % region_size or (length % region_size
                                                     and offset + length != size)):
         raise ProtocolError(f"{name} frame range {offset}+{length} is not whole regions of "

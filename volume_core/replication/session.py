@@ -58,6 +58,7 @@ class PrimarySession:
         if channel is not None:
             channel.close("the primary is stopping")
         self._thread.join(timeout)
+        self.replicator.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
