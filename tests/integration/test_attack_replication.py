@@ -224,10 +224,8 @@ def test_a_host_write_never_waits_past_the_ack_timeout_behind_a_stuck_resync(tmp
         assert took < 1.5, f"a host write took {took:.1f} s with an ack timeout of 0.5 s"
 
 
-@pytest.mark.xfail(strict=True, reason="a primary connecting to a secondary it never paired "
-                   "with (a replaced, empty one) resyncs only its marks and says in-sync")
 def test_a_new_secondary_gets_everything_before_the_primary_says_in_sync(tmp_path):
-    """Bug: the primary does not remember which secondary it replicated to. Its marks say
+    """Fixed bug: the primary did not remember which secondary it replicated to. Its marks say
     what may differ from *that* secondary; a different secondary volume (the old disk
     replaced, the volume re-created empty at the same address, another host) pairs with it
     as "the first primary to connect", the primary resyncs only its current marks (after a

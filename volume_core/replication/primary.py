@@ -108,7 +108,10 @@ class PrimaryReplicator:
     # -- link events ------------------------------------------------------------
     def connected(self, channel: Channel) -> None:
         """A channel to the secondary is up: everything marked now may differ."""
+        new_peer = self._note_peer(channel)
         with self._lock:
+            if new_peer:  # acknowledgements of another secondary say nothing of this one
+                self._acked[:] = 0
             self._channel = channel
             with self.engine.tracker.lock:
                 # Marked and not known to match: regions acknowledged since the last
@@ -121,6 +124,26 @@ class PrimaryReplicator:
         log.info("connected to the secondary (%s mode)", self.mode)
         threading.Thread(target=self._resync, args=(channel,), daemon=True,
                          name="resync").start()
+
+    def _note_peer(self, channel: Channel) -> bool:
+        """Remember the secondary (volume.json ``peer_uuid``); True when it is a new one.
+
+        The marks say what may differ from *the* secondary this volume replicated
+        to. Another one (a replaced disk, a re-created volume) may hold nothing:
+        every region is marked (durably, before the old peer is forgotten), so
+        the resync copies the whole volume.
+        """
+        reply = getattr(channel, "reply", None)
+        peer = getattr(reply, "uuid", None)
+        volume = self.engine.volume
+        if peer is None or volume.info.peer_uuid == peer:
+            return False
+        if volume.info.peer_uuid is not None:
+            log.warning("secondary %s replaces %s: copying the whole volume", peer,
+                        volume.info.peer_uuid)
+            self.engine.tracker.mark(0, self.engine.size)
+        volume.update_info(peer_uuid=peer)
+        return True
 
     def disconnected(self, reason: str) -> None:
         """The channel is gone: every unanswered write stays out of sync."""
