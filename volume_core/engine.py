@@ -116,7 +116,6 @@ class Engine:
         self.replicator: Replicator | None = None
         self._seq = 0  # numbers every write and flush while replicating
         self._region_locks: RegionLocks | None = None
-        self._shift = volume.region_size.bit_length() - 1
         # The write gate: closed while _gate_holders > 0; _drained is signalled when the
         # last write in flight leaves a closed gate, _reopened when the gate opens again.
         self._gate_holders = 0
@@ -199,8 +198,7 @@ class Engine:
 
     def _replicated(self, event: WriteEvent, apply: Callable[[], None]) -> None:
         """The write path with a replicator: numbered, ordered, submitted, applied, settled."""
-        first = event.offset >> self._shift
-        stop = max(first + 1, ((event.offset + event.length - 1) >> self._shift) + 1)
+        first, stop = self.volume.geometry.span_at_least_one(event.offset, event.length)
         regions = self._region_locks
         tracker = self.tracker
         with self._lock:
@@ -254,8 +252,7 @@ class Engine:
         the secondary where it stands among them.
         """
         self._check(offset, length)
-        first = offset >> self._shift
-        stop = max(first + 1, ((offset + length - 1) >> self._shift) + 1)
+        first, stop = self.volume.geometry.span_at_least_one(offset, length)
         regions = self._region_locks
         with self._lock:
             if regions is not None:

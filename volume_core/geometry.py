@@ -64,6 +64,12 @@ class RegionGeometry:
         """Regions ``[first, stop)`` touched by ``length > 0`` bytes at ``offset``."""
         return offset >> self.shift, ((offset + length - 1) >> self.shift) + 1
 
+    def span_at_least_one(self, offset: int, length: int) -> tuple[int, int]:
+        """Like span(), but a zero-length request still names the region at ``offset``
+        (a flush or an empty write still needs a place in the order)."""
+        first = offset >> self.shift
+        return first, max(first + 1, ((offset + length - 1) >> self.shift) + 1)
+
     def region_bytes(self, region: int) -> int:
         """Bytes of the volume in ``region``: region_size, less for the short last one."""
         return min(self.region_size, self.size - (region << self.shift))

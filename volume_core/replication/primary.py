@@ -81,7 +81,7 @@ class PrimaryReplicator:
         self.engine = engine
         self.mode = mode
         self.ack_timeout = ack_timeout
-        self.shift = engine.volume.region_size.bit_length() - 1
+        self._geometry = engine.volume.geometry
         regions = engine.volume.regions
         self._lock = threading.Lock()
         self._channel: Channel | None = None
@@ -176,8 +176,7 @@ class PrimaryReplicator:
     def submit(self, event: WriteEvent) -> Ticket | None:
         with self._lock:
             channel = self._channel
-            first = event.offset >> self.shift
-            stop = max(first + 1, ((event.offset + event.length - 1) >> self.shift) + 1)
+            first, stop = self._geometry.span_at_least_one(event.offset, event.length)
             if channel is None:  # marked by the engine; the next resync carries it
                 self._mark_out_of_sync(first, stop)
                 return None
@@ -302,8 +301,7 @@ class PrimaryReplicator:
 
     def _write_failed(self, frame: p.WriteFailed) -> None:
         """The secondary could not write: it recovers the region itself (READ_REGION)."""
-        first = frame.offset >> self.shift
-        stop = max(first + 1, ((frame.offset + frame.length - 1) >> self.shift) + 1)
+        first, stop = self._geometry.span_at_least_one(frame.offset, frame.length)
         with self._lock:
             self.stats["write_failures_reported"] += 1
             self._unapplied.pop(frame.seq, None)
