@@ -87,8 +87,6 @@ def start(fn, *args) -> threading.Thread:
     return t
 
 
-@pytest.mark.xfail(strict=True, reason="after a secondary write failure recovered on a live "
-                   "link the primary never says in-sync again (nor clears the marks)")
 def test_primary_returns_to_in_sync_after_the_secondary_recovers_a_failed_write(tmp_path):
     """Bug: WRITE_FAILED marks the region *out of sync* on the primary, and only a resync
     frame's ack clears that; resync runs only when a link comes up. The secondary recovers

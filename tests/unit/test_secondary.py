@@ -297,7 +297,7 @@ def test_failed_write_is_reported_then_recovered_from_the_primary(engine, volume
     primary = bytearray(b"p" * RS)
     primary[100:150] = b"w" * 50
     rx.handle(p.RegionData(ask.seq, 2 * RS, bytes(primary)))
-    assert out.take() == [p.DataAck(2)]
+    assert out.take() == [p.DataAck(ask.seq), p.DataAck(2)]  # the recovery, then write 2
     assert read(engine, 2 * RS, RS) == b"n" * 10 + bytes(primary[10:])
     st = rx.status()
     assert (st["recovering_regions"], st["regions_recovered"]) == (0, 1)

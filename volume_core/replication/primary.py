@@ -94,6 +94,9 @@ class PrimaryReplicator:
         # clears only the regions that did not turn out of sync again after it was read.
         self._oos_gen = np.zeros(regions, dtype=np.uint32)
         self._resync_sent: dict[int, tuple[int, int, np.ndarray]] = {}  # seq -> regions, gens
+        # READ_REGION answers sent: the secondary acknowledges a recovery with DATA_ACK of
+        # its request id, and then the regions match again (unless written meanwhile).
+        self._region_answers: dict[int, tuple[int, int, np.ndarray]] = {}
         self.resync = {"regions": 0, "regions_sent": 0, "bytes_sent": 0, "running": False}
         self.stats = {"writes_sent": 0, "bytes_sent": 0, "acks": 0, "timeouts": 0,
                       "links_lost": 0, "write_failures_reported": 0, "regions_read": 0,
@@ -167,6 +170,7 @@ class PrimaryReplicator:
             self._mark_out_of_sync(first, stop)
         self._unapplied.clear()
         self._resync_sent.clear()
+        self._region_answers.clear()
         for ticket in list(self._waiting.values()) + list(self._flushes.values()):
             ticket.answered.set()
         self._waiting.clear()
@@ -288,7 +292,7 @@ class PrimaryReplicator:
                     regions = self._unapplied.pop(s, None)
                     if regions is not None:
                         self._acked[regions[0]:regions[1]] = 1
-                    resent = self._resync_sent.pop(s, None)
+                    resent = self._resync_sent.pop(s, None) or self._region_answers.pop(s, None)
                     if resent is not None:
                         self._resynced(*resent)
                 # sync waits for the data, semi-async for the metadata (a trim or zero
@@ -341,7 +345,12 @@ class PrimaryReplicator:
     def _send_region(self, channel: Channel, frame: p.ReadRegion) -> None:
         """Answer a recovering secondary with the region's current contents, in order."""
 
+        first, stop = self._geometry.span_at_least_one(frame.offset, frame.length)
+
         def send(_seq: int, buf: bytearray) -> None:
+            with self._lock:  # read holding the regions: later writes bump their generation
+                self._region_answers[frame.seq] = (first, stop,
+                                                   self._oos_gen[first:stop].copy())
             channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)),
                               timeout=self.ack_timeout)
 

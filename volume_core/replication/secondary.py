@@ -489,8 +489,9 @@ class Receiver:
             self._landed_whole(entry)
             self.tracker.end(rec.first, rec.stop)
             log.info("regions %d..%d recovered from the primary", rec.first, rec.stop - 1)
-        else:
-            rec.due = self.clock() + self._backoff(rec.attempts)
+            # Tell the primary (DATA_ACK of the request id): the regions match again there.
+            return [p.DataAck(entry.seq)]
+        rec.due = self.clock() + self._backoff(rec.attempts)
         return []
 
     def _backoff(self, attempts: int) -> float:
