@@ -640,3 +640,11 @@ def test_an_auth_frame_is_the_mac_size():
     primary.receive_data(secondary.send(secondary.make_reply(accepted=True, reason="", **ID_S)))
     primary.next_frame()
     assert len(primary.auth_frame().mac) == auth.MAC_SIZE
+
+
+def test_a_sequence_number_on_a_frame_that_has_none_is_refused():
+    """Found by the fuzzer: ERROR with seq 1 decoded, then encoded back with seq 0."""
+    dec = decoder()
+    dec.receive_data(raw(Error.CODE, seq=1, payload=b"bye"))
+    with pytest.raises(ProtocolError, match="nonzero sequence number"):
+        dec.next_frame()

@@ -642,6 +642,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(CycleCommit, "CYCLE_COMMIT", _Payload.NONE, _Range.NONE, _P),
     _Spec(CycleAck, "CYCLE_ACK", _Payload.NONE, _Range.NONE, _S),
 )
+#: frame types with no sequence number (their seq field must be 0)
+_SEQLESS: Final = frozenset({Hello, HelloReply, Auth, Error})
 #: wire type -> spec (None: unknown type)
 _BY_CODE: list[_Spec | None] = [None] * 256
 for _spec in _SPECS:
@@ -861,6 +863,8 @@ class Decoder:
             raise ProtocolError(f"unknown frame type 0x{code:02x}")
         if reserved:
             raise ProtocolError(f"{spec.name} frame has reserved bits set (0x{reserved:04x})")
+        if seq and spec.cls in _SEQLESS:  # nothing would carry it: not a canonical frame
+            raise ProtocolError(f"{spec.name} frame has a nonzero sequence number")
         _check_header(spec, flags, offset, length, payload_len, self.size, self.region_size)
         return spec, flags, seq, offset, length, payload_len, payload_crc
 
