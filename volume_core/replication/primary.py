@@ -371,9 +371,12 @@ class PrimaryReplicator:
         runs = native.scan_runs(todo)
         size, rs = self.engine.size, self.engine.volume.region_size
         step = max(1, RESYNC_CHUNK // rs)
-        self.resync = {"regions": int(runs[:, 1].sum()) if len(runs) else 0, "regions_sent": 0,
-                       "bytes_sent": 0, "running": True}
-        log.info("resync: %d regions out of sync", self.resync["regions"])
+        # Each resync has its own progress: one left over from a dropped link may still
+        # be finishing and must not write over this one's.
+        progress = {"regions": int(runs[:, 1].sum()) if len(runs) else 0, "regions_sent": 0,
+                    "bytes_sent": 0, "running": True}
+        self.resync = progress
+        log.info("resync: %d regions out of sync", progress["regions"])
         try:
             for start, count in runs.tolist():
                 for first in range(start, start + count, step):
@@ -381,10 +384,12 @@ class PrimaryReplicator:
                     if self._channel is not channel:
                         return
                     self._resync_chunk(channel, first, stop, size, rs)
+                    progress["regions_sent"] += stop - first
+                    progress["bytes_sent"] += min(stop * rs, size) - first * rs
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"resync failed: {err}")
         finally:
-            self.resync["running"] = False
+            progress["running"] = False
 
     def _resync_chunk(self, channel: Channel, first: int, stop: int, size: int,
                       rs: int) -> None:
@@ -406,8 +411,6 @@ class PrimaryReplicator:
                 self.stats["resync_bytes"] += length
 
         self.engine.read_ordered(offset, length, send)
-        self.resync["regions_sent"] += stop - first
-        self.resync["bytes_sent"] += length
 
     def _resynced(self, first: int, stop: int, gens: np.ndarray) -> None:
         """(lock held) A resync frame was applied: those regions match, unless they
