@@ -156,12 +156,12 @@ class Engine:
                 self._drained.notify_all()
 
     def _write_op(self, kind: str, offset: int, length: int, apply: Callable[[], None],
-                  fua: bool) -> None:
+                  fua: bool, may_trim: bool = False) -> None:
         """The write path for trim and zero (pwrite has an inlined copy of it)."""
         if offset < 0 or length < 0 or offset + length > self.size or self.readonly:
             self._refuse(offset, length)
         if self.replicator is not None:
-            self._replicated(WriteEvent(0, kind, offset, length, None, fua), apply)
+            self._replicated(WriteEvent(0, kind, offset, length, None, fua, may_trim), apply)
             return
         self._apply_locally(offset, length, apply, fua)
 
@@ -391,12 +391,7 @@ class Engine:
     def zero(self, length: int, offset: int, may_trim: bool = True, fua: bool = False) -> None:
         """Make a range read back as zeros; punch a hole when ``may_trim`` allows it."""
         apply = self._discard if may_trim else self._write_zeros
-        if self.replicator is not None and not self.readonly:
-            self._check(offset, length)
-            self._replicated(WriteEvent(0, ZERO, offset, length, None, fua, may_trim),
-                             lambda: apply(offset, length))
-        else:
-            self._write_op(ZERO, offset, length, lambda: apply(offset, length), fua)
+        self._write_op(ZERO, offset, length, lambda: apply(offset, length), fua, may_trim)
         with self._lock:
             self.stats.zeroes += 1
             self.stats.bytes_zeroed += length

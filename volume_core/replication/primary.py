@@ -151,13 +151,20 @@ class PrimaryReplicator:
     def disconnected(self, reason: str) -> None:
         """The channel is gone: every unanswered write stays out of sync."""
         with self._lock:
-            if self._channel is None:
-                return
-            self._channel = None
-            self.state = "disconnected"
-            self.stats["links_lost"] += 1
-            self._lose_unanswered()
-        log.warning("lost the secondary: %s", reason)
+            lost = self._forget(self._channel)
+        if lost:
+            log.warning("lost the secondary: %s", reason)
+
+    def _forget(self, channel: Channel | None) -> bool:
+        """(lock held) ``channel``, if still the current one, is gone: every unanswered
+        write stays out of sync. True when it was the current one."""
+        if channel is None or self._channel is not channel:
+            return False
+        self._channel = None
+        self.state = "disconnected"
+        self.stats["links_lost"] += 1
+        self._lose_unanswered()
+        return True
 
     def _mark_out_of_sync(self, first: int, stop: int) -> None:
         """(lock held) The two sides may differ in [first, stop) until a resync."""
@@ -257,11 +264,7 @@ class PrimaryReplicator:
             channel.close(reason)
         finally:
             with self._lock:
-                if self._channel is channel:
-                    self._channel = None
-                    self.state = "disconnected"
-                    self.stats["links_lost"] += 1
-                    self._lose_unanswered()
+                self._forget(channel)
         log.warning("dropped the link to the secondary: %s", reason)
 
     # -- frames from the secondary ------------------------------------------------

@@ -162,6 +162,13 @@ class _Entry:
     sent_at: float = 0.0
 
 
+def _same_range(frame: p.Data | p.RegionData, entry: _Entry, what: str, said: str) -> None:
+    """ProtocolError unless ``frame`` covers the range its ``entry`` announced."""
+    if (frame.offset, frame.length) != (entry.offset, entry.length):
+        raise ProtocolError(f"{what} covers {frame.offset}+{frame.length}; {said} "
+                            f"{entry.offset}+{entry.length}")
+
+
 @dataclasses.dataclass(slots=True)
 class _Counters:
     writes_applied: int = 0
@@ -277,10 +284,7 @@ class Receiver:
             if entry is None or entry.kind != WRITE or entry.ready:
                 raise ProtocolError(f"DATA for write {frame.seq}, which has no META waiting "
                                     "for its data")
-            if (frame.offset, frame.length) != (entry.offset, entry.length):
-                raise ProtocolError(f"DATA for write {frame.seq} covers {frame.offset}+"
-                                    f"{frame.length}; its META said {entry.offset}+"
-                                    f"{entry.length}")
+            _same_range(frame, entry, f"DATA for write {frame.seq}", "its META said")
             entry.data, entry.ready = frame.data, True
             self._applicable += entry.acked
         self._drain()
@@ -295,10 +299,8 @@ class Receiver:
                     return
                 raise ProtocolError(f"REGION_DATA for request {frame.seq}, which is not "
                                     "outstanding")
-            if (frame.offset, frame.length) != (entry.offset, entry.length):
-                raise ProtocolError(f"REGION_DATA for request {frame.seq} covers {frame.offset}"
-                                    f"+{frame.length}; the request was {entry.offset}+"
-                                    f"{entry.length}")
+            _same_range(frame, entry, f"REGION_DATA for request {frame.seq}",
+                        "the request was")
             entry.data, entry.ready = frame.data, True
             self._applicable += 1
         self._drain()
