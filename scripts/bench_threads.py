@@ -42,6 +42,15 @@ def measure(ctx: Context) -> dict:
     targets = [t for t in (args.targets or DEFAULT_TARGETS) if t != "raw"]
     counts = args.thread_counts
     flush_opt = (f"--fsync={args.flush_every}",)
+    # (metric, progress line, result label, measurement), in the order they run
+    runs = (
+        ("seq_write", f"seq write {fmt_size(ctx.size)}", "seq write", bench.seq_write),
+        ("randwrite_4k", f"4K randwrite, iodepth {args.iodepth}", "randwrite",
+         bench.randwrite),
+        ("randwrite_4k_flush", f"4K randwrite, flush every {args.flush_every} writes",
+         "randwrite + flush", lambda served: bench.randwrite(served, extra=flush_opt)),
+        ("randread_4k", "4K randread, caches dropped", "randread", bench.randread),
+    )
     samples = {t: {n: {m: [] for m in METRICS} for n in counts} for t in targets}
     for rep in range(args.repeat):
         k = rep % len(counts)
@@ -50,22 +59,11 @@ def measure(ctx: Context) -> dict:
                 tag = f"{target} -t {n}" + (f" (run {rep + 1}/{args.repeat})"
                                             if args.repeat > 1 else "")
                 with ctx.fresh(target, threads=n)(f"{target}.t{n}.{rep + 1}") as served:
-                    progress(f"{tag}: seq write {fmt_size(ctx.size)}")
-                    r = bench.seq_write(served)
-                    samples[target][n]["seq_write"].append(r)
-                    ctx.show(f"{tag} seq write", r, "MiB/s")
-                    progress(f"{tag}: 4K randwrite, iodepth {args.iodepth}")
-                    r = bench.randwrite(served)
-                    samples[target][n]["randwrite_4k"].append(r)
-                    ctx.show(f"{tag} randwrite", r, "IOPS")
-                    progress(f"{tag}: 4K randwrite, flush every {args.flush_every} writes")
-                    r = bench.randwrite(served, extra=flush_opt)
-                    samples[target][n]["randwrite_4k_flush"].append(r)
-                    ctx.show(f"{tag} randwrite + flush", r, "IOPS")
-                    progress(f"{tag}: 4K randread, caches dropped")
-                    r = bench.randread(served)
-                    samples[target][n]["randread_4k"].append(r)
-                    ctx.show(f"{tag} randread", r, "IOPS")
+                    for metric, what, shown, run in runs:
+                        progress(f"{tag}: {what}")
+                        r = run(served)
+                        samples[target][n][metric].append(r)
+                        ctx.show(f"{tag} {shown}", r, METRICS[metric][1])
     results = {t: {str(n): {m: median_entry(runs, METRICS[m][1])
                             for m, runs in by_metric.items() if runs}
                    for n, by_metric in by_count.items()}

@@ -1,5 +1,5 @@
 """Attacks on the replication core (issue 11): a primary and a secondary in one process over
-real TCP on loopback. Each test is a bug, marked xfail(strict=True) until it is fixed."""
+real TCP on loopback. Each test is a bug an attack found, fixed since."""
 
 from __future__ import annotations
 
@@ -7,78 +7,41 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import wait_until
+from tests.integration.test_replication_pair import RS, Pair, identity
+from tests.integration.test_replication_pair import pair as shared_pair
 from volume_core.engine import Engine
 from volume_core.replication import link
 from volume_core.replication import protocol as p
-from volume_core.replication.primary import PrimaryReplicator
-from volume_core.replication.secondary import FaultInjector, Receiver
+from volume_core.replication.secondary import Receiver
 from volume_core.replication.session import PrimarySession
 from volume_core.volume import Volume
 
 pytestmark = pytest.mark.integration
 
-RS = 64 << 10
 SIZE = 4 << 20
 
 
-def identity(vol: Volume) -> p.Identity:
-    return p.Identity(vol.info.uuid, vol.size, vol.region_size, vol.info.generation)
-
-
-@dataclass
-class Pair:
-    primary: Engine
-    secondary: Engine
-    replicator: PrimaryReplicator
-    receiver: Receiver
-    session: PrimarySession
-    faults: FaultInjector
-
-
 @contextlib.contextmanager
-def pair(tmp_path, mode: str, *, ack_timeout: float = 2.0,
-         wrap: Callable[[Callable[[p.Frame], None]], Callable[[p.Frame], None]] | None = None,
-         options: link.ChannelOptions | None = None, size: int = SIZE,
-         prefill: bytes | None = None) -> Iterator[Pair]:
-    """A replicating pair; ``wrap`` may wrap the secondary's frame handler (test harness);
-    ``prefill`` is written to the primary before the replicator is attached (all marked)."""
-    pvol = Volume.create(tmp_path / "p", size, RS)
-    svol = Volume.create(tmp_path / "s", size, RS)
-    svol.update_info(role="secondary")
-    primary, secondary = Engine(pvol), Engine(svol, replica=True)
-    if prefill is not None:
-        primary.pwrite(prefill, 0)
-    faults = FaultInjector()
-    receiver = Receiver(secondary, mode, None, faults=faults)
+def pair(tmp_path, mode: str, **kw) -> Iterator[Pair]:
+    """test_replication_pair's pair, on a smaller volume by default."""
+    with shared_pair(tmp_path, mode, **{"size": SIZE, **kw}) as the_pair:
+        yield the_pair
 
-    def on_channel(channel: link.Channel) -> None:
-        receiver.out = channel
-        handle = wrap(receiver.handle) if wrap else receiver.handle
-        channel.start(handle, lambda reason: receiver.link_lost())
 
-    listener = link.Listener(
-        "127.0.0.1", 0, identity=identity(svol), on_channel=on_channel, options=options,
-        decide=lambda hello: p.hello_problem(hello, identity(svol), secret=False)).start()
-    replicator = PrimaryReplicator(primary, mode, ack_timeout=ack_timeout)
-    primary.attach_replicator(replicator)
-    host, port = listener.address
-    session = PrimarySession(replicator, host, port, identity=lambda: identity(pvol),
-                             sweep_interval=0.2, options=options,
-                             backoff=link.Backoff(initial=0.05, maximum=0.2)).start()
-    try:
-        wait_until(lambda: replicator.state == "connected", 20, "the link to come up")
-        yield Pair(primary, secondary, replicator, receiver, session, faults)
-    finally:
-        session.close()
-        listener.close()
-        primary.close()
-        secondary.close()
+def gate(kind: type[p.Frame], opened: threading.Event):
+    """A ``wrap`` for pair(): frames of ``kind`` wait (20 s at most) until ``opened``."""
+    def wrap(handle):
+        def gated(frame):
+            if isinstance(frame, kind):
+                opened.wait(20)
+            handle(frame)
+        return gated
+    return wrap
 
 
 def start(fn, *args) -> threading.Thread:
@@ -133,14 +96,8 @@ def test_a_failing_send_while_the_receiver_answers_read_region_does_not_deadlock
     channel; then W1 goes on, its send fails on the closed channel, and it joins the
     receiver. Should: W1 completes within about the ack timeout (out of sync), no thread hangs.
     """
-    gate = threading.Event()
-
-    def wrap(handle):
-        def gated(frame):
-            if isinstance(frame, p.Data):
-                gate.wait(20)
-            handle(frame)
-        return gated
+    opened = threading.Event()
+    wrap = gate(p.Data, opened)
 
     armed, held, release = threading.Event(), threading.Event(), threading.Event()
     region = 2
@@ -158,7 +115,7 @@ def test_a_failing_send_while_the_receiver_answers_read_region_does_not_deadlock
         armed.set()
         w1 = start(eng.pwrite, b"1" * RS, region * RS)
         assert held.wait(10)
-        gate.set()  # W0's DATA fails on the secondary: WRITE_FAILED, READ_REGION
+        opened.set()  # W0's DATA fails on the secondary: WRITE_FAILED, READ_REGION
         wait_until(lambda: rep.stats["write_failures_reported"] >= 1, 10, "WRITE_FAILED")
         wait_until(lambda: eng._region_locks._waiters >= 1, 10,
                    "the receiver thread to wait for region 2 in read_ordered")
@@ -191,14 +148,8 @@ def test_a_host_write_never_waits_past_the_ack_timeout_behind_a_stuck_resync(tmp
     to that chunk, ack timeout 0.5 s, peer timeout 3 s. Should: the host write completes in
     about the ack timeout (its region stays out of sync). It takes about 3 s.
     """
-    gate = threading.Event()
-
-    def wrap(handle):
-        def gated(frame):
-            if isinstance(frame, p.Write):
-                gate.wait(20)
-            handle(frame)
-        return gated
+    opened = threading.Event()
+    wrap = gate(p.Write, opened)
 
     size = 16 << 20
     data = random.Random(5).randbytes(size)
@@ -218,7 +169,7 @@ def test_a_host_write_never_waits_past_the_ack_timeout_behind_a_stuck_resync(tmp
             eng.pwrite(b"h" * 512, held[0] * RS)
             took = time.monotonic() - t0
         finally:
-            gate.set()
+            opened.set()
         assert took < 1.5, f"a host write took {took:.1f} s with an ack timeout of 0.5 s"
 
 

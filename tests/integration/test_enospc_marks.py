@@ -34,6 +34,18 @@ def tmpfs(tmp_path) -> Iterator[Path]:
         yield mnt
 
 
+def refused_then_marked(vol, h, filler, data: bytes) -> None:
+    """The write at AT fails on the full filesystem; with space freed it is written again;
+    after a clean stop its region is marked, once, and holds the data."""
+    write_fails_with_enospc(h, data, AT)
+    filler.unlink()
+    h.pwrite(data, AT)
+    h.flush()
+    h.shutdown()
+    run_cli("stop", vol)
+    assert_marked_once(vol, data)
+
+
 def write_fails_with_enospc(h, data: bytes, offset: int) -> None:
     with pytest.raises(nbd.Error) as err:
         h.pwrite(data, offset)
@@ -55,15 +67,7 @@ def test_a_write_refused_on_a_full_filesystem_is_marked_once_it_succeeds(tmpfs):
     run_cli("create", vol, "--size", "256M", "--region-size", "4K")
     s = Served(vol).start()
     h = s.connect()
-    filler = fill(tmpfs)
-    data = b"x" * RS
-    write_fails_with_enospc(h, data, AT)
-    filler.unlink()
-    h.pwrite(data, AT)
-    h.flush()
-    h.shutdown()
-    run_cli("stop", vol)
-    assert_marked_once(vol, data)
+    refused_then_marked(vol, h, fill(tmpfs), b"x" * RS)
 
 
 def test_a_map_write_that_fails_with_enospc_is_tried_again_by_the_next_write(tmpfs, tmp_path):
@@ -79,12 +83,4 @@ def test_a_map_write_that_fails_with_enospc_is_tried_again_by_the_next_write(tmp
     marks.symlink_to(tmpfs / "marks.map")
     filler = fill(tmpfs)
     s = Served(vol).start()
-    h = s.connect()
-    data = b"y" * RS
-    write_fails_with_enospc(h, data, AT)
-    filler.unlink()
-    h.pwrite(data, AT)
-    h.flush()
-    h.shutdown()
-    run_cli("stop", vol)
-    assert_marked_once(vol, data)
+    refused_then_marked(vol, s.connect(), filler, b"y" * RS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from volume_core.engine import Engine
 from volume_core.replication import link
 from volume_core.replication import protocol as p
 from volume_core.replication.primary import PrimaryReplicator
-from volume_core.replication.secondary import Receiver
+from volume_core.replication.secondary import FaultInjector, Receiver
 from volume_core.replication.session import PrimarySession
 from volume_core.volume import Volume
 
@@ -40,6 +40,8 @@ class Pair:
     receiver: Receiver
     session: PrimarySession
     listener: link.Listener
+    faults: FaultInjector
+    proxy: FaultProxy | None = None
 
     def wait_in_sync(self, timeout: float = 30.0) -> None:
         wait_until(lambda: self.replicator.status()["state"] == "in-sync", timeout,
@@ -50,34 +52,45 @@ class Pair:
                 self.secondary.volume.data_path.read_bytes())
 
 
+Handler = Callable[[p.Frame], None]
+
+
 @contextlib.contextmanager
-def pair(tmp_path, mode: str, *, via_proxy: bool = False) -> Iterator[Pair]:
-    pvol = Volume.create(tmp_path / "p", SIZE, RS)
-    svol = Volume.create(tmp_path / "s", SIZE, RS)
+def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2.0,
+         wrap: Callable[[Handler], Handler] | None = None,
+         options: link.ChannelOptions | None = None, size: int = SIZE,
+         prefill: bytes | None = None) -> Iterator[Pair]:
+    """A replicating pair in this process. ``wrap`` may wrap the secondary's frame handler
+    (test harness); ``prefill`` is written to the primary before the replicator is
+    attached (all marked); ``via_proxy`` puts a FaultProxy on the link."""
+    pvol = Volume.create(tmp_path / "p", size, RS)
+    svol = Volume.create(tmp_path / "s", size, RS)
     svol.update_info(role="secondary")
     primary, secondary = Engine(pvol), Engine(svol, replica=True)
-    receiver = Receiver(secondary, mode, None)
+    if prefill is not None:
+        primary.pwrite(prefill, 0)
+    faults = FaultInjector()
+    receiver = Receiver(secondary, mode, None, faults=faults)
 
     def on_channel(channel: link.Channel) -> None:
         receiver.out = channel
-        channel.start(receiver.handle, lambda reason: receiver.link_lost())
+        handle = wrap(receiver.handle) if wrap else receiver.handle
+        channel.start(handle, lambda reason: receiver.link_lost())
 
     listener = link.Listener(
-        "127.0.0.1", 0, identity=identity(svol), on_channel=on_channel,
+        "127.0.0.1", 0, identity=identity(svol), on_channel=on_channel, options=options,
         decide=lambda hello: p.hello_problem(hello, identity(svol), secret=False)).start()
     target = listener.address
     proxy = FaultProxy(target).start() if via_proxy else None
     host, port = proxy.address if proxy else target
-    replicator = PrimaryReplicator(primary, mode, ack_timeout=2.0)
+    replicator = PrimaryReplicator(primary, mode, ack_timeout=ack_timeout)
     primary.attach_replicator(replicator)
     session = PrimarySession(replicator, host, port, identity=lambda: identity(pvol),
-                             sweep_interval=0.2,
+                             sweep_interval=0.2, options=options,
                              backoff=link.Backoff(initial=0.05, maximum=0.2)).start()
     try:
         wait_until(lambda: replicator.state == "connected", 20, "the link to come up")
-        the_pair = Pair(primary, secondary, replicator, receiver, session, listener)
-        the_pair.proxy = proxy
-        yield the_pair
+        yield Pair(primary, secondary, replicator, receiver, session, listener, faults, proxy)
     finally:
         session.close()
         listener.close()
