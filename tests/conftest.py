@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import signal
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from volume_core.server_files import pid_alive
 
@@ -140,13 +146,15 @@ def attach() -> Iterator:
         run_cli("detach", dev, check=False)
 
 
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    """Wait for ``condition()`` to hold (polling briefly); fail the test after ``timeout``."""
+def wait_until(condition, timeout: float = 30.0, what: str = "condition",
+               interval: float = 0.005) -> None:
+    """Wait for ``condition()`` to hold (polling every ``interval``); fail the test after
+    ``timeout``."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(interval)
 
 
 @contextlib.contextmanager
@@ -183,3 +191,43 @@ def fill(mnt: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def _cert(name: str, key, issuer_name: str, issuer_key, *, ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_pem(path: Path, cert: x509.Certificate, key=None) -> None:
+    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if key is not None:
+        path.with_suffix(".key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Path:
+    """ca.pem signs server and client; other-ca.pem signs rogue-client and rogue-server
+    (each NAME.pem with its NAME.key; the leaves name localhost and 127.0.0.1)."""
+    d = tmp_path_factory.mktemp("certs")
+    for ca_name, leaves in (("ca", ("server", "client")),
+                            ("other-ca", ("rogue-server", "rogue-client"))):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        _write_pem(d / ca_name, _cert(ca_name, ca_key, ca_name, ca_key, ca=True))
+        for leaf in leaves:
+            key = ec.generate_private_key(ec.SECP256R1())
+            _write_pem(d / leaf, _cert(leaf, key, ca_name, ca_key, ca=False), key)
+    return d

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import queue
 import socket
@@ -13,10 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.fault_proxy import FaultProxy
 from volume_core.errors import LinkError, PeerRefused
@@ -41,50 +35,7 @@ FAST = link.ChannelOptions(ping_interval=0.1, peer_timeout=0.6)
 QUIET = link.ChannelOptions(ping_interval=10.0, peer_timeout=20.0)
 
 
-# ------------------------------------------------------------------------------ certificates
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(name: str, key, issuer_name: str, issuer_key, *, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key=None) -> None:
-    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    """ca.pem signs server and client; other-ca.pem signs rogue-client and rogue-server."""
-    d = tmp_path_factory.mktemp("certs")
-    for ca_name, leaves in (("ca", ("server", "client")),
-                            ("other-ca", ("rogue-server", "rogue-client"))):
-        ca_key = _key()
-        _write(d / ca_name, _cert(ca_name, ca_key, ca_name, ca_key, ca=True))
-        for leaf in leaves:
-            key = _key()
-            _write(d / leaf, _cert(leaf, key, ca_name, ca_key, ca=False), key)
-    return d
+# ---------------------------------------- certificates (the certs fixture: tests/conftest.py)
 
 
 def server_tls(certs: Path, leaf: str = "server") -> tls.TlsContext:

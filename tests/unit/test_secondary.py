@@ -44,6 +44,9 @@ class Out:
     def send_bulk(self, frame: p.Frame) -> None:
         self._record("bulk", frame)
 
+    def flush(self) -> None:
+        pass
+
     def _record(self, path: str, frame: p.Frame) -> None:
         if self.on_send is not None:
             self.on_send(frame)

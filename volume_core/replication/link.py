@@ -31,7 +31,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from ..errors import LinkError, PeerRefused, ProtocolError
@@ -147,6 +147,17 @@ class Backoff:
 _Out = tuple[bytes, protocol.Buffer, int]  # header, payload, bytes on the wire
 
 
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """An encoded frame on its way out: its path, and how long a bulk one may wait."""
+
+    urgent: bool
+    head: bytes
+    payload: protocol.Buffer
+    size: int
+    timeout: float
+
+
 class Channel:
     """An established, authenticated connection: frames out with two priorities, frames in.
 
@@ -197,6 +208,9 @@ class Channel:
         self._bulk: deque[_Out] = deque()
         self._urgent_bytes = 0
         self._bulk_bytes = 0
+        self._writing = False  # a thread is writing to the socket (a caller or the sender)
+        self._rest: list[memoryview] | None = None  # what a direct write left: goes first
+        self._corks = threading.local()  # frames a thread holds back (corked())
         self._farewell: _Out | None = None
         self._reason: str | None = None
         self._hard_stop = False
@@ -262,36 +276,123 @@ class Channel:
         if len(payload) > MAX_SMALL_PAYLOAD:
             raise ProtocolError(f"local: {protocol.frame_name(frame)} with a payload of "
                                 f"{len(payload)} bytes is not urgent: use send_bulk")
-        size = len(head) + len(payload)
-        with self._cond:
-            self._raise_if_closed()
-            if self._urgent_bytes + size > self.options.urgent_limit:
-                raise LinkError(f"the peer has not taken {self._urgent_bytes} bytes of "
-                                "urgent frames: the link is stuck")
-            self._urgent.append((head, payload, size))
-            self._urgent_bytes += size
-            self._cond.notify_all()
+        self._send(_Pending(True, head, payload, len(head) + len(payload), 0.0))
 
     def send_bulk(self, frame: Frame, timeout: float | None = None) -> None:
         """Queue a data frame; blocks while the window is full, ``LinkError`` after ``timeout``."""
         head, payload = self._encode(frame)
-        size = len(head) + len(payload)
         wait = self.options.send_timeout if timeout is None else timeout
+        self._send(_Pending(False, head, payload, len(head) + len(payload), wait))
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Frames this thread sends inside the block go out together at its end.
+
+        When the link is idle they leave in one write: one wake-up of the
+        peer instead of one per frame (a META and its DATA; the acks of every
+        frame a read brought in). Nested blocks join the outer one.
+        """
+        if self._corked() is not None:
+            yield
+            return
+        self._corks.frames = []
+        try:
+            yield
+        finally:
+            self.flush()
+            self._corks.frames = None
+
+    def flush(self) -> None:
+        """Send what this thread holds corked now (it stays corked)."""
+        held = self._corked()
+        if not held:
+            return
+        frames, self._corks.frames = held, []
+        with self._cond:
+            self._raise_if_closed()
+            direct = self._take_socket()
+        if direct:
+            self._write_now(frames)
+            return
+        for frame in frames:
+            self._send(frame, cork=False)
+
+    def _corked(self) -> list[_Pending] | None:
+        return getattr(self._corks, "frames", None)
+
+    def _send(self, frame: _Pending, cork: bool = True) -> None:
+        """Write ``frame`` now if the link is idle, else queue it (waiting for the window)."""
+        if cork and (held := self._corked()) is not None:
+            held.append(frame)
+            return
+        size = frame.size
+        with self._cond:
+            if frame.urgent:
+                self._raise_if_closed()
+                if self._urgent_bytes + size > self.options.urgent_limit:
+                    raise LinkError(f"the peer has not taken {self._urgent_bytes} bytes of "
+                                    "urgent frames: the link is stuck")
+            else:
+                self._wait_window(size, frame.timeout)
+            if not self._take_socket():
+                item = (frame.head, frame.payload, size)
+                if frame.urgent:
+                    self._urgent.append(item)
+                    self._urgent_bytes += size
+                else:
+                    self._bulk.append(item)
+                    self._bulk_bytes += size
+                self._cond.notify_all()
+                return
+        self._write_now([frame])
+
+    def _wait_window(self, size: int, wait: float) -> None:
+        """(lock held) Until a bulk frame of ``size`` bytes fits the window."""
         deadline = time.monotonic() + wait
         window = self.options.window
-        with self._cond:
-            while True:
-                self._raise_if_closed()
-                if not self._bulk_bytes or self._bulk_bytes + size <= window:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LinkError(f"the link's window of {window} bytes stayed full for "
-                                    f"{wait:g} s: the peer is not taking data")
-                self._cond.wait(left)
-            self._bulk.append((head, payload, size))
-            self._bulk_bytes += size
-            self._cond.notify_all()
+        while True:
+            self._raise_if_closed()
+            if not self._bulk_bytes or self._bulk_bytes + size <= window:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkError(f"the link's window of {window} bytes stayed full for "
+                                f"{wait:g} s: the peer is not taking data")
+            self._cond.wait(left)
+
+    def _take_socket(self) -> bool:
+        """(lock held) With nothing queued and nobody writing, the caller may write itself."""
+        if self._writing or self._rest is not None or self._urgent or self._bulk:
+            return False
+        self._writing = True
+        return True
+
+    def _write_now(self, frames: list[_Pending]) -> None:
+        """Write frames from the caller's thread (the socket is ours), without waiting.
+
+        Most writes go whole into the kernel's buffer: no hand-off to the
+        sender thread, which would cost a thread wake-up and a GIL hand-off on
+        every frame. What the socket does not take at once is left to the
+        sender thread, ahead of everything queued. A bulk frame sent here
+        never enters the window: it is in the kernel's buffer already, or
+        (the rest of one frame) the next thing the sender writes.
+        """
+        rest: list[memoryview] = []
+        failure: OSError | None = None
+        try:
+            rest = self._t.try_send([part for f in frames for part in (f.head, f.payload)])
+        except OSError as err:
+            failure = err
+        finally:
+            with self._cond:
+                self._rest = rest or None
+                self._writing = False
+                self._cond.notify_all()
+        if failure is not None:  # as if the sender thread had failed: on_close tells
+            self._fail(f"sending to the peer failed: {describe(failure)}")
+            return
+        self.bytes_sent += sum(f.size for f in frames)
+        self.frames_sent += len(frames)
 
     def _encode(self, frame: Frame) -> tuple[bytes, protocol.Buffer]:
         with self._encode_lock:
@@ -304,42 +405,56 @@ class Channel:
     # -- the sender thread
 
     def _sender(self) -> None:
+        stall, stopped = self.options.peer_timeout, lambda: self._hard_stop
         try:
             while (item := self._next_out()) is not None:
-                head, payload, size = item
-                self._t.send((head, payload), self.options.peer_timeout,
-                             lambda: self._hard_stop)
-                self.bytes_sent += size
-                self.frames_sent += 1
+                if isinstance(item, list):  # bytes a direct write left
+                    self._t.send_rest(item, stall, stopped)
+                else:
+                    head, payload, size = item
+                    self._t.send((head, payload), stall, stopped)
+                    self.bytes_sent += size
+                    self.frames_sent += 1
                 self._sent(item)
         except (LinkError, OSError) as err:
             self._fail(f"sending to the peer failed: {describe(err)}")
 
-    def _next_out(self) -> _Out | None:
+    def _next_out(self) -> _Out | list[memoryview] | None:
+        """The next thing to write (the socket is then the sender's), None to stop."""
         with self._cond:
             while True:
-                if self._reason is not None:
-                    farewell, self._farewell = self._farewell, None
-                    return farewell
-                if self._urgent:
-                    head, payload, size = item = self._urgent.popleft()
-                    self._urgent_bytes -= size
-                    return item
-                if self._bulk:
-                    return self._bulk[0]  # leaves the queue once sent: counted in the window
-                wait = self._ping_wait(time.monotonic())
-                if wait <= 0:
-                    self._queue_ping()
+                if self._writing:  # a caller is writing directly: it does not wait long
+                    self._cond.wait(self.options.tick)
                     continue
-                self._cond.wait(wait)
+                item: _Out | list[memoryview] | None
+                if self._rest is not None:  # the end of a frame: before anything else
+                    item, self._rest = self._rest, None
+                elif self._reason is not None:
+                    item, self._farewell = self._farewell, None
+                    return item
+                elif self._urgent:
+                    item = self._urgent.popleft()
+                    self._urgent_bytes -= item[2]
+                elif self._bulk:
+                    item = self._bulk[0]  # leaves the queue once sent: counted in the window
+                else:
+                    wait = self._ping_wait(time.monotonic())
+                    if wait <= 0:
+                        self._queue_ping()
+                    else:
+                        self._cond.wait(wait)
+                    continue
+                self._writing = True
+                return item
 
-    def _sent(self, item: _Out) -> None:
-        """A bulk frame leaves the window once it is sent (urgent frames left the queue)."""
+    def _sent(self, item: _Out | list[memoryview]) -> None:
+        """The socket is free again; a bulk frame leaves the window once it is sent."""
         with self._cond:
+            self._writing = False
             if self._bulk and self._bulk[0] is item:
                 self._bulk.popleft()
                 self._bulk_bytes -= item[2]
-                self._cond.notify_all()
+            self._cond.notify_all()
 
     def _ping_wait(self, now: float) -> float:
         """Seconds until a PING is due (<= 0: now). Called with the lock held."""
@@ -370,17 +485,20 @@ class Channel:
             self._fail(f"the frame handler failed: {err!r}")
 
     def _receive_loop(self) -> None:
+        """Frames in; what the handlers send goes out together before the next read."""
         conn = self._conn
-        while self._reason is None:
-            frame = conn.next_frame()
-            if frame is NEED_DATA:
-                self._read_some()
-            elif frame is PEER_CLOSED:
-                self._fail("the peer closed the connection")
-            else:
-                assert isinstance(frame, Frame)
-                self.frames_received += 1
-                self._dispatch(frame)
+        with self.corked():
+            while self._reason is None:
+                frame = conn.next_frame()
+                if frame is NEED_DATA:
+                    self.flush()
+                    self._read_some()
+                elif frame is PEER_CLOSED:
+                    self._fail("the peer closed the connection")
+                else:
+                    assert isinstance(frame, Frame)
+                    self.frames_received += 1
+                    self._dispatch(frame)
 
     def _read_some(self) -> None:
         want = self._conn.bytes_needed()

@@ -25,7 +25,7 @@ cleared by an acknowledgement; only resync clears them.
 The link (link.py) owns sockets, threads and timers: it hands this object a
 channel (``connected``), each frame the secondary sends (``on_frame``), and
 the loss of the channel (``disconnected``). A channel needs only
-``send_urgent(frame)``, ``send_bulk(frame)`` and ``close(reason)``.
+``send_urgent(frame)``, ``send_bulk(frame)``, ``corked()`` and ``close(reason)``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ MODES = (SYNC, SEMI_ASYNC)
 class Channel(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
     def send_bulk(self, frame: p.Frame, timeout: float | None = None) -> None: ...
+    def corked(self) -> AbstractContextManager[None]: ...
     def close(self, reason: str = "") -> None: ...
 
 
@@ -104,14 +106,18 @@ class PrimaryReplicator:
         self.last_ack: float | None = None
         self.state = "disconnected"
         self._region_requests: queue.SimpleQueue[p.ReadRegion | None] = queue.SimpleQueue()
+        # Started with the first channel, not here: nbdkit forks into the background
+        # after building this object, and a thread started before the fork is not in
+        # the server.
         self._region_worker = threading.Thread(target=self._answer_regions, daemon=True,
                                                name="read-region")
-        self._region_worker.start()
 
     # -- link events ------------------------------------------------------------
     def connected(self, channel: Channel) -> None:
         """A channel to the secondary is up: everything marked now may differ."""
         new_peer = self._note_peer(channel)
+        if self._region_worker.ident is None:
+            self._region_worker.start()
         with self._lock:
             if new_peer:  # acknowledgements of another secondary say nothing of this one
                 self._acked[:] = 0
@@ -195,11 +201,12 @@ class PrimaryReplicator:
             self._waiting[event.seq] = ticket
             self._unapplied[event.seq] = (first, stop)
         try:
-            for urgent, frame in self._frames(event):
-                if urgent:
-                    channel.send_urgent(frame)
-                else:  # a full window may not hold the host past the ack timeout
-                    channel.send_bulk(frame, timeout=self.ack_timeout)
+            with channel.corked():  # META and DATA leave in one write
+                for urgent, frame in self._frames(event):
+                    if urgent:
+                        channel.send_urgent(frame)
+                    else:  # a full window may not hold the host past the ack timeout
+                        channel.send_bulk(frame, timeout=self.ack_timeout)
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
         self.stats["writes_sent"] += 1
@@ -343,7 +350,8 @@ class PrimaryReplicator:
     def close(self) -> None:
         """Stop the READ_REGION worker (the engine may close after this)."""
         self._region_requests.put(None)
-        self._region_worker.join(10)
+        if self._region_worker.ident is not None:
+            self._region_worker.join(10)
 
     def _send_region(self, channel: Channel, frame: p.ReadRegion) -> None:
         """Answer a recovering secondary with the region's current contents, in order."""

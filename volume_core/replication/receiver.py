@@ -20,6 +20,11 @@ the HMAC exchange): a peer without the secret must not be able to pair the
 volume to a uuid of its choosing and lock the real primary out. Later
 primaries with another uuid are refused, and only one primary is connected at
 a time.
+
+TEST ONLY: ``NBDMIRROR_TEST_FAIL_WRITES=FIRST:COUNT:TIMES[,...]`` in the
+environment makes this secondary's disk writes to regions FIRST..FIRST+COUNT-1
+fail TIMES times each (a ``FaultInjector``), so that tests can drive recovery
+through the real process. Off unless set; logged as a warning at start.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ..server_files import RECEIVER_KIND, ServerPlace, admin_socket
 from ..volume import Volume
 from . import link, tls
 from .protocol import Frame, Hello, Identity, hello_problem
-from .secondary import MODES, SEMI_ASYNC, Receiver
+from .secondary import MODES, SEMI_ASYNC, FaultInjector, Receiver
 from .session import parse_peer, read_secret
 
 log = logging.getLogger("nbdmirror.receiver")
@@ -52,6 +57,8 @@ log = logging.getLogger("nbdmirror.receiver")
 TICK = 0.1
 #: how often regions applied durably are cleared from the marks
 SWEEP_INTERVAL = 1.0
+#: TEST ONLY: the environment variable that makes disk writes fail (see the module docstring)
+TEST_FAIL_WRITES = "NBDMIRROR_TEST_FAIL_WRITES"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +84,23 @@ class Settings:
         return cls(host, port, secret, context)
 
 
+def faults_from_env(value: str | None) -> FaultInjector | None:
+    """TEST ONLY: the FaultInjector ``NBDMIRROR_TEST_FAIL_WRITES`` asks for, or None."""
+    if not value:
+        return None
+    faults = FaultInjector()
+    try:
+        for item in value.split(","):
+            first, count, times = (int(x) for x in item.split(":"))
+            if first < 0 or count < 1 or times < 1:
+                raise ValueError(item)
+            faults.fail(first, count, times)
+    except ValueError:
+        raise UsageError(f"{TEST_FAIL_WRITES}={value!r}: expected FIRST:COUNT:TIMES[,...] "
+                         "(regions, all numbers, COUNT and TIMES at least 1)") from None
+    return faults
+
+
 class _Offline:
     """The receiver's outbox while no primary is connected."""
 
@@ -84,6 +108,9 @@ class _Offline:
         raise LinkError("no primary is connected")
 
     send_bulk = send_urgent
+
+    def flush(self) -> None:
+        pass
 
 
 class Secondary:
@@ -95,11 +122,12 @@ class Secondary:
     """
 
     def __init__(self, volume: Volume, settings: Settings, *,
-                 options: link.ChannelOptions | None = None) -> None:
+                 options: link.ChannelOptions | None = None,
+                 faults: FaultInjector | None = None) -> None:
         self.volume, self.settings = volume, settings
         self.engine = Engine(volume, replica=True)
         try:
-            self.receiver = Receiver(self.engine, SEMI_ASYNC, _Offline())
+            self.receiver = Receiver(self.engine, SEMI_ASYNC, _Offline(), faults=faults)
         except BaseException:
             self.engine.close()
             raise
@@ -286,14 +314,18 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
     """Receive into the volume until ``stop`` is set; NbdMirrorError if it cannot start."""
     settings = Settings.load(args.listen, args.secret_file, args.tls_cert, args.tls_key,
                              args.tls_ca)
+    faults = faults_from_env(os.environ.get(TEST_FAIL_WRITES))
     volume = Volume.open(args.volume)
     place = ServerPlace(volume)
-    secondary = Secondary(volume, settings)  # the volume's lock from here on
+    secondary = Secondary(volume, settings, faults=faults)  # the volume's lock from here on
     admin = None
     try:
         secondary.start()
         log_path = place.log_file.absolute()
         server_log.capture_stderr(log_path, server_log.cap_from_env())
+        if faults is not None:
+            log.warning("TEST ONLY: %s=%s: disk writes to those regions will fail on purpose",
+                        TEST_FAIL_WRITES, os.environ[TEST_FAIL_WRITES])
         engine = secondary.engine
         extra = {"listen": secondary.listen, "log": str(log_path)}
         table = operations.handlers(engine) | {

@@ -57,6 +57,7 @@ for chosen regions a chosen number of times. It is off by default (the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -69,7 +70,7 @@ import numpy as np
 
 from .. import native
 from ..engine import Engine
-from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
+from ..errors import LinkError, NbdMirrorError, ProtocolError, UsageError, VolumeError
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
 from . import protocol as p
 
@@ -80,6 +81,8 @@ SEMI_ASYNC: Final = "semi-async"
 MODES: Final = (SYNC, SEMI_ASYNC)
 #: READ_REGION request ids: this bit set, then a counter (see the module docstring)
 REQUEST_ID_BASE: Final = 1 << 63
+#: flush held-back acks before applying a write at least this long
+FLUSH_BEFORE: Final = 64 << 10
 _KINDS = {p.WriteKind.WRITE: WRITE, p.WriteKind.TRIM: TRIM, p.WriteKind.ZERO: ZERO}
 _RECOVER = "recover"
 
@@ -92,6 +95,9 @@ class Outbox(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
 
     def send_bulk(self, frame: p.Frame) -> None: ...
+
+    def flush(self) -> None:
+        """Send what this thread holds back (acks wait for the end of a read)."""
 
 
 class FaultInjector:
@@ -385,6 +391,9 @@ class Receiver:
                     return
                 entry.applying = True
                 self._applicable -= 1
+            if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for a long write
+                with contextlib.suppress(LinkError):
+                    self.out.flush()
             ok = False
             try:
                 ok = self._apply(entry)

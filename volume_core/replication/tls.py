@@ -16,6 +16,7 @@ writes to the socket, so records leave in the order they were made.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -142,6 +143,21 @@ def _advance(views: list[memoryview], n: int) -> None:
             n = 0
 
 
+def send_now(sock: socket.socket, views: list[memoryview]) -> list[memoryview]:
+    """Send what the kernel takes without waiting; return the views left (empty: all sent).
+
+    ``sock`` must be non-blocking (timeout 0): no poll before the send, and
+    ``BlockingIOError`` once the socket buffer is full.
+    """
+    while views:
+        try:
+            n = sock.sendmsg(views[:_MAX_IOV], (), socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            break
+        _advance(views, n)
+    return views
+
+
 def send_all(sock: socket.socket, parts: Sequence[Buffer], stall: float,
              aborted: Callable[[], bool]) -> None:
     """Send every byte of ``parts`` (one ``sendmsg`` each time, no joining copy).
@@ -171,6 +187,30 @@ class PlainTransport:
         self.sock = sock
         self.peer = peer
         self.tls = False
+        self._nowait: socket.socket | None = None
+
+    def try_send(self, parts: Sequence[Buffer]) -> list[memoryview]:
+        """Send what the socket takes at once, never waiting; return the bytes left.
+
+        The caller sends the rest with ``send_rest`` before anything else.
+        """
+        return send_now(self._nowait_socket(), self._wire(parts))
+
+    def send_rest(self, views: list[memoryview], stall: float,
+                  aborted: Callable[[], bool]) -> None:
+        """Send bytes ``try_send`` left (already in their wire form)."""
+        send_all(self.sock, views, stall, aborted)
+
+    def _wire(self, parts: Sequence[Buffer]) -> list[memoryview]:
+        return [memoryview(p).cast("B") for p in parts if len(p)]
+
+    def _nowait_socket(self) -> socket.socket:
+        """A second handle on the connection with timeout 0 (``sock`` keeps its tick)."""
+        if self._nowait is None:
+            self._nowait = socket.socket(self.sock.family, self.sock.type,
+                                         fileno=os.dup(self.sock.fileno()))
+            self._nowait.setblocking(False)
+        return self._nowait
 
     def recv(self, n: int) -> bytes:
         """Up to ``n`` bytes; ``b""`` once the peer closed. ``TimeoutError`` after a tick."""
@@ -189,6 +229,8 @@ class PlainTransport:
     def close(self) -> None:
         self.shutdown()
         self.sock.close()
+        if self._nowait is not None:
+            self._nowait.close()
 
     def close_gracefully(self, wait: float = 0.5) -> None:
         """Close after the peer has read what we sent: end our side, drain theirs, then close.
@@ -278,6 +320,16 @@ class TlsTransport(PlainTransport):
                 return b""  # an end without close_notify: the decoder tells a cut frame
             with self._lock:
                 self._in.write(raw)
+
+    def _wire(self, parts: Sequence[Buffer]) -> list[memoryview]:
+        """Encrypt ``parts``: the records, in the order they must go out."""
+        with self._lock:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for start in range(0, len(view), _TLS_WRITE_CHUNK):
+                    self._obj.write(view[start:start + _TLS_WRITE_CHUNK])
+            data = self._out.read()
+        return [memoryview(data)] if data else []
 
     def send(self, parts: Sequence[Buffer], stall: float, aborted: Callable[[], bool]) -> None:
         for part in parts:
