@@ -266,6 +266,10 @@ def _replication_lines(rep: dict | None) -> list[str]:
         f"{rep['in_flight_writes']} writes; last ack "
         + ("never" if age is None else f"{age:.1f}s ago"),
     ]
+    resync = rep.get("resync") or {}
+    if resync.get("running"):
+        lines.append(f"  resync: {resync['regions_sent']} of {resync['regions']} regions "
+                     f"({format_size(resync['bytes_sent'])} sent)")
     if rep.get("last_error"):
         lines.append(f"  last error: {rep['last_error']}")
     return lines

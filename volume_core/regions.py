@@ -107,6 +107,28 @@ class RegionTracker:
             # failed sync may have rolled our regions back meanwhile: then look again.
             self._sync_upto(seq)
 
+    def mark_map(self, regions: np.ndarray) -> None:
+        """Mark every region set in the ``regions`` map; durable when this returns.
+
+        For marks that come in bulk, not from a write (a secondary's, when it
+        connects): a pass over the map a chunk at a time, then one fdatasync.
+        """
+        while True:
+            seq = 0
+            for a, b in self._chunks():
+                want = regions[a:b] != 0
+                if not want.any():
+                    continue
+                with self._lock:
+                    self.marks[a:b][want] = 1
+                    todo = (want & (self._persisted[a:b] != _DURABLE)).astype(np.uint8)
+                    for start, count in native.scan_runs(todo).tolist():
+                        seq = self._persist(a + start, a + start + count)
+            if not seq:
+                return
+            # As in mark(): another thread's failed sync may have rolled ours back.
+            self._sync_upto(seq)
+
     def try_mark(self, offset: int, length: int) -> bool:
         """Mark with ``self.lock`` already held by the caller; no I/O.
 

@@ -210,6 +210,25 @@ def test_handshake_then_frames_flow_both_ways(secondary, primary, certs, secret,
     assert stats.frames_received >= 2
 
 
+def test_the_secondarys_marked_runs_reach_the_primarys_channel(secondary, primary):
+    runs = [(2 * i, 1) for i in range(300)] + [(900, 124)]  # up to the last of 1 024 regions
+    asked = []
+
+    def marks() -> list[tuple[int, int]]:
+        asked.append(1)
+        return runs
+
+    sec = secondary(secret=b"k", marks=marks)
+    channel = primary(sec.address, secret=b"k")
+    assert channel.peer_marks.tolist() == [list(r) for r in runs]
+    assert sec.end().channel.peer_marks.shape == (0, 2)  # the secondary's own: not its peer's
+    with pytest.raises(PeerRefused):
+        primary(sec.address, secret=b"wrong")
+    assert len(asked) == 1  # never told to a peer that does not know the secret
+    plain = secondary()
+    assert primary(plain.address).peer_marks.shape == (0, 2)  # no marks: nothing missing
+
+
 def test_a_wrong_secret_is_refused_before_any_channel(secondary, primary):
     sec = secondary(secret=b"right")
     with pytest.raises(PeerRefused, match="the primary does not know the shared secret"):

@@ -397,6 +397,44 @@ def test_primary_killed_mid_workload_restarts_and_resyncs_what_was_marked(mirror
     assert m.differing_regions() == []
 
 
+def test_secondary_power_loss_its_marks_bring_back_what_the_primary_had_cleared(mirror):
+    """A DATA_ACK goes before the secondary's fdatasync and the primary clears its marks on
+    it: power lost then may lose data the primary believes is there. The secondary's
+    durable marks name it, and the handshake carries them. Simulated: both stopped
+    cleanly (the primary with nothing marked), then some regions of the secondary's data
+    changed and exactly those marked in its marks.map (one never written: zeros there)."""
+    m = mirror()
+    m.primary.start(m.peer, "sync")
+    h = m.primary.connect()
+    h.pwrite(random.Random(7).randbytes(SPAN_LENGTH), SPAN_OFFSET)
+    h.flush()
+    h.shutdown()
+    m.wait_in_sync()
+    wait_until(lambda: m.primary.replication()["marked_regions"] == 0, 10,
+               "the primary to clear its marks", interval=0.05)
+    m.primary.stop()
+    m.secondary.stop()
+    lost = [2, SPAN[3], SPAN[4], SPAN[40]]
+    marks = bytearray((m.secondary.vol / "marks.map").read_bytes())
+    assert not any(marks)
+    with open(m.secondary.vol / "data.img", "r+b") as data:
+        for region in lost:
+            data.seek(region * RS)
+            data.write(b"\xee" * RS)
+            marks[region] = 1
+    (m.secondary.vol / "marks.map").write_bytes(marks)
+    assert m.differing_regions() == lost
+    m.secondary.start()
+    m.primary.start(m.peer, "sync")
+    rep = m.wait_in_sync()
+    assert rep["peer_marked_regions"] == len(lost)
+    assert (rep["resync"]["regions"], rep["resync"]["bytes_sent"]) == (len(lost), len(lost) * RS)
+    assert rep["resync_bytes"] == (len(lost) - 1) * RS  # region 2 went as a ZERO frame
+    m.primary.stop()
+    m.secondary.stop()
+    assert m.differing_regions() == []
+
+
 FAULTS = {
     # fault: (mode, what it does to the proxy)
     "delay": ("sync", lambda proxy: proxy.delay(0.02)),
@@ -531,9 +569,11 @@ def handshake(port: int, vol: Path) -> tuple[socket.socket, p.Connection]:
         sock.sendall(conn.send(conn.make_hello(uuid=info.uuid, size=info.size,
                                                region_size=info.region_size,
                                                generation=info.generation, mode="sync")))
-        while not isinstance(frame := conn.next_frame(), p.HelloReply):  # refused: raises
-            assert isinstance(frame, p.NeedData), frame
-            conn.receive_data(sock.recv(1 << 16))
+        while conn.state is not p.State.READY:  # HELLO_REPLY, MARKED_RUNS; refused: raises
+            frame = conn.next_frame()
+            assert isinstance(frame, (p.NeedData, p.HelloReply, p.MarkedRuns)), frame
+            if isinstance(frame, p.NeedData):
+                conn.receive_data(sock.recv(1 << 16))
     except BaseException:
         sock.close()
         raise
@@ -567,9 +607,15 @@ def test_garbage_and_half_frames_on_the_receivers_port_write_nothing(mirror):
     before = digest(m.secondary.vol)
     applied = status_json(m.secondary.vol)["writes_applied"]
 
+    taken = [m.secondary.replication()["connects"]]  # channels the receiver has taken
+
     def dropped() -> None:  # one primary at a time: the last one must be gone first
-        wait_until(lambda: m.secondary.replication()["state"] == "disconnected", 10,
-                   "the receiver to let the last primary go", interval=0.02)
+        def gone() -> bool:  # counted first: else "disconnected" may be from before it came
+            st = m.secondary.replication()
+            return st["connects"] >= taken[0] and st["state"] == "disconnected"
+
+        wait_until(gone, 10, "the receiver to let the last primary go", interval=0.02)
+        taken[0] += 1  # the next raw primary's
 
     dropped()
     # past the handshake (the paired primary's identity): half a WRITE, then the end

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.fault_proxy import FaultProxy
 from volume_core.engine import Engine
+from volume_core.errors import NbdMirrorError
 from volume_core.replication import link
 from volume_core.replication import protocol as p
 from volume_core.replication.primary import PrimaryReplicator
@@ -62,7 +64,8 @@ def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2
          prefill: bytes | None = None) -> Iterator[Pair]:
     """A replicating pair in this process. ``wrap`` may wrap the secondary's frame handler
     (test harness); ``prefill`` is written to the primary before the replicator is
-    attached (all marked); ``via_proxy`` puts a FaultProxy on the link."""
+    attached (all marked); ``via_proxy`` puts a FaultProxy on the link. A timer
+    thread ticks the receiver (recovery retries), as receiver.py's does."""
     pvol = Volume.create(tmp_path / "p", size, RS)
     svol = Volume.create(tmp_path / "s", size, RS)
     svol.update_info(role="secondary")
@@ -79,7 +82,8 @@ def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2
 
     listener = link.Listener(
         "127.0.0.1", 0, identity=identity(svol), on_channel=on_channel, options=options,
-        decide=lambda hello: p.hello_problem(hello, identity(svol), secret=False)).start()
+        decide=lambda hello: p.hello_problem(hello, identity(svol), secret=False),
+        marks=receiver.marked_runs).start()
     target = listener.address
     proxy = FaultProxy(target).start() if via_proxy else None
     host, port = proxy.address if proxy else target
@@ -88,10 +92,21 @@ def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2
     session = PrimarySession(replicator, host, port, identity=lambda: identity(pvol),
                              sweep_interval=0.2, options=options,
                              backoff=link.Backoff(initial=0.05, maximum=0.2)).start()
+    stop_ticking = threading.Event()
+
+    def tick() -> None:
+        while not stop_ticking.wait(0.05):
+            with contextlib.suppress(NbdMirrorError):  # a link closing: as receiver.py's timer
+                receiver.tick()
+
+    ticker = threading.Thread(target=tick, daemon=True, name="receiver-tick")
+    ticker.start()
     try:
         wait_until(lambda: replicator.state == "connected", 20, "the link to come up")
         yield Pair(primary, secondary, replicator, receiver, session, listener, faults, proxy)
     finally:
+        stop_ticking.set()
+        ticker.join()
         session.close()
         listener.close()
         if proxy:
@@ -175,3 +190,43 @@ def test_after_a_cut_the_primary_reconnects_and_resends_only_what_is_out_of_sync
         # only regions written around the cut travel again, never the whole volume
         assert 0 < resync["regions"] <= regions // 4 + 4, resync
         assert resync["bytes_sent"] == resync["regions"] * RS
+
+
+def test_sync_flush_after_a_failed_secondary_write_returns_once_it_recovered(tmp_path):
+    with pair(tmp_path, "sync") as pr:
+        region = 5
+        pr.faults.fail(region, times=2)  # the write, then the first recovery (a retry follows)
+        data = random.Random(5).randbytes(RS)
+        pr.primary.pwrite(data, region * RS)  # completes on WRITE_FAILED
+        assert pr.replicator.stats["write_failures_reported"] == 1
+        started = time.monotonic()
+        pr.primary.flush()
+        took = time.monotonic() - started
+        # The flush covers the failed write: the secondary holds it, durably, by now.
+        st = pr.receiver.status()
+        assert (st["recovering_regions"], st["regions_recovered"]) == (0, 1), st
+        held = bytearray(RS)
+        pr.secondary.pread(held, region * RS)
+        assert held == data
+        assert took < 2.0 and pr.replicator.stats["timeouts"] == 0
+        assert pr.replicator.stats["links_lost"] == 0
+        pr.wait_in_sync()
+        mine, theirs = pr.images()
+        assert mine == theirs
+
+
+def test_sync_flush_waiting_for_a_recovery_is_bounded_by_the_ack_timeout(tmp_path):
+    with pair(tmp_path, "sync", ack_timeout=0.5) as pr:
+        region = 6
+        pr.faults.fail(region, times=5)  # recovery keeps failing for longer than the timeout
+        pr.primary.pwrite(b"t" * RS, region * RS)
+        started = time.monotonic()
+        pr.primary.flush()  # returns (never fails) once the timeout has dropped the link
+        took = time.monotonic() - started
+        assert 0.4 < took < 2.0, took
+        assert pr.replicator.stats["timeouts"] == 1
+        wait_until(lambda: pr.replicator.stats["links_lost"] >= 1, 5, "the link to be dropped")
+        pr.primary.flush()
+        pr.wait_in_sync()  # reconnected, the region resynced
+        mine, theirs = pr.images()
+        assert mine == theirs

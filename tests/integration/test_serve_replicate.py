@@ -40,7 +40,8 @@ def secondary(path: Path, size: str, port: int = 0) -> Iterator[tuple[int, Recei
         channel.start(receivers[0].handle, lambda reason: receivers[0].link_lost())
 
     listener = link.Listener("127.0.0.1", port, identity=me, on_channel=on_channel,
-                             decide=lambda hello: p.hello_problem(hello, me, secret=False))
+                             decide=lambda hello: p.hello_problem(hello, me, secret=False),
+                             marks=lambda: receivers[0].marked_runs() if receivers else [])
     listener.start()
     try:
         yield listener.address[1], receivers
@@ -77,6 +78,11 @@ def test_writes_through_nbd_reach_the_secondary_byte_for_byte(serve, tmp_path, m
             t.join(60)
         wait_until(lambda: replication(s.vol)["state"] == "in-sync", 30, "in-sync")
         assert (s.vol / "data.img").read_bytes() == (tmp_path / "s" / "data.img").read_bytes()
+        rep = replication(s.vol)
+        # 3 x 200 writes of 4-12 KiB: all on the wire (plus headers), the acks back
+        assert rep["link_bytes_sent"] > rep["bytes_sent"] >= 3 * 200 * 4096
+        assert rep["link_bytes_received"] > 0 and rep["in_flight_bytes"] == 0
+        assert rep["out_of_sync_bytes"] == 0
         human = run_cli("status", s.vol).out
         assert f"replication: {mode} to 127.0.0.1:{port}: in-sync" in human
         run_cli("stop", s.vol)

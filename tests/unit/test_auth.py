@@ -90,6 +90,10 @@ def test_handshake_with_the_right_secret_reaches_ready_on_both_sides():
     assert isinstance(secondary.next_frame(), Auth)
     primary.receive_data(secondary.send(secondary.auth_frame()))
     assert isinstance(primary.next_frame(), Auth)
+    assert primary.state is secondary.state is State.MARKS  # then the secondary's marks
+    (marks,) = secondary.marked_runs_frames([])
+    primary.receive_data(secondary.send(marks))
+    assert primary.next_frame() == marks
     assert primary.state is secondary.state is State.READY
     secondary.receive_data(primary.send(Write(1, 0, b"x" * 512)))
     assert secondary.next_frame() == Write(1, 0, b"x" * 512)

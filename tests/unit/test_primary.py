@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import wait_until
 from volume_core.engine import Engine
+from volume_core.regions import load_marks
 from volume_core.replication import protocol as p
 from volume_core.replication.primary import PrimaryReplicator
 from volume_core.volume import Volume
@@ -109,6 +110,7 @@ def test_a_silent_peer_is_dropped_and_the_write_completes_out_of_sync(engine):
     assert ch.closed and "no acknowledgement" in ch.closed
     st = rep.status()
     assert st["state"] == "disconnected" and st["out_of_sync_regions"] == 1
+    assert st["out_of_sync_bytes"] == RS and st["in_flight_bytes"] == 0
     assert engine.tracker.marks[4] == 1
     assert rep.sweep() == 0 and engine.tracker.marks[4] == 1
 
@@ -147,6 +149,23 @@ def test_a_recovering_secondary_gets_the_current_region(engine):
     assert ch.sent[0][1].data == b"f" * RS
 
 
+def test_a_recovered_region_is_cleared_by_the_next_sweep(engine):
+    # WRITE_FAILED, then the secondary recovers the region (READ_REGION answered,
+    # DATA_ACK of the request id): both sides hold it, so no restart resends it.
+    rep, ch = replicate(engine, "sync")
+    t = in_thread(engine.pwrite, b"r" * RS, 9 * RS)
+    wait_until(lambda: ch.sent, what="the write to be sent")
+    rep.on_frame(p.WriteFailed(1, 9 * RS, RS))
+    t.join(10)
+    assert rep.sweep() == 0 and engine.tracker.marks[9] == 1  # out of sync until recovered
+    rid = (1 << 63) | 1
+    rep.on_frame(p.ReadRegion(rid, 9 * RS, RS))
+    wait_until(lambda: len(ch.sent) == 2, what="the answer")
+    rep.on_frame(p.DataAck(rid))
+    assert rep.status()["out_of_sync_regions"] == 0
+    assert rep.sweep() == 1 and engine.tracker.marks[9] == 0
+
+
 def test_sync_flush_waits_for_the_secondary_flush(engine):
     rep, ch = replicate(engine, "sync")
     t = in_thread(engine.flush)
@@ -173,3 +192,79 @@ def test_unexpected_frames_are_protocol_errors(engine):
     rep, _ch = replicate(engine, "sync")
     with pytest.raises(p.ProtocolError):
         rep.on_frame(p.Write(1, 0, b"x"))
+
+
+def marked_on_disk(engine) -> list[int]:
+    return np.flatnonzero(load_marks(engine.volume.marks_path, REGIONS)).tolist()
+
+
+def resent(ch, after: int = 0) -> list[tuple[str, int, int]]:
+    return [(type(f).__name__, f.offset // RS, f.length) for _, f in ch.sent[after:]
+            if isinstance(f, (p.Write, p.Zero))]
+
+
+def test_the_secondarys_marks_are_marked_here_durably_and_resynced_where_acks_said_same(
+        engine):
+    rep, ch = replicate(engine, "sync")
+    for seq, region in enumerate((2, 3, 4), start=1):
+        t = in_thread(engine.pwrite, bytes([region]) * RS, region * RS)
+        wait_until(lambda seq=seq: len(ch.sent) == seq, what="a write to be sent")
+        rep.on_frame(p.DataAck(seq))
+        t.join(10)
+        if region == 3:
+            assert rep.sweep() == 2  # regions 2 and 3 leave the marks: "the same"
+    assert rep.status()["state"] == "in-sync"
+    assert np.flatnonzero(engine.tracker.marks).tolist() == [4]
+    assert {2, 3}.isdisjoint(marked_on_disk(engine))  # (intent is a whole extent: the rest)
+    rep.disconnected("the secondary lost power")  # before its fdatasync of 2..4
+    again = RecordingChannel()
+    again.peer_marks = np.array([[2, 3], [9, 2]])  # what its marks.map names after reboot
+    rep.connected(again)
+    assert np.flatnonzero(engine.tracker.marks).tolist() == [2, 3, 4, 9, 10]
+    assert {2, 3, 4, 9, 10} <= set(marked_on_disk(engine))  # durably, before any resync
+    st = rep.status()
+    assert st["out_of_sync_regions"] == 5 and st["peer_marked_regions"] == 5
+    assert rep.sweep() == 0
+    wait_until(lambda: len(resent(again)) == 2, what="the resync")
+    assert resent(again) == [("Write", 2, 3 * RS), ("Zero", 9, 2 * RS)]
+
+
+def test_a_failed_secondary_flush_keeps_what_it_acked_out_of_sync_and_resends_it(engine):
+    rep, ch = replicate(engine, "sync")
+    t = in_thread(engine.pwrite, b"h" * RS, 5 * RS)
+    wait_until(lambda: ch.sent, what="the write to be sent")
+    rep.on_frame(p.DataAck(1))
+    t.join(10)
+    t = in_thread(engine.flush)
+    wait_until(lambda: len(ch.sent) == 2, what="the flush to be sent")
+    assert ch.frames()[1] == ("bulk", "Flush", 2)
+    rep.on_frame(p.FlushAck(2, failed=True))
+    t.join(10)
+    assert not t.is_alive()  # the host's flush is not failed for the peer's sake
+    st = rep.status()
+    assert (st["flush_failures"], st["out_of_sync_regions"]) == (1, 1)
+    assert st["state"] != "in-sync"
+    assert rep.sweep() == 0 and engine.tracker.marks[5] == 1
+    wait_until(lambda: len(resent(ch)) == 2, what="the region to be resent")  # after write 1
+    frame = ch.sent[-1][1]
+    assert isinstance(frame, p.Write) and frame.seq > 2
+    assert (frame.offset, bytes(frame.data)) == (5 * RS, b"h" * RS)
+    rep.on_frame(p.DataAck(frame.seq))
+    assert rep.status()["state"] == "in-sync"
+    assert rep.sweep() == 1 and not engine.tracker.marks.any()
+
+
+def test_a_region_the_secondary_recovers_is_out_of_sync_until_its_answer_lands(engine):
+    rep, ch = replicate(engine, "semi-async")
+    t = in_thread(engine.pwrite, b"r" * RS, 7 * RS)
+    wait_until(lambda: len(ch.sent) == 2, what="meta and data")
+    rep.on_frame(p.MetaAck(1))
+    rep.on_frame(p.DataAck(1))
+    t.join(10)
+    assert rep.status()["state"] == "in-sync"
+    rid = 1 << 63 | 5  # e.g. after the secondary's fdatasync failed: no WRITE_FAILED
+    rep.on_frame(p.ReadRegion(rid, 7 * RS, RS))
+    assert rep.status()["out_of_sync_regions"] == 1
+    wait_until(lambda: len(ch.sent) == 3, what="the answer")
+    rep.on_frame(p.DataAck(rid))
+    assert rep.status()["state"] == "in-sync"

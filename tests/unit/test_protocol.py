@@ -18,9 +18,11 @@ from volume_core.replication.protocol import (
     HEADER_SIZE,
     MAGIC,
     MAX_DATA,
+    MAX_MARKED_RUNS,
     NEED_DATA,
     PEER_CLOSED,
     PROTOCOL_VERSION,
+    RUNS_PER_FRAME,
     Auth,
     Connection,
     CycleAck,
@@ -35,6 +37,7 @@ from volume_core.replication.protocol import (
     Hello,
     HelloReply,
     Identity,
+    MarkedRuns,
     Meta,
     MetaAck,
     Ping,
@@ -49,6 +52,7 @@ from volume_core.replication.protocol import (
     WriteFailed,
     WriteKind,
     Zero,
+    coarsen_runs,
     encode,
     encode_parts,
     frame_name,
@@ -74,6 +78,8 @@ SAMPLES = [
     HelloReply(False, "volume size differs: primary 1 GiB, secondary 2 GiB", 1, "secondary",
                "s", 2 << 30, REGION, 1, NONCE, True),
     Auth(bytes(range(100, 132))),
+    MarkedRuns(),
+    MarkedRuns(((0, 1), (5, 3), (2**64 - 2, 1)), end=False),
     Write(1, 0, b"a" * 4096),
     Write(2**64 - 1, SIZE - 1, b"z", fua=True),
     Meta(3, 4096, 8192),
@@ -227,6 +233,20 @@ MALFORMED = [
     ("META write with MAY_TRIM", raw(0x11, flags=0x02, length=1),
      "META flag MAY_TRIM is only allowed on kind zero"),
     ("ERROR not UTF-8", raw(0x42, payload=b"\xff\xfe"), "ERROR reason is not UTF-8"),
+    ("MARKED_RUNS part of a run", raw(0x04, flags=0x08, payload=b"x" * 17),
+     "MARKED_RUNS payload of 17 bytes is not whole runs of 16 bytes"),
+    ("MARKED_RUNS empty run", raw(0x04, payload=struct.pack("<QQ", 3, 0)),
+     "MARKED_RUNS run 3+0 is empty, overlaps or comes before region 0"),
+    ("MARKED_RUNS descending", raw(0x04, payload=struct.pack("<QQQQ", 5, 1, 2, 1)),
+     "MARKED_RUNS run 2+1 is empty, overlaps or comes before region 6"),
+    ("MARKED_RUNS overlapping", raw(0x04, payload=struct.pack("<QQQQ", 5, 2, 6, 1)),
+     "MARKED_RUNS run 6+1 is empty, overlaps or comes before region 7"),
+    ("MARKED_RUNS past 2**64", raw(0x04, payload=struct.pack("<QQ", 2**64 - 1, 1)),
+     f"MARKED_RUNS run {2**64 - 1}+1 is out of range"),
+    ("MARKED_RUNS flag", raw(0x04, flags=0x04), "MARKED_RUNS frame has flags 0x04"),
+    ("MARKED_RUNS with a seq", raw(0x04, seq=1), "MARKED_RUNS frame has a nonzero sequence"),
+    ("MARKED_RUNS with a range", raw(0x04, length=1),
+     "MARKED_RUNS frame has a nonzero offset or length"),
     ("HELLO not JSON", raw(0x01, payload=b"{nope"), "HELLO payload is not valid JSON"),
     ("HELLO not an object", raw(0x01, payload=b"[1, 2]"), "HELLO payload is not a JSON object"),
     ("HELLO field missing", raw(0x01, payload=b'{"version": 1}'),
@@ -461,17 +481,35 @@ ID_P = dict(uuid="p-uuid", size=SIZE, region_size=REGION, generation=1)
 ID_S = dict(uuid="s-uuid", size=SIZE, region_size=REGION, generation=1)
 
 
-def connected(secret: bytes | None = None) -> tuple[Connection, Connection]:
+def to_marks(secret: bytes | None = None, size: int = SIZE) -> tuple[Connection, Connection]:
+    """Both ends through HELLO, HELLO_REPLY (and AUTH): the secondary's marks are next."""
     primary, secondary = Connection("primary", secret), Connection("secondary", secret)
-    secondary.receive_data(primary.send(primary.make_hello(mode="sync", **ID_P)))
+    secondary.receive_data(primary.send(primary.make_hello(mode="sync", **{**ID_P,
+                                                                           "size": size})))
     secondary.next_frame()
-    primary.receive_data(secondary.send(secondary.make_reply(accepted=True, reason="", **ID_S)))
+    primary.receive_data(secondary.send(secondary.make_reply(accepted=True, reason="",
+                                                             **{**ID_S, "size": size})))
     primary.next_frame()
     if secret:
         secondary.receive_data(primary.send(primary.auth_frame()))
         secondary.next_frame()
         primary.receive_data(secondary.send(secondary.auth_frame()))
         primary.next_frame()
+    assert primary.state is secondary.state is State.MARKS
+    return primary, secondary
+
+
+def send_marks(primary: Connection, secondary: Connection, runs=()) -> list:
+    """The secondary's MARKED_RUNS frames for ``runs``, through to the primary."""
+    frames = secondary.marked_runs_frames(runs)
+    primary.receive_data(b"".join(secondary.send(f) for f in frames))
+    assert [primary.next_frame() for _ in frames] == frames
+    return frames
+
+
+def connected(secret: bytes | None = None, runs=()) -> tuple[Connection, Connection]:
+    primary, secondary = to_marks(secret)
+    send_marks(primary, secondary, runs)
     assert primary.state is secondary.state is State.READY
     return primary, secondary
 
@@ -594,7 +632,8 @@ def hello(**changes) -> Hello:
 @pytest.mark.parametrize("changes, kwargs, reason", [
     ({}, {}, None),
     ({}, {"paired_uuid": "p-uuid", "paired_generation": 5}, None),
-    ({"version": 2}, {}, "protocol version differs: primary speaks 2, secondary 1"),
+    ({"version": 1}, {}, f"protocol version differs: primary speaks 1, secondary "
+                         f"{PROTOCOL_VERSION}"),
     ({"role": "secondary"}, {}, "the peer is not a primary (it says it is a 'secondary')"),
     ({"uuid": "s-uuid"}, {}, "the peer is this same volume (s-uuid): refusing to replicate "
                              "onto itself"),
@@ -625,7 +664,8 @@ def test_hello_problem_names_what_differs(changes, kwargs, reason):
     ({"size": SIZE // 2}, "volume size differs: primary 256 MiB, secondary 128 MiB"),
     ({"uuid": "p-uuid"}, "the peer is this same volume (p-uuid): refusing to replicate onto "
                          "itself"),
-    ({"version": 7}, "protocol version differs: primary speaks 1, secondary 7"),
+    ({"version": 7}, f"protocol version differs: primary speaks {PROTOCOL_VERSION}, "
+                     "secondary 7"),
 ])
 def test_reply_problem_names_what_differs(changes, reason):
     import dataclasses
@@ -648,3 +688,126 @@ def test_a_sequence_number_on_a_frame_that_has_none_is_refused():
     dec.receive_data(raw(Error.CODE, seq=1, payload=b"bye"))
     with pytest.raises(ProtocolError, match="nonzero sequence number"):
         dec.next_frame()
+
+
+# ---------------------------------------------------------------- the secondary's marks
+
+REGIONS = SIZE // REGION
+
+
+@pytest.mark.parametrize("secret", [None, b"k"])
+def test_the_secondarys_marked_runs_end_the_handshake_and_reach_the_primary(secret):
+    primary, secondary = to_marks(secret)
+    runs = [(0, 2), (7, 1), (REGIONS - 3, 3)]
+    for frame in (Write(1, 0, b"x"), Flush(1)):  # nothing flows before the marks are in
+        with pytest.raises(ProtocolError, match="before the handshake completed"):
+            to_marks(secret)[0].send(frame)
+    assert send_marks(primary, secondary, runs) == [MarkedRuns(tuple(runs))]
+    assert primary.state is secondary.state is State.READY
+    assert primary.marked_runs == secondary.marked_runs == runs
+
+
+def test_no_marks_is_one_empty_end_frame():
+    primary, secondary = to_marks()
+    assert send_marks(primary, secondary) == [MarkedRuns((), end=True)]
+    assert primary.state is State.READY and primary.marked_runs == []
+
+
+def test_many_runs_take_several_frames_and_only_the_last_ends():
+    primary, secondary = to_marks(size=1 << 40)
+    runs = [(2 * i, 1) for i in range(RUNS_PER_FRAME * 2 + 5)]
+    frames = send_marks(primary, secondary, runs)
+    assert [len(f.runs) for f in frames] == [RUNS_PER_FRAME, RUNS_PER_FRAME, 5]
+    assert [f.end for f in frames] == [False, False, True]
+    assert all(len(encode(f)) <= HEADER_SIZE + (16 << 10) for f in frames)
+    assert primary.marked_runs == runs and primary.state is State.READY
+
+
+def test_more_runs_than_a_handshake_carries_are_joined_never_dropped():
+    primary, secondary = to_marks(size=1 << 40)
+    many = [(3 * i, 1 + i % 2) for i in range(MAX_MARKED_RUNS + 100)]
+    send_marks(primary, secondary, many)
+    assert len(primary.marked_runs) == MAX_MARKED_RUNS
+    sent = set()
+    for first, count in primary.marked_runs:
+        sent.update(range(first, first + count))
+    assert all(r in sent for first, count in many for r in range(first, first + count))
+
+
+@pytest.mark.parametrize("runs, message", [
+    ([(REGIONS - 1, 2)], f"reaches past the end of the volume ({REGIONS} regions)"),
+    ([(REGIONS, 1)], "reaches past the end of the volume"),
+])
+def test_runs_outside_the_volume_are_refused(runs, message):
+    primary, _ = to_marks()
+    primary.receive_data(encode(MarkedRuns(tuple(runs))))
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        primary.next_frame()
+    assert primary.state is State.BROKEN
+
+
+def test_runs_must_ascend_across_frames_too():
+    primary, _ = to_marks()
+    primary.receive_data(encode(MarkedRuns(((10, 5),), end=False)) +
+                         encode(MarkedRuns(((12, 1),))))
+    assert primary.next_frame() == MarkedRuns(((10, 5),), end=False)
+    with pytest.raises(ProtocolError, match="run 12\\+1 is empty, overlaps or comes before "
+                                            "region 15"):
+        primary.next_frame()
+
+
+def test_a_flood_of_marked_runs_frames_is_refused():
+    primary, _ = to_marks(size=1 << 40)
+    frame = MarkedRuns(tuple((i, 1) for i in range(0, 2 * RUNS_PER_FRAME, 2)), end=False)
+    with pytest.raises(ProtocolError, match=f"more than {MAX_MARKED_RUNS} MARKED_RUNS runs"):
+        for k in range(MAX_MARKED_RUNS // RUNS_PER_FRAME + 1):
+            shifted = tuple((a + k * 2 * RUNS_PER_FRAME, n) for a, n in frame.runs)
+            primary.receive_data(encode(MarkedRuns(shifted, end=False)))
+            primary.next_frame()
+
+
+@pytest.mark.parametrize("where", ["before the reply", "before auth", "after the end"])
+def test_marked_runs_out_of_turn_are_refused(where):
+    if where == "before the reply":
+        primary = Connection("primary")
+        primary.send(primary.make_hello(mode="sync", **ID_P))
+    elif where == "before auth":
+        primary = Connection("primary", b"k")
+        secondary = Connection("secondary", b"k")
+        secondary.receive_data(primary.send(primary.make_hello(mode="sync", **ID_P)))
+        secondary.next_frame()
+        primary.receive_data(secondary.send(secondary.make_reply(accepted=True, reason="",
+                                                                 **ID_S)))
+        primary.next_frame()
+        assert primary.state is State.AUTH
+    else:
+        primary, _ = connected()
+    primary.receive_data(encode(MarkedRuns()))
+    with pytest.raises(ProtocolError, match="MARKED_RUNS outside the marks step"):
+        primary.next_frame()
+
+
+def test_only_a_secondary_sends_marked_runs():
+    primary, _ = to_marks()
+    with pytest.raises(ProtocolError, match="cannot send MARKED_RUNS from the primary"):
+        primary.send(MarkedRuns())
+    secondary = Connection("secondary")
+    secondary.receive_data(encode(MarkedRuns()))
+    with pytest.raises(ProtocolError, match="received MARKED_RUNS from the primary"):
+        secondary.next_frame()
+
+
+@settings(FUZZ, max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 20)), max_size=60),
+       st.integers(1, 30))
+def test_coarsened_runs_cover_every_region_in_at_most_the_limit(gaps_counts, limit):
+    runs, at = [], 0
+    for gap, count in gaps_counts:
+        runs.append((at + gap + (1 if runs else 0), count))
+        at = runs[-1][0] + count
+    out = coarsen_runs(runs, limit).tolist()
+    assert len(out) == min(len(runs), limit)
+    covered = {r for a, n in out for r in range(a, a + n)}
+    assert {r for a, n in runs for r in range(a, a + n)} <= covered
+    assert all(n >= 1 for _, n in out)
+    assert all(a2 > a1 + n1 - 1 for (a1, n1), (a2, _) in zip(out, out[1:], strict=False))

@@ -366,6 +366,108 @@ def test_flush_syncs_and_acks_and_a_failed_sync_recovers_what_it_held(engine):
     assert rx.status()["recovering_regions"] == 1
 
 
+def counting_flushes(engine) -> list:
+    """Record, at each fdatasync of the replica, how many regions were still recovering."""
+    calls, real = [], engine.flush
+
+    def flush():
+        calls.append(1)
+        real()
+
+    engine.flush = flush  # the test's own spy on the replica's fdatasync
+    return calls
+
+
+def test_a_flush_after_a_failed_write_is_answered_once_its_recovery_landed_durably(engine):
+    faults = FaultInjector()
+    faults.fail(2)
+    rx, out = make(engine, SYNC, faults=faults)
+    syncs = counting_flushes(engine)
+    rx.handle(p.Write(1, 2 * RS, b"x" * RS))  # fails: acknowledged with WRITE_FAILED
+    failed, ask = out.take()
+    assert isinstance(failed, p.WriteFailed) and isinstance(ask, p.ReadRegion)
+    rx.handle(p.Flush(2))
+    assert out.take() == [] and syncs == []  # held, not waited for on this thread
+    at_ack = {}
+
+    def look(frame):
+        if isinstance(frame, p.FlushAck):
+            at_ack.update(syncs=len(syncs), data=read(engine, 2 * RS, RS),
+                          recovering=rx.status()["recovering_regions"])
+
+    out.on_send = look
+    rx.handle(p.RegionData(ask.seq, 2 * RS, b"x" * RS))
+    assert out.take() == [p.DataAck(ask.seq), p.FlushAck(2)]
+    assert at_ack == {"syncs": 1, "data": b"x" * RS, "recovering": 0}
+    rx.handle(p.Flush(3))  # nothing outstanding: answered at once
+    assert out.take() == [p.FlushAck(3)]
+
+
+def test_a_held_flush_waits_only_for_recoveries_outstanding_when_it_came(engine):
+    faults = FaultInjector()
+    faults.fail(2)
+    faults.fail(4)
+    rx, out = make(engine, SYNC, faults=faults)
+    rx.handle(p.Write(1, 2 * RS, b"a" * RS))
+    _, first = out.take()
+    rx.handle(p.Flush(2))
+    rx.handle(p.Write(3, 4 * RS, b"b" * RS))  # fails after the flush came: not waited for
+    _, second = out.take()
+    rx.handle(p.Flush(4))  # waits for both
+    rx.handle(p.RegionData(first.seq, 2 * RS, b"a" * RS))
+    assert out.take() == [p.DataAck(first.seq), p.FlushAck(2)]
+    rx.handle(p.RegionData(second.seq, 4 * RS, b"b" * RS))
+    assert out.take() == [p.DataAck(second.seq), p.FlushAck(4)]
+    assert rx.status()["flushes"] == 2
+
+
+def test_a_held_flush_whose_sync_fails_says_so(engine):
+    faults = FaultInjector()
+    faults.fail(2)
+    rx, out = make(engine, SYNC, faults=faults)
+    rx.handle(p.Write(1, 2 * RS, b"a" * RS))
+    _, ask = out.take()
+    rx.handle(p.Flush(2))
+
+    def broken_flush():
+        raise OSError(5, "injected fdatasync failure")
+
+    engine.flush = broken_flush  # the test's own stand-in for a failing disk
+    rx.handle(p.RegionData(ask.seq, 2 * RS, b"a" * RS))
+    ack, again, flush_ack = out.take()
+    assert ack == p.DataAck(ask.seq) and isinstance(again, p.ReadRegion)  # lost: recover again
+    assert flush_ack == p.FlushAck(2, failed=True)
+    assert rx.status()["flush_failures"] == 1
+
+
+def test_a_flush_held_when_the_link_is_lost_is_never_answered(engine):
+    faults, clock = FaultInjector(), Clock()
+    faults.fail(2)
+    rx, out = make(engine, SYNC, faults=faults, clock=clock)
+    rx.handle(p.Write(1, 2 * RS, b"a" * RS))
+    out.take()
+    rx.handle(p.Flush(2))
+    rx.link_lost()  # the primary's flush gave up with that link; a new one numbers afresh
+    rx.tick(clock.now)
+    (ask,) = out.take()
+    rx.handle(p.RegionData(ask.seq, 2 * RS, b"a" * RS))
+    assert out.take() == [p.DataAck(ask.seq)]
+
+
+def test_marked_runs_for_a_primary_are_the_marks_once_swept(engine, volume):
+    faults = FaultInjector()
+    faults.fail(9)
+    rx, out = make(engine, SYNC, faults=faults)
+    rx.handle(p.Write(1, 3 * RS, b"a" * RS))  # landed: swept (fdatasync) before telling
+    rx.handle(p.Write(2, 9 * RS, b"b" * RS))  # failed: recovering, stays marked
+    rx.mode = SEMI_ASYNC
+    rx.handle(p.Meta(3, 5 * RS, 2 * RS))  # announced, its data never came
+    rx.link_lost()
+    assert marked(engine) == {3, 5, 6, 9}
+    assert rx.marked_runs().tolist() == [[5, 2], [9, 1]]
+    assert on_disk_marks(volume)[[3, 5, 6, 9]].tolist() == [0, 1, 1, 1]
+
+
 def test_ping_is_answered_with_pong(engine):
     rx, out = make(engine)
     rx.handle(p.Ping(42))

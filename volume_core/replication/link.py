@@ -5,12 +5,14 @@ This module gives them:
 
 - ``Listener`` (secondary): accepts TCP (optionally TLS) connections, runs the
   handshake of ``protocol.Connection`` on each (HELLO, a ``decide`` callback,
-  HELLO_REPLY, AUTH both ways when a secret is set) and hands every
-  authenticated connection to ``on_channel`` as a ``Channel``. A connection
-  that sends garbage, half a frame, or nothing in time is dropped with a log
-  line; the listener keeps serving.
+  HELLO_REPLY, AUTH both ways when a secret is set, then MARKED_RUNS from a
+  ``marks`` callback) and hands every authenticated connection to
+  ``on_channel`` as a ``Channel``. A connection that sends garbage, half a
+  frame, or nothing in time is dropped with a log line; the listener keeps
+  serving.
 - ``connect`` (primary): the same handshake from the other end; returns a
-  ``Channel`` or raises ``PeerRefused``, ``ProtocolError`` or ``LinkError``.
+  ``Channel`` (with the secondary's marked runs in ``peer_marks``) or raises
+  ``PeerRefused``, ``ProtocolError`` or ``LinkError``.
 - ``Channel``: an established connection with two send priorities, a bounded
   bulk window, keepalive and counters (see its docstring for the design).
 - ``Backoff``: jittered exponential delays for the primary's reconnect loop.
@@ -32,7 +34,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
+
+import numpy as np
 
 from ..errors import LinkError, PeerRefused, ProtocolError
 from . import protocol
@@ -50,6 +54,7 @@ from .protocol import (
     Identity,
     Ping,
     Pong,
+    Role,
     State,
 )
 from .tls import PlainTransport, TlsTransport, describe, tls_failure
@@ -199,6 +204,10 @@ class Channel:
         self.role = conn.role
         self.hello = hello
         self.reply = reply
+        #: On a primary's channel: the regions whose data may be missing on the secondary,
+        #: as (first region, count) rows (its MARKED_RUNS); empty on a secondary's.
+        self.peer_marks = np.asarray(conn.marked_runs if conn.role is Role.PRIMARY else [],
+                                     dtype=np.int64).reshape(-1, 2)
         self.options = options
         self._t = transport
         self._conn = conn
@@ -712,6 +721,8 @@ def _primary_handshake(transport: Transport, identity: Identity, mode: str,
         except PeerRefused as err:
             hs.farewell(str(err))
             raise
+    while conn.state is State.MARKS:
+        hs.receive()  # MARKED_RUNS, checked and collected by conn (conn.marked_runs)
     return Channel(transport, conn, hello=hello, reply=reply, options=options)
 
 
@@ -724,7 +735,11 @@ class Listener:
     ``decide(hello)`` returns a refusal reason (sent to the primary in
     HELLO_REPLY) or None; the shared-secret settings of both ends are compared
     here as well. ``identity`` (or a function returning it, read after
-    ``decide``) is what HELLO_REPLY says about this volume. ``on_channel``
+    ``decide``) is what HELLO_REPLY says about this volume. ``marks()``,
+    called once the primary is authenticated, returns the (first region,
+    count) runs of this volume's marks, sent as MARKED_RUNS: the regions whose
+    data may be missing here, which the primary resyncs (None: no marks, for
+    tests of the link alone). ``on_channel``
     receives a channel that is not started yet; it may raise ``PeerRefused``
     to drop it with a reason the primary sees. Each handshake runs on a thread
     of its own, bounded by ``handshake_timeout``; at most ``max_handshakes``
@@ -735,12 +750,14 @@ class Listener:
 
     def __init__(self, host: str, port: int, *, identity: Identity | Callable[[], Identity],
                  decide: Callable[[Hello], str | None], on_channel: Callable[[Channel], None],
-                 secret: bytes | None = None, tls: ssl.SSLContext | None = None,
+                 marks: Callable[[], Any] | None = None, secret: bytes | None = None,
+                 tls: ssl.SSLContext | None = None,
                  handshake_timeout: float = 5.0, options: ChannelOptions | None = None,
                  max_handshakes: int = 16) -> None:
         self.host, self.port = host, port
         self._identity = identity if callable(identity) else (lambda: identity)
         self._decide, self._on_channel = decide, on_channel
+        self._marks = marks
         self._secret, self._tls = secret or None, tls
         self._handshake_timeout = handshake_timeout
         self._options = options or ChannelOptions()
@@ -869,6 +886,9 @@ class Listener:
             frame = hs.receive()  # the primary's AUTH; a wrong one raises PeerRefused
             assert isinstance(frame, Auth)
             hs.send(conn.auth_frame())
+        # Read now, not earlier: only an authenticated primary learns them.
+        for frame in conn.marked_runs_frames(self._marks() if self._marks is not None else []):
+            hs.send(frame)
         log.info("link from %s established (primary volume %s, mode %s)", hs.t.peer,
                  hello.uuid, hello.mode)
         return Channel(hs.t, conn, hello=hello, reply=reply, options=self._options)

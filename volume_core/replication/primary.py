@@ -22,6 +22,14 @@ differ for another reason (a write sent but failed here, a write lost with a
 link, everything marked when a link came up) are *out of sync* and are never
 cleared by an acknowledgement; only resync clears them.
 
+The secondary's own marks count too: a DATA_ACK goes before the secondary's
+fdatasync, so its power loss can lose data this side already swept. A new
+channel carries the secondary's marked runs (``peer_marks``, from the
+handshake); ``connected`` marks them here, durably, and out of sync, so the
+resync sends them. A sync-mode flush whose FLUSH_ACK says the secondary's
+fdatasync failed keeps every region acknowledged since the last sweep out of
+sync, and resyncs them (the secondary also recovers what it lost itself).
+
 The link (link.py) owns sockets, threads and timers: it hands this object a
 channel (``connected``), each frame the secondary sends (``on_frame``), and
 the loss of the channel (``disconnected``). A channel needs only
@@ -102,7 +110,7 @@ class PrimaryReplicator:
         self.resync = {"regions": 0, "regions_sent": 0, "bytes_sent": 0, "running": False}
         self.stats = {"writes_sent": 0, "bytes_sent": 0, "acks": 0, "timeouts": 0,
                       "links_lost": 0, "write_failures_reported": 0, "regions_read": 0,
-                      "resync_bytes": 0}
+                      "resync_bytes": 0, "flush_failures": 0, "peer_marked_regions": 0}
         self.last_ack: float | None = None
         self.state = "disconnected"
         self._region_requests: queue.SimpleQueue[p.ReadRegion | None] = queue.SimpleQueue()
@@ -114,23 +122,53 @@ class PrimaryReplicator:
 
     # -- link events ------------------------------------------------------------
     def connected(self, channel: Channel) -> None:
-        """A channel to the secondary is up: everything marked now may differ."""
+        """A channel to the secondary is up: everything marked now, on either side, may
+        differ."""
         new_peer = self._note_peer(channel)
+        theirs = self._peer_marks(channel)
         if self._region_worker.ident is None:
             self._region_worker.start()
         with self._lock:
             if new_peer:  # acknowledgements of another secondary say nothing of this one
                 self._acked[:] = 0
+            if theirs is not None:
+                # Durably, before anything could sweep them: they may differ even where
+                # an acknowledgement said they match (its data lost with the secondary's
+                # power before its fdatasync).
+                try:
+                    self.engine.tracker.mark_map(theirs)
+                except OSError as err:  # the secondary keeps them marked until resynced
+                    log.warning("cannot record the secondary's marked regions durably: %s",
+                                err)
+                    self.engine.tracker.merge(theirs)
+                self._acked[theirs != 0] = 0
             self._channel = channel
             with self.engine.tracker.lock:
                 # Marked and not known to match: regions acknowledged since the last
                 # sweep match, everything else marked may not (written while no link
-                # was up, or before this process started).
+                # was up, or before this process started, or marked by the secondary).
                 marked = (self.engine.tracker.marks != 0) & (self._acked == 0)
             self._out_of_sync[marked] = 1
             self._oos_gen[marked] += 1
             self.state = "connected"
         log.info("connected to the secondary (%s mode)", self.mode)
+        self._start_resync(channel)
+
+    def _peer_marks(self, channel: Channel) -> np.ndarray | None:
+        """The secondary's marked runs (``channel.peer_marks``) as a region map, or None."""
+        runs = getattr(channel, "peer_marks", None)
+        self.stats["peer_marked_regions"] = 0
+        if runs is None or not len(runs):
+            return None
+        regions = np.zeros(self._out_of_sync.size, dtype=np.uint8)
+        for first, count in np.asarray(runs).tolist():  # a run at a time (link.py bounds them)
+            regions[first:first + count] = 1
+        count = int(native.count(regions))
+        self.stats["peer_marked_regions"] = count
+        log.info("the secondary names %d regions whose data may be missing there", count)
+        return regions
+
+    def _start_resync(self, channel: Channel) -> None:
         threading.Thread(target=self._resync, args=(channel,), daemon=True,
                          name="resync").start()
 
@@ -286,6 +324,11 @@ class PrimaryReplicator:
         elif isinstance(frame, p.FlushAck):
             self._flush_answered(frame)
         elif isinstance(frame, p.ReadRegion):
+            # The secondary is missing these regions until its answer lands (and that
+            # answer's DATA_ACK clears them: it is read after this).
+            first, stop = self._geometry.span_at_least_one(frame.offset, frame.length)
+            with self._lock:
+                self._mark_out_of_sync(first, stop)
             # Not on the link's receiver thread: reading waits for the regions' writes,
             # and a write that drops the link joins that thread.
             self._region_requests.put(frame)
@@ -329,9 +372,23 @@ class PrimaryReplicator:
     def _flush_answered(self, frame: p.FlushAck) -> None:
         with self._lock:
             ticket = self._flushes.get(frame.seq)
+            channel = self._channel
+            if frame.failed:
+                # The secondary's fdatasync failed: what it acknowledged since its last
+                # good one may be lost there. It recovers that itself; here, regions
+                # acknowledged since the last sweep stay marked, out of sync, and resync.
+                self.stats["flush_failures"] += 1
+                lost = self._acked != 0
+                self._out_of_sync[lost] = 1
+                self._oos_gen[lost] += 1
             if ticket is not None:
                 ticket.ok = not frame.failed
                 ticket.answered.set()
+        if frame.failed:
+            log.warning("the secondary's flush %d failed (its fdatasync): its recent writes "
+                        "stay out of sync and are resent", frame.seq)
+            if channel is not None:
+                self._start_resync(channel)
 
     def _answer_regions(self) -> None:
         """The worker that answers READ_REGION requests, one at a time."""
@@ -428,6 +485,7 @@ class PrimaryReplicator:
         turned out of sync again after it was read."""
         same = self._oos_gen[first:stop] == gens
         self._out_of_sync[first:stop][same] = 0
+        self._acked[first:stop][same] = 1  # the next sweep clears their marks
 
     # -- clearing and status -------------------------------------------------------
     def sweep(self) -> int:
@@ -446,9 +504,11 @@ class PrimaryReplicator:
             return self.engine.tracker.clear(done) if done.any() else 0
 
     def status(self) -> dict[str, Any]:
+        rs = self.engine.volume.region_size
         with self._lock:
             out_of_sync = int(native.count(self._out_of_sync))
             in_flight = len(self._unapplied)
+            in_flight_bytes = sum(stop - first for first, stop in self._unapplied.values()) * rs
         marked = self.engine.tracker.count()
         age = None if self.last_ack is None else round(time.monotonic() - self.last_ack, 3)
         state = self.state
@@ -460,5 +520,7 @@ class PrimaryReplicator:
             else:
                 state = "resyncing" if self.resync["running"] else "out-of-sync"
         return {"mode": self.mode, "state": state, "out_of_sync_regions": out_of_sync,
+                "out_of_sync_bytes": min(out_of_sync * rs, self.engine.size),
                 "marked_regions": marked, "in_flight_writes": in_flight,
+                "in_flight_bytes": in_flight_bytes,
                 "last_ack_age": age, "resync": dict(self.resync), **self.stats}

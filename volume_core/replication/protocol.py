@@ -14,7 +14,8 @@ Every frame is a 40-byte little-endian header, then ``payload_len`` bytes:
          0     4  magic        b"NBMR"
          4     1  type         frame type (table below); unknown types are refused
          5     1  flags        per-type bits: 0x01 FUA, 0x02 MAY_TRIM, 0x04 FAILED,
-                               0x30 META kind (0 write, 1 trim, 2 zero); others 0
+                               0x08 END, 0x30 META kind (0 write, 1 trim, 2 zero);
+                               others 0
          6     2  reserved     must be 0
          8     8  seq          sequence number (writes), request id, token or cycle
         16     8  offset       byte offset in the volume (0 where unused)
@@ -36,6 +37,9 @@ before the decoder waits for (or buffers) a payload that is not coming.
                               (as HELLO) and its nonce
     0x03  AUTH          P S   payload: 32-byte HMAC-SHA256 (see auth.py);
                               the primary's first, then the secondary's
+    0x04  MARKED_RUNS   S     payload: u64 first region, u64 count pairs (at
+                              most 1024), ascending, inside the volume: the
+                              secondary's marks; END flag: the last one
     0x10  WRITE         P     seq, offset, length; payload = data (len==length)  DATA_ACK
     0x11  META          P     seq, offset, length, kind in flags; no payload     META_ACK
     0x12  DATA          P     seq, offset, length of an earlier META write;      DATA_ACK
@@ -47,7 +51,9 @@ before the decoder waits for (or buffers) a payload that is not coming.
     0x21  DATA_ACK      S     seq .. seq+length-1 are on the secondary's disk
     0x22  WRITE_FAILED  S     seq, offset, length: that write failed on the
                               secondary's disk; it recovers the range itself
-    0x23  FLUSH_ACK     S     seq; FAILED flag: the secondary's flush failed
+    0x23  FLUSH_ACK     S     seq, once every write acknowledged before the FLUSH
+                              (recoveries included) is durable there; FAILED
+                              flag: the secondary's fdatasync failed
     0x30  READ_REGION   S     seq (request id), offset, length: whole regions    REGION_DATA
     0x31  REGION_DATA   P     seq (request id), offset, length: whole regions;
                               payload = their current contents
@@ -70,7 +76,13 @@ is at most 32 MiB and every range must lie inside the volume.
 Handshake: the primary sends HELLO; the secondary answers HELLO_REPLY
 (``hello_problem`` decides whether it accepts). With a shared secret, the
 primary then sends AUTH and the secondary, once that checks, sends its own
-AUTH; the primary sends nothing else until the secondary's AUTH checks. Both
+AUTH; the primary sends nothing else until the secondary's AUTH checks. Then
+the secondary sends its marked runs (MARKED_RUNS frames, the last with END,
+at least one): every region whose data may be missing on its disk, which the
+primary must resync even where its own marks say the two match (a DATA_ACK
+goes before the secondary's fdatasync, so its power loss can lose acknowledged
+data). At most ``MAX_MARKED_RUNS`` runs in all: a sender with more joins the
+closest ones (``coarsen_runs``; more regions resynced, never fewer). Both
 sides are then READY for data frames. Any malformed or out-of-order input
 raises ``ProtocolError`` and breaks the connection object for good; a
 refusal or a failed authentication raises ``PeerRefused``.
@@ -84,23 +96,29 @@ import json
 import struct
 from typing import Any, ClassVar, Final
 
+import numpy as np
 from crc32c import crc32c
 
 from ..errors import PeerRefused, ProtocolError
 from . import auth
 
 MAGIC: Final = b"NBMR"
-PROTOCOL_VERSION: Final = 1
+#: 2: MARKED_RUNS ends the handshake.
+PROTOCOL_VERSION: Final = 2
 HEADER: Final = struct.Struct("<4sBBHQQIIII")
 HEADER_SIZE: Final = HEADER.size
 _CRC_SPAN = struct.Struct("<4sBBHQQIII")  # the header bytes its crc covers
 _U32 = struct.Struct("<I")
 _COUNTS = struct.Struct("<QQ")
+_RUN = struct.Struct("<QQ")  # a MARKED_RUNS run: first region, count
 #: The largest data payload (nbdkit's largest request).
 MAX_DATA: Final = 32 << 20
 #: The largest payload before the handshake completes, and of any non-data frame.
 MAX_SMALL_PAYLOAD: Final = 16 << 10
 MAX_REASON: Final = 4096
+#: Runs in one MARKED_RUNS frame, and in one handshake (a sender joins runs to fit).
+RUNS_PER_FRAME: Final = MAX_SMALL_PAYLOAD // _RUN.size
+MAX_MARKED_RUNS: Final = 64 * RUNS_PER_FRAME
 MODES: Final = ("sync", "semi-async", "async")
 #: Payloads this large that end a receive buffer are handed out without a copy.
 _HANDOFF_MIN = 64 << 10
@@ -109,6 +127,7 @@ _COMPACT_AT = 1 << 20
 FLAG_FUA: Final = 0x01
 FLAG_MAY_TRIM: Final = 0x02
 FLAG_FAILED: Final = 0x04
+FLAG_END: Final = 0x08
 _KIND_SHIFT = 4
 _KIND_MASK = 0x30
 
@@ -281,6 +300,70 @@ class Auth(Frame):
     @classmethod
     def _unpack(cls, flags: int, seq: int, offset: int, length: int, payload: Buffer) -> Auth:
         return cls(bytes(payload))
+
+
+def _check_runs(runs: tuple[tuple[int, int], ...], reach: int = 0,
+                regions: int | None = None) -> int:
+    """ProtocolError unless ``runs`` ascend from ``reach`` without overlapping, each of at
+    least one region (inside ``regions`` if given); returns where the last one ends."""
+    for first, count in runs:
+        if first < reach or count < 1:
+            raise ProtocolError(f"MARKED_RUNS run {first}+{count} is empty, overlaps or comes "
+                                f"before region {reach}: runs must ascend")
+        reach = first + count
+        if regions is not None and reach > regions:
+            raise ProtocolError(f"MARKED_RUNS run {first}+{count} reaches past the end of the "
+                                f"volume ({regions} regions)")
+        if reach >= 1 << 64:
+            raise ProtocolError(f"MARKED_RUNS run {first}+{count} is out of range")
+    return reach
+
+
+@_frozen
+class MarkedRuns(Frame):
+    """Regions whose data may be missing on the secondary, as (first region, count) runs.
+
+    Sent by the secondary at the end of the handshake, in as many frames as
+    its runs need (``Connection.marked_runs_frames``); ``end`` on the last.
+    """
+
+    CODE: ClassVar[int] = 0x04
+    runs: tuple[tuple[int, int], ...] = ()
+    end: bool = True
+
+    def _pack(self) -> _Parts:
+        if len(self.runs) > RUNS_PER_FRAME:
+            raise ProtocolError(f"{len(self.runs)} runs in one MARKED_RUNS frame (at most "
+                                f"{RUNS_PER_FRAME})")
+        _check_runs(self.runs)
+        payload = b"".join(_RUN.pack(first, count) for first, count in self.runs)
+        return FLAG_END if self.end else 0, 0, 0, 0, payload
+
+    @classmethod
+    def _unpack(cls, flags: int, seq: int, offset: int, length: int,
+                payload: Buffer) -> MarkedRuns:
+        if len(payload) % _RUN.size:
+            raise ProtocolError(f"MARKED_RUNS payload of {len(payload)} bytes is not whole "
+                                f"runs of {_RUN.size} bytes")
+        runs = tuple(_RUN.iter_unpack(payload))
+        _check_runs(runs)
+        return cls(runs, bool(flags & FLAG_END))
+
+
+def coarsen_runs(runs: Any, limit: int = MAX_MARKED_RUNS) -> np.ndarray:
+    """At most ``limit`` (first, count) rows covering every region of ``runs`` (ascending,
+    disjoint): where there are more, the runs closest to each other are joined, the
+    regions between them added (resynced for nothing, never missed)."""
+    rows = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    n = len(rows)
+    if n <= max(1, limit):
+        return rows
+    starts, ends = rows[:, 0], rows[:, 0] + rows[:, 1]
+    joined = np.zeros(n - 1, dtype=bool)
+    joined[np.argsort(starts[1:] - ends[:-1], kind="stable")[:n - limit]] = True
+    begins = np.flatnonzero(np.concatenate(([True], ~joined)))  # rows that start a run
+    lasts = np.concatenate((begins[1:] - 1, [n - 1]))  # and the row that ends it
+    return np.stack((starts[begins], ends[lasts] - starts[begins]), axis=1)
 
 
 @_frozen
@@ -621,6 +704,8 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(HelloReply, "HELLO_REPLY", _Payload.SMALL, _Range.NONE, _S, phase=_Phase.HANDSHAKE),
     _Spec(Auth, "AUTH", _Payload.FIXED, _Range.NONE, _PS, size=auth.MAC_SIZE,
           phase=_Phase.HANDSHAKE),
+    _Spec(MarkedRuns, "MARKED_RUNS", _Payload.SMALL, _Range.NONE, _S, FLAG_END,
+          phase=_Phase.HANDSHAKE),
     _Spec(Write, "WRITE", _Payload.DATA, _Range.VOLUME, _P, FLAG_FUA),
     _Spec(Meta, "META", _Payload.NONE, _Range.VOLUME, _P, FLAG_FUA | FLAG_MAY_TRIM | _KIND_MASK),
     _Spec(Data, "DATA", _Payload.DATA, _Range.VOLUME, _P),
@@ -643,7 +728,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(CycleAck, "CYCLE_ACK", _Payload.NONE, _Range.NONE, _S),
 )
 #: frame types with no sequence number (their seq field must be 0)
-_SEQLESS: Final = frozenset({Hello, HelloReply, Auth, Error})
+_SEQLESS: Final = frozenset({Hello, HelloReply, Auth, MarkedRuns, Error})
 #: wire type -> spec (None: unknown type)
 _BY_CODE: list[_Spec | None] = [None] * 256
 for _spec in _SPECS:
@@ -904,6 +989,7 @@ class State(enum.Enum):
     START = "start"  # nothing yet: the primary sends HELLO
     HELLO = "hello"  # HELLO passed: the secondary answers HELLO_REPLY
     AUTH = "auth"  # accepted, with a secret: AUTH, the primary's first
+    MARKS = "marks"  # accepted (and authenticated): the secondary sends MARKED_RUNS
     READY = "ready"  # data frames flow both ways
     CLOSED = "closed"  # an ERROR or a refusal passed: drop the connection
     BROKEN = "broken"  # a ProtocolError or a failed authentication: drop the connection
@@ -928,6 +1014,8 @@ class Connection:
         self.state = State.START
         self.hello: Hello | None = None
         self.reply: HelloReply | None = None
+        #: The secondary's marked runs, (first region, count), as MARKED_RUNS carried them.
+        self.marked_runs: list[tuple[int, int]] = []
         self._primary_authed = False
         self._decoder = Decoder()
         self._failure: str | None = None
@@ -949,6 +1037,14 @@ class Connection:
         """The secondary's HELLO_REPLY, with a fresh nonce and this end's auth setting."""
         return HelloReply(accepted, reason, PROTOCOL_VERSION, self.role.value, uuid, size,
                           region_size, generation, auth.make_nonce(), self.secret is not None)
+
+    def marked_runs_frames(self, runs: Any) -> list[MarkedRuns]:
+        """The secondary's MARKED_RUNS frames for ``runs`` ((first region, count) rows,
+        ascending, disjoint): joined to at most ``MAX_MARKED_RUNS``, the last with END."""
+        rows = [(int(a), int(n)) for a, n in coarsen_runs(runs).tolist()]
+        chunks = [tuple(rows[i:i + RUNS_PER_FRAME])
+                  for i in range(0, len(rows), RUNS_PER_FRAME)] or [()]
+        return [MarkedRuns(chunk, end=i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
 
     def auth_frame(self) -> Auth:
         """This end's AUTH: its answer over both nonces."""
@@ -1038,6 +1134,8 @@ class Connection:
             self._on_reply(frame, local, where)
         elif isinstance(frame, Auth):
             self._on_auth(frame, sender, local, where)
+        elif isinstance(frame, MarkedRuns):
+            self._on_marked_runs(frame, where)
 
     def _on_hello(self, hello: Hello, local: bool, where: str) -> None:
         if self.state is not State.START:
@@ -1070,7 +1168,7 @@ class Connection:
         if reply.auth:
             self.state = State.AUTH
         else:
-            self._become_ready()
+            self._to_marks()
 
     def _on_auth(self, frame: Auth, sender: Role, local: bool, where: str) -> None:
         if self.state is not State.AUTH or self.hello is None or self.reply is None:
@@ -1088,6 +1186,32 @@ class Connection:
         if sender is Role.PRIMARY:
             self._primary_authed = True
         else:
+            self._to_marks()
+
+    def _to_marks(self) -> None:
+        """Accepted (and authenticated): the secondary's marks come next. A geometry no
+        volume can have is refused here already."""
+        assert self.hello is not None
+        try:
+            Decoder().set_volume(self.hello.size, self.hello.region_size)
+        except ProtocolError as err:
+            raise self._broken(str(err)) from None
+        self.state = State.MARKS
+
+    def _on_marked_runs(self, frame: MarkedRuns, where: str) -> None:
+        if self.state is not State.MARKS or self.hello is None:
+            raise self._broken(f"{where} MARKED_RUNS outside the marks step (state "
+                               f"{self.state.value})")
+        if len(self.marked_runs) + len(frame.runs) > MAX_MARKED_RUNS:
+            raise self._broken(f"{where} more than {MAX_MARKED_RUNS} MARKED_RUNS runs")
+        size, region_size = self.hello.size, self.hello.region_size  # checked: _to_marks
+        reach = self.marked_runs[-1][0] + self.marked_runs[-1][1] if self.marked_runs else 0
+        try:
+            _check_runs(frame.runs, reach, -(-size // region_size))
+        except ProtocolError as err:
+            raise self._broken(f"{where} {err}") from None
+        self.marked_runs.extend(frame.runs)
+        if frame.end:
             self._become_ready()
 
     def _become_ready(self) -> None:

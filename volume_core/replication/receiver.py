@@ -127,12 +127,18 @@ class Secondary:
         self.volume, self.settings = volume, settings
         self.engine = Engine(volume, replica=True)
         try:
-            self.receiver = Receiver(self.engine, SEMI_ASYNC, _Offline(), faults=faults)
+            # Data is applied on a thread of its own, so that the link's reader takes
+            # each META (and acknowledges it) without waiting for earlier writes' disk I/O.
+            self._apply_wanted = threading.Event()
+            self.receiver = Receiver(self.engine, SEMI_ASYNC, _Offline(), faults=faults,
+                                     wake=self._apply_wanted.set)
         except BaseException:
             self.engine.close()
             raise
+        # marks: what may be missing here, told to each primary once it is authenticated
         self.listener = link.Listener(settings.host, settings.port, identity=self._identity,
                                       decide=self._decide, on_channel=self._on_channel,
+                                      marks=self.receiver.marked_runs,
                                       secret=settings.secret, tls=settings.tls, options=options)
         self.listen = ""
         self._lock = threading.Lock()  # the channel, the pairing, the counters
@@ -141,6 +147,8 @@ class Secondary:
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._run, daemon=True, name="receiver-timer")
+        self._applier = threading.Thread(target=self._apply_loop, daemon=True,
+                                         name="receiver-apply")
         self._closed = False
         self.connects = self.refused = 0
         self.last_refusal: str | None = None
@@ -152,6 +160,7 @@ class Secondary:
         host, port = self.listener.address
         self.listen = f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
         self._timer.start()
+        self._applier.start()
         return self
 
     # -- the handshake -------------------------------------------------------
@@ -176,12 +185,14 @@ class Secondary:
         return problem
 
     def _decide(self, hello: Hello) -> str | None:
+        self._forget_closed_channel()  # a primary that just left is not "connected"
         with self._lock:
             return self._refusal(hello)
 
     def _on_channel(self, channel: link.Channel) -> None:
         """Pair (if new), then give the receiver this channel; PeerRefused drops it."""
         hello = channel.hello
+        self._forget_closed_channel()
         with self._lock:
             problem = self._refusal(hello)  # another primary may have come meanwhile
             if problem is not None:
@@ -230,6 +241,18 @@ class Secondary:
                         self.receiver.sweep()
             except (NbdMirrorError, OSError) as err:
                 log.warning("receiver timer: %s", err)
+
+    def _apply_loop(self) -> None:
+        """Apply what the receiver found applicable, until the link is closed for good."""
+        while True:
+            self._apply_wanted.wait()
+            self._apply_wanted.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.receiver.drain()
+            except Exception:  # keep applying: the entry's regions stay marked
+                log.exception("applying replicated writes failed")
 
     def _forget_closed_channel(self, reason: str | None = None) -> None:
         """Join a closed (or, with ``reason``, a live) channel's threads and tell the receiver."""
@@ -284,6 +307,9 @@ class Secondary:
         if self._timer.is_alive():
             self._timer.join()
         self._forget_closed_channel("the secondary is stopping")
+        self._apply_wanted.set()
+        if self._applier.is_alive():
+            self._applier.join()
         self.receiver.close()
 
     def close(self) -> None:

@@ -4,11 +4,15 @@ A ``Receiver`` wraps a replica ``Engine`` (opened with ``replica=True``). The
 link decodes frames and hands each to ``Receiver.handle`` in arrival order; the
 receiver applies writes through ``Engine.apply_replica`` and answers through an
 ``out`` object with ``send_urgent(frame)`` / ``send_bulk(frame)`` (the link's
-channel). It opens no socket and starts no thread: writes are applied in the
-thread that delivered the frame that made them applicable, outside the
-receiver's lock, so a META handled by the link's urgent reader never waits
-behind another thread's disk write. ``tick(now)`` (retries) and ``sweep()``
-(clearing) are driven by the link's timer.
+channel). It opens no socket and starts no thread. Writes are applied by
+``drain()``, outside the receiver's lock: by default in the thread that
+delivered the frame that made them applicable; with ``wake``, the receiver
+only calls ``wake()`` and the caller's applier thread runs ``drain()`` (what
+``nbdmirror receive`` does), so the link's reader takes each META, and
+acknowledges it, without waiting behind earlier writes' disk I/O. Data
+received and not yet applied is bounded: past ``max_waiting`` bytes the
+reader waits while the applier is busy. ``tick(now)`` (retries) and
+``sweep()`` (clearing) are driven by the link's timer.
 
 **The semi-async promise.** The secondary answers META_ACK only once the
 write's regions are recorded as *pending* durably: the replica's region
@@ -21,7 +25,10 @@ yet fdatasync'ed; regions whose META arrived on a link that was lost before
 their DATA, and regions marked before this receiver started, stay marked
 until a later write covering each of them whole has landed. So at every
 moment the secondary's marks (marks.map) name every region whose data may be
-missing, and after losing the primary it can name exactly those.
+missing, and after losing the primary it can name exactly those. A primary
+that connects is told them (``marked_runs``, sent in the handshake) and
+resyncs them: a DATA_ACK goes before the fdatasync, so power lost here can
+lose data the primary believes is here.
 
 **Write order.** The primary numbers writes so that, of two writes sharing a
 region, the lower number was applied first on the primary; META frames may
@@ -42,6 +49,9 @@ may or may not hold, so they are applied again on top of it). A region is
 whole again, no longer recovering, when that answer has landed. When it fails
 too, the receiver asks again from ``tick(now)`` after a backoff (doubling
 from ``retry_base`` up to ``retry_max`` seconds, for as long as it takes).
+A FLUSH that comes while recoveries are outstanding is answered once those
+have landed and been fdatasync'ed, so a flush still covers every write
+acknowledged before it (a WRITE_FAILED acknowledges one too).
 
 Request ids: READ_REGION/REGION_DATA carry a request id in ``seq``, drawn
 from the receiver's own counter with bit 63 set (``REQUEST_ID_BASE``): they
@@ -168,6 +178,21 @@ class _Entry:
     sent_at: float = 0.0
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _HeldFlush:
+    """A FLUSH to answer once the recoveries outstanding when it came have landed."""
+
+    seq: int
+    recoveries: set[_Recovery]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FlushDue:
+    """In a list of frames to send: FLUSH_ACK ``seq``, after an fdatasync (see ``_send``)."""
+
+    seq: int
+
+
 def _same_range(frame: p.Data | p.RegionData, entry: _Entry, what: str, said: str) -> None:
     """ProtocolError unless ``frame`` covers the range its ``entry`` announced."""
     if (frame.offset, frame.length) != (entry.offset, entry.length):
@@ -203,7 +228,8 @@ class Receiver:
     def __init__(self, engine: Engine, mode: str, out: Outbox, *,
                  faults: FaultInjector | None = None, clock: Callable[[], float] = time.monotonic,
                  retry_base: float = 0.1, retry_max: float = 10.0,
-                 answer_timeout: float = 30.0) -> None:
+                 answer_timeout: float = 30.0, wake: Callable[[], None] | None = None,
+                 max_waiting: int = 64 << 20) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown replication mode {mode!r} for a secondary "
                              f"(expected {' or '.join(MODES)})")
@@ -221,12 +247,19 @@ class Receiver:
         self._rs = engine.volume.region_size
         self._regions = engine.volume.regions
         self._lock = threading.Lock()  # the receiver's state; taken before the tracker's lock
+        self._progress = threading.Condition(self._lock)  # an apply finished
+        # With ``wake``, an applier thread of the caller's runs drain() (module docstring).
+        self._wake = wake
+        self.max_waiting = max_waiting
+        self._waiting_bytes = 0  # data received and not applied yet
+        self._draining = False  # drain() is applying an entry
         self._sweep_lock = threading.Lock()
         self._order: list[_Entry] = []  # unapplied entries, by key
         self._by_seq: dict[int, _Entry] = {}
         self._requests: dict[int, _Entry] = {}  # request id -> its entry
         self._abandoned: set[int] = set()
         self._recoveries: list[_Recovery] = []
+        self._held_flushes: list[_HeldFlush] = []  # in arrival order
         self._applicable = 0  # entries ready and acked, not applying (0: nothing to scan)
         self._max_seq = 0  # the highest write number known on this connection
         self._next_request = 0
@@ -282,7 +315,7 @@ class Receiver:
             entry.acked = True
             if entry.ready:
                 self._applicable += 1
-        self._drain()
+        self._kick()
 
     def _on_data(self, frame: p.Data) -> None:
         with self._lock:
@@ -293,7 +326,9 @@ class Receiver:
             _same_range(frame, entry, f"DATA for write {frame.seq}", "its META said")
             entry.data, entry.ready = frame.data, True
             self._applicable += entry.acked
-        self._drain()
+            self._waiting_bytes += entry.length
+        self._kick()
+        self._throttle()
 
     def _on_region_data(self, frame: p.RegionData) -> None:
         with self._lock:
@@ -309,14 +344,24 @@ class Receiver:
                         "the request was")
             entry.data, entry.ready = frame.data, True
             self._applicable += 1
-        self._drain()
+            self._waiting_bytes += entry.length
+        self._kick()
 
     def _on_flush(self, frame: p.Flush) -> None:
-        """fdatasync what has been applied, then FLUSH_ACK (failed if the sync failed)."""
-        failed = not self._sync_landed()
+        """fdatasync what has been applied, then FLUSH_ACK (failed if the sync failed).
+
+        A write answered with WRITE_FAILED is not here until its recovery lands,
+        and a flush covers every write acknowledged before it: while recoveries
+        are outstanding the flush is held, and answered (after its fdatasync)
+        by the thread that applies the last of them (``_recovery_done``), never
+        waited for on this one. The primary bounds its wait.
+        """
         with self._lock:
             self._counts.flushes += 1
-        self.out.send_urgent(p.FlushAck(frame.seq, failed=failed))
+            if self._recoveries:
+                self._held_flushes.append(_HeldFlush(frame.seq, set(self._recoveries)))
+                return
+        self._send([_FlushDue(frame.seq)])
 
     def _on_ping(self, frame: p.Ping) -> None:
         self.out.send_urgent(p.Pong(frame.seq))
@@ -361,10 +406,21 @@ class Receiver:
             with self.tracker.lock:
                 self.tracker.begin(entry.first, entry.stop)
         if entry.acked:
-            self._drain()
+            self._kick()
+        if entry.data is not None:
+            self._throttle()
+
+    def _remove(self, entry: _Entry) -> None:
+        """Take an entry out of the order, and its data out of memory (lock held)."""
+        self._order.remove(entry)
+        if entry.data is not None:
+            self._waiting_bytes -= entry.length
+            entry.data = None
 
     def _insert(self, entry: _Entry) -> None:
         bisect.insort(self._order, entry, key=lambda e: e.key)
+        if entry.data is not None:
+            self._waiting_bytes += entry.length
         if entry.ready and entry.acked:
             self._applicable += 1
 
@@ -382,25 +438,56 @@ class Receiver:
             held.append((entry.first, entry.stop))
         return None
 
-    def _drain(self) -> None:
-        """Apply every entry that has become applicable, one at a time, in this thread."""
-        while True:
-            with self._lock:
-                entry = self._next_applicable()
-                if entry is None:
-                    return
-                entry.applying = True
-                self._applicable -= 1
-            if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for a long write
-                with contextlib.suppress(LinkError):
-                    self.out.flush()
-            ok = False
-            try:
-                ok = self._apply(entry)
-            finally:
+    def _kick(self) -> None:
+        """Something may have become applicable: apply it here, or wake the applier."""
+        if self._wake is None:
+            self.drain()
+        else:
+            self._wake()
+
+    def _throttle(self) -> None:
+        """With an applier, hold the frame reader while too much data waits to be applied.
+
+        Only while the applier is busy: data waiting for an earlier write's data
+        (still to be read by this very thread) must not stop the reading.
+        """
+        if self._wake is None:
+            return
+        with self._lock:
+            while self._waiting_bytes > self.max_waiting and self._draining:
+                self._progress.wait(0.1)
+
+    def drain(self) -> None:
+        """Apply every entry that has become applicable, one at a time, in this thread.
+
+        The acknowledgements go out together: before each long write (so they
+        need not wait for it) and at the end.
+        """
+        frames: list[p.Frame] = []
+        try:
+            while True:
                 with self._lock:
-                    frames = self._finish(entry, ok)
-                self._send(frames)
+                    entry = self._next_applicable()
+                    if entry is None:
+                        return
+                    entry.applying = True
+                    self._draining = True
+                    self._applicable -= 1
+                if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
+                    self._send(frames)
+                    frames = []
+                    with contextlib.suppress(LinkError):
+                        self.out.flush()  # what the link holds back for this thread too
+                ok = False
+                try:
+                    ok = self._apply(entry)
+                finally:
+                    with self._lock:
+                        frames += self._finish(entry, ok)
+                        self._draining = False
+                        self._progress.notify_all()
+        finally:
+            self._send(frames)
 
     def _apply(self, entry: _Entry) -> bool:
         """Apply one entry to the replica; False (logged) when the disk refused it."""
@@ -430,8 +517,7 @@ class Receiver:
 
     def _finish(self, entry: _Entry, ok: bool) -> list[p.Frame]:
         """Take an applied (or failed) entry out of the order; what to send (lock held)."""
-        self._order.remove(entry)
-        entry.data = None
+        self._remove(entry)
         if entry.kind == _RECOVER:
             return self._recovery_done(entry, ok)
         self._by_seq.pop(entry.seq, None)
@@ -457,8 +543,10 @@ class Receiver:
         if whole_stop > whole_first:
             self._suspect[whole_first:whole_stop] = False
 
-    def _send(self, frames: Iterable[p.Frame]) -> None:
+    def _send(self, frames: Iterable[p.Frame | _FlushDue]) -> None:
         for frame in frames:
+            if isinstance(frame, _FlushDue):  # its fdatasync here, outside the lock
+                frame = p.FlushAck(frame.seq, failed=not self._sync_landed())
             self.out.send_urgent(frame)
 
     # -- recovery ------------------------------------------------------------
@@ -490,7 +578,7 @@ class Receiver:
         self._insert(entry)
         return p.ReadRegion(rid, rec.offset, rec.length)
 
-    def _recovery_done(self, entry: _Entry, ok: bool) -> list[p.Frame]:
+    def _recovery_done(self, entry: _Entry, ok: bool) -> list[p.Frame | _FlushDue]:
         rec = entry.recovery
         assert rec is not None
         rec.request = None
@@ -501,9 +589,18 @@ class Receiver:
             self.tracker.end(rec.first, rec.stop)
             log.info("regions %d..%d recovered from the primary", rec.first, rec.stop - 1)
             # Tell the primary (DATA_ACK of the request id): the regions match again there.
-            return [p.DataAck(entry.seq)]
+            return [p.DataAck(entry.seq), *self._flushes_due(rec)]
         rec.due = self.clock() + self._backoff(rec.attempts)
         return []
+
+    def _flushes_due(self, landed: _Recovery) -> list[_FlushDue]:
+        """Held flushes that waited for ``landed`` and for nothing else now (lock held)."""
+        for held in self._held_flushes:
+            held.recoveries.discard(landed)
+        due = [_FlushDue(h.seq) for h in self._held_flushes if not h.recoveries]
+        if due:
+            self._held_flushes = [h for h in self._held_flushes if h.recoveries]
+        return due
 
     def _backoff(self, attempts: int) -> float:
         return min(self.retry_max, self.retry_base * 2 ** max(0, attempts - 1))
@@ -526,12 +623,12 @@ class Receiver:
                     frames.append(self._request(rec))
             next_due = min((r.due for r in self._recoveries if r.due is not None), default=None)
         self._send(frames)
-        self._drain()  # an abandoned request may have held later writes
+        self._kick()  # an abandoned request may have held later writes
         return next_due
 
     def _abandon(self, req: _Entry) -> None:
         """Give up on an unanswered (or unapplied) request (lock held)."""
-        self._order.remove(req)
+        self._remove(req)
         if req.ready:
             self._applicable -= 1
         if self._requests.pop(req.seq, None) is not None:
@@ -556,12 +653,13 @@ class Receiver:
                     assert entry.recovery is not None
                     entry.recovery.due = now
                     continue
-                self._order.remove(entry)
+                self._remove(entry)
                 self._by_seq.pop(entry.seq, None)
                 self._suspect[entry.first:entry.stop] = True  # before end(): kept marked
                 self.tracker.end(entry.first, entry.stop)
             self._applicable = 0
             self._abandoned.clear()
+            self._held_flushes.clear()  # their answers would go to a link that is gone
             self._max_seq = 0  # a restarted primary numbers from 1 again
 
     def close(self) -> None:
@@ -615,6 +713,19 @@ class Receiver:
                 return self.tracker.clear(chosen)
 
     # -- state ---------------------------------------------------------------
+    def marked_runs(self) -> np.ndarray:
+        """For a primary connecting (the handshake's MARKED_RUNS): every region whose data
+        may be missing here, as (first region, count) rows.
+
+        One sweep first, so that regions whose data is durable by now are not
+        resent; the marks are a superset of what may be missing either way.
+        """
+        try:
+            self.sweep()
+        except (OSError, NbdMirrorError) as err:  # the marks are a superset either way
+            log.warning("sweep before the handshake failed: %s", err)
+        return self.tracker.runs()
+
     def missing_runs(self) -> list[tuple[int, int]]:
         """Regions whose data may be missing, as (first region, count): the marks."""
         return [(int(a), int(n)) for a, n in self.tracker.runs().tolist()]

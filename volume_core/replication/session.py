@@ -107,9 +107,14 @@ class PrimarySession:
             self.replicator.disconnected(channel.close_reason or "closed")
 
     def status(self) -> dict[str, Any]:
+        channel = self.channel
+        stats = channel.stats() if channel is not None else None
         return self.replicator.status() | {
             "peer": f"{self.host}:{self.port}", "connects": self.connects,
-            "last_error": self.last_error}
+            "last_error": self.last_error,
+            "link_bytes_sent": stats.bytes_sent if stats else 0,
+            "link_bytes_received": stats.bytes_received if stats else 0,
+            "rtt": None if stats is None or stats.rtt is None else round(stats.rtt, 6)}
 
 
 def parse_peer(text: str) -> tuple[str, int]:
