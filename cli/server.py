@@ -198,8 +198,10 @@ def serve_background(place: ServerPlace, endpoint: Endpoint, extra: tuple[str, .
     cmd = nbdkit_command(place, endpoint, foreground=False, extra=extra, threads=threads)
     with _open_log(place) as log:
         log_start = log.tell()
+        # A session of its own: a Ctrl-C meant for the shell that started it is not its.
         proc = subprocess.run(cmd, env=python_env(), stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=log, timeout=READY_TIMEOUT, check=False)
+                              stdout=log, stderr=log, timeout=READY_TIMEOUT, check=False,
+                              start_new_session=True)
     if proc.returncode != 0:
         _forget_failed_start(place, endpoint)
         raise ServerError(f"nbdkit failed to start: {_start_failure(place, log_start)}")

@@ -1,6 +1,7 @@
 """Benchmark nbdmirror against a bare Python plugin, nbdkit's file plugin and raw file I/O.
 
-    scripts/bench [--topics base,snapshots,threads] [--size 1G] [--repeat N] [--quick] [--json]
+    scripts/bench [--topics base,snapshots,threads,replication] [--size 1G] [--repeat N]
+                  [--quick] [--json]
 
 Topics (--topics, default base,snapshots), each a scripts/bench_<topic>.py module:
 
@@ -10,6 +11,12 @@ Topics (--topics, default base,snapshots), each a scripts/bench_<topic>.py modul
   threads    nbdkit -t 1..16 for nbdmirror and the pass-through plugin: 4K random-write
              IOPS and latency, seq write, and 4K random writes with periodic flushes
              (--threads-sweep is short for --topics threads)
+  replication
+             none, semi-async and sync (--modes) on loopback and on a 1 Gbit/s, 2 ms RTT
+             link between network namespaces (--links): seq write, 4K random writes,
+             1 MiB write latency; a resync (--resync-size) alone and sharing the link with
+             host writes; the replication goals; both volumes compared after each mode
+             (needs root: ip netns, tc)
 
 Targets, each on a fresh sparse backing file of --size bytes under --workdir:
 
@@ -42,6 +49,7 @@ import time
 from pathlib import Path
 
 import bench_base
+import bench_replication
 import bench_snapshots
 import bench_threads
 from benchlib.context import Context
@@ -52,7 +60,8 @@ from benchlib.report import MIB, fmt_size, parse_size, timestamp, write_results
 from benchlib.targets import ALL_TARGETS, default_threads
 
 #: name -> module with TITLE, measure(ctx) -> section, render(section) -> str
-TOPICS = {"base": bench_base, "snapshots": bench_snapshots, "threads": bench_threads}
+TOPICS = {"base": bench_base, "snapshots": bench_snapshots, "threads": bench_threads,
+          "replication": bench_replication}
 DEFAULT_TOPICS = ("base", "snapshots")
 DEFAULT_WORKDIR = Path("/var/tmp/nbdmirror-bench")
 
@@ -82,12 +91,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-threads", type=int, default=None,
                    help="nbdkit threads per connection for every server (default: nbdmirror "
                    "serve's default); the threads topic varies them")
-    p.add_argument("--thread-counts", default=",".join(map(str, bench_threads.DEFAULT_COUNTS)),
+    p.add_argument("--thread-counts", default=None,
                    help="threads topic: the nbdkit -t values to measure (default "
-                   f"{','.join(map(str, bench_threads.DEFAULT_COUNTS))})")
+                   f"{','.join(map(str, bench_threads.DEFAULT_COUNTS))}); replication "
+                   "topic: the serve --threads values to measure per mode (default: "
+                   "serve's own default for each mode, or --server-threads)")
     p.add_argument("--flush-every", type=int, default=256,
                    help="threads topic: writes between flushes in the '+flush' run "
                    "(default 256)")
+    p.add_argument("--modes", default=",".join(bench_replication.DEFAULT_MODES),
+                   help="replication topic: modes to measure, a subset of "
+                   f"{','.join(bench_replication.MODES)} (default all)")
+    p.add_argument("--links", default=",".join(bench_replication.DEFAULT_LINKS),
+                   help="replication topic: links to measure on, a subset of "
+                   f"{','.join(bench_replication.LINKS)} (default all)")
+    p.add_argument("--resync-size", type=parse_size,
+                   help="replication topic: bytes written while the secondary is down, "
+                   "then resynced (default --size)")
     p.add_argument("--fresh-randwrite", action="store_true",
                    help="base: also measure randwrite on a never-written backing file")
     p.add_argument("--profile", action="store_true",
@@ -117,6 +137,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if bad or not args.targets:
             p.error(f"unknown target(s) {', '.join(bad) or '(none)'}; "
                     f"choose from {','.join(ALL_TARGETS)}")
+    args.thread_counts_given = args.thread_counts is not None
+    if args.thread_counts is None:
+        args.thread_counts = ",".join(map(str, bench_threads.DEFAULT_COUNTS))
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.links = [x.strip() for x in args.links.split(",") if x.strip()]
+    for what, given, known in (("mode", args.modes, bench_replication.MODES),
+                               ("link", args.links, bench_replication.LINKS)):
+        bad = [x for x in given if x not in known]
+        if bad or not given:
+            p.error(f"unknown {what}(s) {', '.join(bad) or '(none)'}; "
+                    f"choose from {','.join(known)}")
+    if args.resync_size is not None and args.resync_size > args.size:
+        p.error("--resync-size cannot exceed --size")
     try:
         args.thread_counts = [int(n) for n in args.thread_counts.split(",") if n.strip()]
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ def test_background_serve_accepts_connections_on_return_and_refuses_a_second(ser
     assert s.pid() > 0 and (s.vol / "server.json").exists()
     info = cli("info", s.vol, "--json").json()
     assert info["served"] is True and info["listen"] == f"unix:{s.socket}"
+    # in a session of its own: a Ctrl-C to the shell that started it does not reach it
+    assert os.getsid(s.pid()) != os.getsid(0)
 
 
 def test_serve_on_tcp_port(make_volume, cli):

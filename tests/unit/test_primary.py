@@ -12,7 +12,7 @@ from tests.conftest import wait_until
 from volume_core.engine import Engine
 from volume_core.regions import load_marks
 from volume_core.replication import protocol as p
-from volume_core.replication.primary import PrimaryReplicator
+from volume_core.replication.primary import RESYNC_WINDOW, PrimaryReplicator
 from volume_core.volume import Volume
 
 pytestmark = pytest.mark.unit
@@ -268,3 +268,43 @@ def test_a_region_the_secondary_recovers_is_out_of_sync_until_its_answer_lands(e
     wait_until(lambda: len(ch.sent) == 3, what="the answer")
     rep.on_frame(p.DataAck(rid))
     assert rep.status()["state"] == "in-sync"
+
+
+def test_a_resync_keeps_at_most_its_window_unacknowledged(tmp_path):
+    # Host writes queue behind resync frames (a sync write waits for them): the resync
+    # sends RESYNC_WINDOW chunks, then one more per acknowledgement.
+    big = Engine(Volume.create(tmp_path / "big", 8 << 20, 64 << 10))
+    try:
+        big.pwrite(b"\x01" * (8 << 20), 0)  # every region marked: all of it to resync
+        rep = PrimaryReplicator(big, "sync", ack_timeout=10.0)
+        ch = RecordingChannel()
+        rep.connected(ch)
+        wait_until(lambda: len(ch.sent) == RESYNC_WINDOW, what="a window of resync frames")
+        assert not wait_for_more(ch, RESYNC_WINDOW)
+        rep.on_frame(p.DataAck(ch.sent[0][1].seq))
+        wait_until(lambda: len(ch.sent) == RESYNC_WINDOW + 1, what="one more after an ack")
+        for k in range(1, 8):
+            wait_until(lambda k=k: len(ch.sent) > k, what="the next resync frame")
+            rep.on_frame(p.DataAck(ch.sent[k][1].seq))
+        wait_until(lambda: rep.status()["out_of_sync_regions"] == 0, what="resync done")
+        assert len(ch.sent) == 8
+    finally:
+        big.close()
+
+
+def wait_for_more(ch, count, seconds=0.3):
+    """True if the channel gets more than ``count`` frames within ``seconds``."""
+    with ch.changed:
+        return ch.changed.wait_for(lambda: len(ch.sent) > count, seconds)
+
+
+def test_a_bug_in_sending_drops_the_link_and_the_write_still_completes(engine):
+    rep, ch = replicate(engine, "sync")
+
+    def broken(frame, timeout=None):
+        raise TypeError("a bug in the link")
+
+    ch.send_bulk = broken
+    engine.pwrite(b"b" * RS, 3 * RS)  # no exception: landed here, kept out of sync
+    assert "a bug in the link" in ch.closed
+    assert rep.status()["out_of_sync_regions"] == 1 and engine.tracker.marks[3] == 1

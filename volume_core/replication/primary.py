@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 #: bytes per resync frame: small enough that an urgent frame never waits long behind one
 RESYNC_CHUNK = 1 << 20
+#: resync frames sent and not yet acknowledged, at most: a host write queues behind these
+#: (a sync write waits for them), so the resync may not fill the link's whole window
+RESYNC_WINDOW = 4
 
 SYNC = "sync"
 SEMI_ASYNC = "semi-async"
@@ -94,6 +97,7 @@ class PrimaryReplicator:
         self._geometry = engine.volume.geometry
         regions = engine.volume.regions
         self._lock = threading.Lock()
+        self._resync_acked = threading.Condition(self._lock)
         self._channel: Channel | None = None
         self._waiting: dict[int, Ticket] = {}  # answer the host's write waits for
         self._unapplied: dict[int, tuple[int, int]] = {}  # seq -> regions, until DATA_ACK
@@ -221,6 +225,7 @@ class PrimaryReplicator:
             self._mark_out_of_sync(first, stop)
         self._unapplied.clear()
         self._resync_sent.clear()
+        self._resync_acked.notify_all()
         self._region_answers.clear()
         for ticket in list(self._waiting.values()) + list(self._flushes.values()):
             ticket.answered.set()
@@ -247,6 +252,9 @@ class PrimaryReplicator:
                         channel.send_bulk(frame, timeout=self.ack_timeout)
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
+        except Exception as err:  # a bug; still, the host's write does not fail for it
+            log.exception("sending write %d failed", event.seq)
+            self._drop(channel, f"sending failed: {err!r}")
         self.stats["writes_sent"] += 1
         self.stats["bytes_sent"] += event.length if event.kind == WRITE else 0
         return ticket
@@ -298,6 +306,9 @@ class PrimaryReplicator:
             channel.send_bulk(p.Flush(event.seq), timeout=self.ack_timeout)  # behind its data
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
+        except Exception as err:  # a bug; still, the host's flush does not fail for it
+            log.exception("sending flush %d failed", event.seq)
+            self._drop(channel, f"sending failed: {err!r}")
         if not ticket.answered.wait(self.ack_timeout):
             self.stats["timeouts"] += 1
             self._drop(channel, f"no flush acknowledgement within {self.ack_timeout:g}s")
@@ -348,6 +359,7 @@ class PrimaryReplicator:
                     resent = self._resync_sent.pop(s, None) or self._region_answers.pop(s, None)
                     if resent is not None:
                         self._resynced(*resent)
+                        self._resync_acked.notify_all()
                 # sync waits for the data, semi-async for the metadata (a trim or zero
                 # is acknowledged as applied at once in either mode)
                 if applied or self.mode == SEMI_ASYNC:
@@ -463,6 +475,9 @@ class PrimaryReplicator:
                       rs: int) -> None:
         offset = first * rs
         length = min(stop * rs, size) - offset
+        with self._lock:  # host writes must not queue behind the whole window of resync
+            while len(self._resync_sent) >= RESYNC_WINDOW and self._channel is channel:
+                self._resync_acked.wait(self.ack_timeout)
 
         def send(seq: int, buf: bytearray) -> None:
             with self._lock:
