@@ -117,7 +117,9 @@ class PrimaryReplicator:
                       "resync_bytes": 0, "flush_failures": 0, "peer_marked_regions": 0}
         self.last_ack: float | None = None
         self.state = "disconnected"
-        self._region_requests: queue.SimpleQueue[p.ReadRegion | None] = queue.SimpleQueue()
+        # (the channel it came on, the request): answered on that channel only
+        self._region_requests: queue.SimpleQueue[tuple[Channel, p.ReadRegion] | None] = (
+            queue.SimpleQueue())
         # Started with the first channel, not here: nbdkit forks into the background
         # after building this object, and a thread started before the fork is not in
         # the server.
@@ -342,7 +344,9 @@ class PrimaryReplicator:
                 self._mark_out_of_sync(first, stop)
             # Not on the link's receiver thread: reading waits for the regions' writes,
             # and a write that drops the link joins that thread.
-            self._region_requests.put(frame)
+            channel = self._channel
+            if channel is not None:
+                self._region_requests.put((channel, frame))
         elif not isinstance(frame, (p.Pong, p.Ping)):
             raise ProtocolError(f"a primary does not expect {p.frame_name(frame)} frames")
 
@@ -405,11 +409,11 @@ class PrimaryReplicator:
     def _answer_regions(self) -> None:
         """The worker that answers READ_REGION requests, one at a time."""
         while True:
-            frame = self._region_requests.get()
-            if frame is None:
+            request = self._region_requests.get()
+            if request is None:
                 return
-            channel = self._channel
-            if channel is None:
+            channel, frame = request
+            if channel is not self._channel:  # asked on a link that is gone
                 continue
             try:
                 self._send_region(channel, frame)

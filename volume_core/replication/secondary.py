@@ -80,7 +80,7 @@ import numpy as np
 
 from .. import native
 from ..engine import Engine
-from ..errors import LinkError, NbdMirrorError, ProtocolError, UsageError, VolumeError
+from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
 from . import protocol as p
 
@@ -176,6 +176,7 @@ class _Entry:
     applying: bool = False
     recovery: _Recovery | None = None
     sent_at: float = 0.0
+    link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -253,6 +254,7 @@ class Receiver:
         self.max_waiting = max_waiting
         self._waiting_bytes = 0  # data received and not applied yet
         self._draining = False  # drain() is applying an entry
+        self._link = 0  # counts lost connections: a write's answer goes on its own only
         self._sweep_lock = threading.Lock()
         self._order: list[_Entry] = []  # unapplied entries, by key
         self._by_seq: dict[int, _Entry] = {}
@@ -393,7 +395,9 @@ class Receiver:
             raise ProtocolError(f"write {seq} covers {offset}+{length}, not a range inside "
                                 f"the volume ({self.engine.size} bytes)")
         first, stop = self._span(offset, length)
-        return _Entry((seq, 0, 0), kind, seq, offset, length, first, stop, fua, may_trim)
+        entry = _Entry((seq, 0, 0), kind, seq, offset, length, first, stop, fua, may_trim)
+        entry.link = self._link
+        return entry
 
     def _admit(self, entry: _Entry) -> None:
         """Register a write: in order, counted unsettled in its regions; apply what can be."""
@@ -416,6 +420,8 @@ class Receiver:
         if entry.data is not None:
             self._waiting_bytes -= entry.length
             entry.data = None
+        if self._by_seq.get(entry.seq) is entry:
+            del self._by_seq[entry.seq]
 
     def _insert(self, entry: _Entry) -> None:
         bisect.insort(self._order, entry, key=lambda e: e.key)
@@ -453,8 +459,10 @@ class Receiver:
         """
         if self._wake is None:
             return
+        out = self.out
         with self._lock:
-            while self._waiting_bytes > self.max_waiting and self._draining:
+            while (self._waiting_bytes > self.max_waiting and self._draining
+                   and not getattr(out, "closed", False)):
                 self._progress.wait(0.1)
 
     def drain(self) -> None:
@@ -473,17 +481,23 @@ class Receiver:
                     entry.applying = True
                     self._draining = True
                     self._applicable -= 1
-                if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
-                    self._send(frames)
-                    frames = []
-                    with contextlib.suppress(LinkError):
-                        self.out.flush()  # what the link holds back for this thread too
                 ok = False
                 try:
+                    if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
+                        self._send(frames)
+                        frames = []
+                        with contextlib.suppress(NbdMirrorError):
+                            self.out.flush()  # what the link holds back for this thread
                     ok = self._apply(entry)
                 finally:
                     with self._lock:
-                        frames += self._finish(entry, ok)
+                        answer = self._finish(entry, ok)
+                        if entry.kind != _RECOVER and entry.link != self._link:
+                            # Its link is gone (the write stays marked, suspect): a new
+                            # primary numbers from 1 again, so an answer would be taken
+                            # for another write's. Recovery requests still go out.
+                            answer = [f for f in answer if isinstance(f, p.ReadRegion)]
+                        frames += answer
                         self._draining = False
                         self._progress.notify_all()
         finally:
@@ -520,7 +534,6 @@ class Receiver:
         self._remove(entry)
         if entry.kind == _RECOVER:
             return self._recovery_done(entry, ok)
-        self._by_seq.pop(entry.seq, None)
         if ok:
             self._counts.writes_applied += 1
             self._counts.bytes_applied += entry.length
@@ -544,10 +557,15 @@ class Receiver:
             self._suspect[whole_first:whole_stop] = False
 
     def _send(self, frames: Iterable[p.Frame | _FlushDue]) -> None:
+        """Send answers; on a link that broke meanwhile they are lost, as the link is
+        (link_lost() keeps what they concerned marked)."""
         for frame in frames:
             if isinstance(frame, _FlushDue):  # its fdatasync here, outside the lock
                 frame = p.FlushAck(frame.seq, failed=not self._sync_landed())
-            self.out.send_urgent(frame)
+            try:
+                self.out.send_urgent(frame)
+            except NbdMirrorError as err:
+                log.info("answer %s lost with the link: %s", p.frame_name(frame), err)
 
     # -- recovery ------------------------------------------------------------
     def _start_recovery(self, first: int, stop: int) -> list[p.Frame]:
@@ -645,8 +663,12 @@ class Receiver:
         """
         now = self.clock()
         with self._lock:
+            self._link += 1
             for entry in list(self._order):
-                if entry.applying:
+                if entry.applying:  # finished by drain(); its answer is dropped there
+                    if self._by_seq.get(entry.seq) is entry:
+                        del self._by_seq[entry.seq]  # a restarted primary reuses numbers
+                    self._suspect[entry.first:entry.stop] = True
                     continue
                 if entry.kind == _RECOVER:
                     self._abandon(entry)
@@ -654,11 +676,11 @@ class Receiver:
                     entry.recovery.due = now
                     continue
                 self._remove(entry)
-                self._by_seq.pop(entry.seq, None)
                 self._suspect[entry.first:entry.stop] = True  # before end(): kept marked
                 self.tracker.end(entry.first, entry.stop)
             self._applicable = 0
-            self._abandoned.clear()
+            # (abandoned request ids are kept: a late answer may still come, ids never repeat)
+            self._progress.notify_all()
             self._held_flushes.clear()  # their answers would go to a link that is gone
             self._max_seq = 0  # a restarted primary numbers from 1 again
 
