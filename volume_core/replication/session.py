@@ -80,7 +80,6 @@ class PrimarySession:
             self.last_error = str(err)
             return None
         self.last_error = None
-        self.connects += 1
         return channel
 
     def _serve(self, channel: link.Channel) -> None:
@@ -94,6 +93,7 @@ class PrimarySession:
 
         self.channel = channel
         self.replicator.connected(channel)
+        self.connects += 1  # counted once the replicator has it: writes from now are sent
         channel.start(self.replicator.on_frame, on_close)
         try:
             while not closed.wait(self._sweep_interval):
