@@ -149,18 +149,22 @@ class Backoff:
 
 # ---------------------------------------------------------------------------------- channel
 
-_Out = tuple[bytes, protocol.Buffer, int]  # header, payload, bytes on the wire
-
-
 @dataclasses.dataclass(slots=True)
 class _Pending:
-    """An encoded frame on its way out: its path, and how long a bulk one may wait."""
+    """An encoded frame on its way out: its path, its bytes on the wire, and how long a
+    bulk one may wait for the window."""
 
     urgent: bool
     head: bytes
     payload: protocol.Buffer
     size: int
-    timeout: float
+    timeout: float = 0.0
+
+    @classmethod
+    def of(cls, urgent: bool, parts: tuple[bytes, protocol.Buffer],
+           timeout: float = 0.0) -> _Pending:
+        head, payload = parts
+        return cls(urgent, head, payload, len(head) + len(payload), timeout)
 
 
 class Channel:
@@ -213,14 +217,14 @@ class Channel:
         self._conn = conn
         self._cond = threading.Condition()
         self._encode_lock = threading.Lock()
-        self._urgent: deque[_Out] = deque()
-        self._bulk: deque[_Out] = deque()
+        self._urgent: deque[_Pending] = deque()
+        self._bulk: deque[_Pending] = deque()
         self._urgent_bytes = 0
         self._bulk_bytes = 0
         self._writing = False  # a thread is writing to the socket (a caller or the sender)
         self._rest: list[memoryview] | None = None  # what a direct write left: goes first
         self._corks = threading.local()  # frames a thread holds back (corked())
-        self._farewell: _Out | None = None
+        self._farewell: _Pending | None = None
         self._reason: str | None = None
         self._hard_stop = False
         self._reported = False
@@ -285,13 +289,12 @@ class Channel:
         if len(payload) > MAX_SMALL_PAYLOAD:
             raise ProtocolError(f"local: {protocol.frame_name(frame)} with a payload of "
                                 f"{len(payload)} bytes is not urgent: use send_bulk")
-        self._send(_Pending(True, head, payload, len(head) + len(payload), 0.0))
+        self._send(_Pending.of(True, (head, payload)))
 
     def send_bulk(self, frame: Frame, timeout: float | None = None) -> None:
         """Queue a data frame; blocks while the window is full, ``LinkError`` after ``timeout``."""
-        head, payload = self._encode(frame)
         wait = self.options.send_timeout if timeout is None else timeout
-        self._send(_Pending(False, head, payload, len(head) + len(payload), wait))
+        self._send(_Pending.of(False, self._encode(frame), wait))
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
@@ -344,12 +347,11 @@ class Channel:
             else:
                 self._wait_window(size, frame.timeout)
             if not self._take_socket():
-                item = (frame.head, frame.payload, size)
                 if frame.urgent:
-                    self._urgent.append(item)
+                    self._urgent.append(frame)
                     self._urgent_bytes += size
                 else:
-                    self._bulk.append(item)
+                    self._bulk.append(frame)
                     self._bulk_bytes += size
                 self._cond.notify_all()
                 return
@@ -420,22 +422,21 @@ class Channel:
                 if isinstance(item, list):  # bytes a direct write left
                     self._t.send_rest(item, stall, stopped)
                 else:
-                    head, payload, size = item
-                    self._t.send((head, payload), stall, stopped)
-                    self.bytes_sent += size
+                    self._t.send((item.head, item.payload), stall, stopped)
+                    self.bytes_sent += item.size
                     self.frames_sent += 1
                 self._sent(item)
         except (LinkError, OSError) as err:
             self._fail(f"sending to the peer failed: {describe(err)}")
 
-    def _next_out(self) -> _Out | list[memoryview] | None:
+    def _next_out(self) -> _Pending | list[memoryview] | None:
         """The next thing to write (the socket is then the sender's), None to stop."""
         with self._cond:
             while True:
                 if self._writing:  # a caller is writing directly: it does not wait long
                     self._cond.wait(self.options.tick)
                     continue
-                item: _Out | list[memoryview] | None
+                item: _Pending | list[memoryview] | None
                 if self._rest is not None:  # the end of a frame: before anything else
                     item, self._rest = self._rest, None
                 elif self._reason is not None:
@@ -443,7 +444,7 @@ class Channel:
                     return item
                 elif self._urgent:
                     item = self._urgent.popleft()
-                    self._urgent_bytes -= item[2]
+                    self._urgent_bytes -= item.size
                 elif self._bulk:
                     item = self._bulk[0]  # leaves the queue once sent: counted in the window
                 else:
@@ -456,13 +457,12 @@ class Channel:
                 self._writing = True
                 return item
 
-    def _sent(self, item: _Out | list[memoryview]) -> None:
+    def _sent(self, item: _Pending | list[memoryview]) -> None:
         """The socket is free again; a bulk frame leaves the window once it is sent."""
         with self._cond:
             self._writing = False
             if self._bulk and self._bulk[0] is item:
-                self._bulk.popleft()
-                self._bulk_bytes -= item[2]
+                self._bulk_bytes -= self._bulk.popleft().size
             self._cond.notify_all()
 
     def _ping_wait(self, now: float) -> float:
@@ -475,10 +475,10 @@ class Channel:
 
     def _queue_ping(self) -> None:
         token = next(self._tokens)
-        head, payload = self._encode(Ping(token))
+        ping = _Pending.of(True, self._encode(Ping(token)))
         self._ping = (token, time.monotonic())
-        self._urgent.append((head, payload, len(head)))
-        self._urgent_bytes += len(head)
+        self._urgent.append(ping)
+        self._urgent_bytes += ping.size
 
     # -- the receiver thread
 
@@ -553,8 +553,7 @@ class Channel:
             if farewell:
                 # Past the state machine: after a protocol error the Connection refuses
                 # to send, and an ERROR is what the peer may always receive.
-                head, payload = protocol.encode_parts(Error(reason))
-                self._farewell = (head, payload, len(head) + len(payload))
+                self._farewell = _Pending.of(True, protocol.encode_parts(Error(reason)))
             self._cond.notify_all()
             return True
 
@@ -568,7 +567,7 @@ class Channel:
         farewell, self._farewell = self._farewell, None
         if farewell is not None:
             with contextlib.suppress(LinkError, OSError):
-                self._t.send(farewell[:2], _FAREWELL_WAIT, lambda: False)
+                self._t.send((farewell.head, farewell.payload), _FAREWELL_WAIT, lambda: False)
 
     def _stop_hard(self) -> None:
         self._hard_stop = True

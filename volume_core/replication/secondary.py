@@ -420,6 +420,11 @@ class Receiver:
         if entry.data is not None:
             self._waiting_bytes -= entry.length
             entry.data = None
+        self._unindex(entry)
+
+    def _unindex(self, entry: _Entry) -> None:
+        """Forget the entry's write number (not another entry's: a restarted primary
+        numbers from 1 again while an apply of the last link may still run)."""
         if self._by_seq.get(entry.seq) is entry:
             del self._by_seq[entry.seq]
 
@@ -666,8 +671,7 @@ class Receiver:
             self._link += 1
             for entry in list(self._order):
                 if entry.applying:  # finished by drain(); its answer is dropped there
-                    if self._by_seq.get(entry.seq) is entry:
-                        del self._by_seq[entry.seq]  # a restarted primary reuses numbers
+                    self._unindex(entry)
                     self._suspect[entry.first:entry.stop] = True
                     continue
                 if entry.kind == _RECOVER:
