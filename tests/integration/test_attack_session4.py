@@ -1,5 +1,4 @@
-"""Attack round on session 4's link changes, over real TCP: each test shows a bug, marked
-xfail(strict) until it is fixed."""
+"""Attack round on session 4's link changes, over real TCP: each test showed a bug (fixed)."""
 
 from __future__ import annotations
 
@@ -17,11 +16,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: close() on a channel whose threads have not "
-                   "started (PrimarySession: between connected(), which lets host writes and the "
-                   "resync send, and start()) writes the farewell straight to the socket, "
-                   "ignoring what a direct write left in _rest: the ERROR lands inside the "
-                   "unfinished frame and the peer sees a protocol error, not the farewell")
 def test_a_close_before_start_does_not_put_the_farewell_inside_a_frame():
     ends: list[Ends] = []
     accepted = threading.Event()

@@ -519,3 +519,41 @@ def test_marks_left_from_an_earlier_run_stay_until_written_whole(volume):
         assert marked(eng) == {2} and rx.missing_runs() == [(2, 1)]
     finally:
         eng.close()
+
+
+def test_a_failed_sync_recovers_what_landed_while_it_ran_and_a_sweep_beside_it_waits(engine):
+    """fsyncgate with two syncs: a FLUSH's fdatasync fails (Linux drops the dirty pages and
+    reports it to that call only) while a write lands and a sweep starts; the sweep must
+    not call that write durable and clear its mark."""
+    rx, out = make(engine, SYNC)
+    rx.handle(p.Write(1, 2 * RS, b"a" * RS))
+    assert out.take() == [p.DataAck(1)]
+    real, entered, release = engine.flush, threading.Event(), threading.Event()
+    calls = []
+
+    def flaky_flush():  # the test's own disk: the first fdatasync fails, later ones succeed
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(10)
+            raise OSError(5, "injected fdatasync failure")
+        real()
+
+    engine.flush = flaky_flush
+    flusher = threading.Thread(target=rx.handle, args=(p.Flush(2),))
+    flusher.start()
+    assert entered.wait(10)
+    rx.handle(p.Write(3, 5 * RS, b"b" * RS))  # lands while the failing sync runs
+    sweeper = threading.Thread(target=rx.sweep)
+    sweeper.start()
+    try:
+        sweeper.join(0.2)  # a bounded look: it must still be waiting
+        assert sweeper.is_alive() and len(calls) == 1  # waits for the running sync
+    finally:
+        release.set()
+    flusher.join(10)
+    sweeper.join(10)
+    asks = {(f.offset, f.length) for f in out.of(p.ReadRegion)}
+    assert asks == {(2 * RS, RS), (5 * RS, RS)}  # both may have lost their pages
+    assert {2, 5} <= marked(engine)
+    assert p.FlushAck(2, failed=True) in out.frames

@@ -564,10 +564,21 @@ class Channel:
             if sender is not threading.current_thread():
                 sender.join(_FAREWELL_WAIT)
             return
-        farewell, self._farewell = self._farewell, None
-        if farewell is not None:
-            with contextlib.suppress(LinkError, OSError):
-                self._t.send((farewell.head, farewell.payload), _FAREWELL_WAIT, lambda: False)
+        # Not started: a caller may be writing directly, or have left the end of a frame
+        # (_rest). The ERROR goes after that end, never inside the frame; if the end
+        # cannot leave in time, the peer sees a cut frame instead of a farewell.
+        with self._cond:
+            while self._writing:  # a direct write never waits on the socket: it ends soon
+                self._cond.wait(self.options.tick)
+            self._writing = True  # the socket is this thread's from now on
+            rest, self._rest = self._rest, None
+            farewell, self._farewell = self._farewell, None
+        if farewell is None:
+            return
+        with contextlib.suppress(LinkError, OSError):
+            if rest:
+                self._t.send_rest(rest, _FAREWELL_WAIT, lambda: False)
+            self._t.send((farewell.head, farewell.payload), _FAREWELL_WAIT, lambda: False)
 
     def _stop_hard(self) -> None:
         self._hard_stop = True

@@ -256,6 +256,7 @@ class Receiver:
         self._draining = False  # drain() is applying an entry
         self._link = 0  # counts lost connections: a write's answer goes on its own only
         self._sweep_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # one fdatasync of the replica at a time
         self._order: list[_Entry] = []  # unapplied entries, by key
         self._by_seq: dict[int, _Entry] = {}
         self._requests: dict[int, _Entry] = {}  # request id -> its entry
@@ -698,22 +699,33 @@ class Receiver:
 
     # -- clearing ------------------------------------------------------------
     def _sync_landed(self) -> bool:
-        """fdatasync the data applied so far; on failure recover it (fsyncgate). -> ok"""
-        with self._lock:
-            taken, self._landed = self._landed, np.zeros(self._regions, dtype=bool)
-        try:
-            self.engine.flush()
-        except OSError as err:
-            # Linux drops the dirty pages of a failed sync: what they held may be lost.
-            log.warning("fdatasync of the replica failed: %s; recovering what it held", err)
+        """fdatasync the data applied so far; on failure recover it (fsyncgate). -> ok
+
+        One at a time (a FLUSH on the reader, a held flush on the applier, the
+        sweep on the timer): Linux reports a failed writeback to one fdatasync
+        only, so a second one running beside it could succeed and call synced
+        data whose pages the failure dropped.
+        """
+        with self._sync_lock:
             with self._lock:
-                self._counts.flush_failures += 1
-                frames = self._recover_map(taken)
-            self._send(frames)
-            return False
-        with self._lock:
-            self._synced |= taken
-        return True
+                taken, self._landed = self._landed, np.zeros(self._regions, dtype=bool)
+            try:
+                self.engine.flush()
+            except OSError as err:
+                # Linux drops the dirty pages of a failed sync: whatever was applied
+                # before it reported may be lost, also what landed while it ran.
+                log.warning("fdatasync of the replica failed: %s; recovering what it held",
+                            err)
+                with self._lock:
+                    self._counts.flush_failures += 1
+                    taken |= self._landed
+                    self._landed = np.zeros(self._regions, dtype=bool)
+                    frames = self._recover_map(taken)
+                self._send(frames)
+                return False
+            with self._lock:
+                self._synced |= taken
+            return True
 
     def _recover_map(self, regions: np.ndarray) -> list[p.Frame]:
         """Start recovering every run of set regions (lock held)."""
