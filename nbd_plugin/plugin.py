@@ -139,6 +139,9 @@ def after_fork():
                                                  replication=_replication_status))
         _admin.start()
     if _session is not None:
+        from volume_core.replication import memory
+
+        memory.keep_freed_buffers()
         _session.start()
     _place.write_state({
         "pid": os.getpid(),

@@ -21,7 +21,6 @@ is bounded, so one stuck write cannot hold every other write at the gate.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -213,7 +212,8 @@ class Engine:
             durable = event.length == 0 or tracker.try_mark(event.offset, event.length)
             tracker.begin(first, stop)
             self._seq += 1
-            event = dataclasses.replace(event, seq=self._seq)
+            event = WriteEvent(self._seq, event.kind, event.offset, event.length, event.data,
+                               event.fua, event.may_trim)
         ticket = submitted = landed = None
         try:
             try:

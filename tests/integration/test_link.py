@@ -385,6 +385,35 @@ def test_the_bulk_window_blocks_then_times_out_against_a_peer_that_stops_reading
         gate.set()
 
 
+
+def test_a_lent_payload_is_copied_when_it_must_wait_and_never_read_after_the_call(
+        secondary, primary):
+    """``send_bulk(lent=True)``: the caller reuses its buffer once the call returns (a
+    host's write buffer). Whether the frame went out partly (its rest kept by the link)
+    or was queued behind another, the peer gets the bytes as they were at the call."""
+    gate = threading.Event()
+    sec = secondary(on_frame=lambda frame: gate.wait(10))  # stops reading at the first frame
+    channel = primary(sec.address, options=link.ChannelOptions(window=64 * MiB,
+                                                                 peer_timeout=20))
+    Ends(channel).start()
+    theirs = sec.end()
+    buf = bytearray(16 * MiB)  # more than the socket buffers take: a rest is left
+    sent = []
+    try:
+        for seq in range(4):
+            buf[:] = bytes([seq + 1]) * len(buf)
+            channel.send_bulk(Write(seq, 0, memoryview(buf).toreadonly()), lent=True)
+            sent.append(bytes([seq + 1]))
+            buf[:] = b"\xee" * len(buf)  # the caller's next use of its buffer
+        assert channel.stats().bulk_queued_bytes > 0  # some were queued, not written
+    finally:
+        gate.set()
+    for seq, fill in enumerate(sent):
+        frame = theirs.get(timeout=20)
+        assert frame.seq == seq
+        assert bytes(frame.data) == fill * (16 * MiB), f"frame {seq} carried reused bytes"
+
+
 # ----------------------------------------------------------------------------------- faults
 
 

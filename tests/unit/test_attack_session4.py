@@ -154,7 +154,8 @@ class Channel:
             self.sent.append(frame)
             self.changed.notify_all()
 
-    def send_bulk(self, frame: p.Frame, timeout: float | None = None) -> None:
+    def send_bulk(self, frame: p.Frame, timeout: float | None = None,
+                  lent: bool = False) -> None:
         if self.hold and isinstance(frame, p.RegionData):
             self.hold = False
             self.holding.set()

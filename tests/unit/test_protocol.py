@@ -393,6 +393,82 @@ def test_any_chunking_gives_the_same_frames(cuts):
     assert feed_in_chunks(cuts) == STREAM_FRAMES
 
 
+BIG_FRAMES = [Write(1, 0, bytes(range(256)) * 512), MetaAck(1), Ping(3),
+              Data(2, 4 * REGION, b"\x07" * (64 << 10)), Write(3, 0, b"s" * 100),
+              Data(4, 0, bytes(range(251)) * 700)]
+BIG_STREAM = b"".join(encode(f) for f in BIG_FRAMES)
+
+
+def feed_reading_in_place(steps: list[tuple[int, bool]]) -> list:
+    """Feed BIG_STREAM in chunks of the given sizes, each received in place
+    (receive_buffer/received, as the link does) when asked and offered."""
+    dec, frames, pos = decoder(), [], 0
+    steps = [*steps, (len(BIG_STREAM), True), (len(BIG_STREAM), False)]
+    for size, in_place in steps:
+        if pos == len(BIG_STREAM):
+            break
+        target = dec.receive_buffer() if in_place else None
+        if target is not None:
+            n = min(size, len(target), len(BIG_STREAM) - pos)
+            target[:n] = BIG_STREAM[pos:pos + n]
+            dec.received(n)
+        else:
+            n = min(size, len(BIG_STREAM) - pos)
+            dec.receive_data(BIG_STREAM[pos:pos + n])
+        pos += n
+        while (frame := dec.next_frame()) is not NEED_DATA:
+            frames.append(frame)
+    dec.receive_data(b"")
+    assert dec.next_frame() is PEER_CLOSED
+    return frames
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.lists(st.tuples(st.integers(1, 300_000), st.booleans()), max_size=40))
+def test_payloads_received_in_place_or_not_give_the_same_frames(steps):
+    assert feed_reading_in_place(steps) == BIG_FRAMES
+
+
+def test_a_payload_received_in_place_is_handed_out_without_a_copy_and_checked():
+    frame = Write(1, 0, b"\x5a" * (1 << 20))
+    head, payload = encode_parts(frame)
+    dec = decoder()
+    assert dec.receive_buffer() is None  # no header yet
+    dec.receive_data(head + payload[:1000])
+    assert dec.next_frame() is NEED_DATA
+    target = dec.receive_buffer()
+    assert len(target) == len(payload) - 1000 == dec.bytes_needed()
+    target[:] = payload[1000:]
+    dec.received(len(target))
+    got = dec.next_frame()
+    assert got == frame and isinstance(got.data, memoryview) and got.data.readonly
+    assert got.data.obj is target.obj  # the very buffer it was received into
+    # a corrupted byte received in place fails the payload checksum
+    dec.receive_data(head)
+    assert dec.next_frame() is NEED_DATA
+    target = dec.receive_buffer()
+    target[:] = payload
+    target[77] ^= 1
+    dec.received(len(target))
+    with pytest.raises(ProtocolError, match="payload checksum mismatch"):
+        dec.next_frame()
+
+
+def test_the_peer_closing_inside_a_payload_received_in_place_is_a_cut_frame():
+    head, payload = encode_parts(Write(1, 0, b"\x5a" * (128 << 10)))
+    dec = decoder()
+    dec.receive_data(head)
+    assert dec.next_frame() is NEED_DATA
+    target = dec.receive_buffer()
+    target[:10] = payload[:10]
+    dec.received(10)
+    with pytest.raises(ValueError):
+        dec.received(len(target))  # more than is left
+    dec.receive_data(b"")
+    with pytest.raises(ProtocolError, match="in the middle of a frame"):
+        dec.next_frame()
+
+
 # --------------------------------------------------------------------------------- fuzzing
 
 

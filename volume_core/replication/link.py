@@ -159,12 +159,19 @@ class _Pending:
     payload: protocol.Buffer
     size: int
     timeout: float = 0.0
+    lent: bool = False  # the payload is the caller's until its send call returns
 
     @classmethod
     def of(cls, urgent: bool, parts: tuple[bytes, protocol.Buffer],
-           timeout: float = 0.0) -> _Pending:
+           timeout: float = 0.0, lent: bool = False) -> _Pending:
         head, payload = parts
-        return cls(urgent, head, payload, len(head) + len(payload), timeout)
+        return cls(urgent, head, payload, len(head) + len(payload), timeout, lent)
+
+    def kept(self) -> _Pending:
+        """This frame with a payload of its own (a copy, if it was lent)."""
+        if not self.lent:
+            return self
+        return _Pending(self.urgent, self.head, bytes(self.payload), self.size, self.timeout)
 
 
 class Channel:
@@ -291,10 +298,15 @@ class Channel:
                                 f"{len(payload)} bytes is not urgent: use send_bulk")
         self._send(_Pending.of(True, (head, payload)))
 
-    def send_bulk(self, frame: Frame, timeout: float | None = None) -> None:
-        """Queue a data frame; blocks while the window is full, ``LinkError`` after ``timeout``."""
+    def send_bulk(self, frame: Frame, timeout: float | None = None, lent: bool = False) -> None:
+        """Queue a data frame; blocks while the window is full, ``LinkError`` after ``timeout``.
+
+        ``lent``: the payload is the caller's only until this call returns (a
+        host's buffer). It is written straight from there when the link is idle,
+        and copied only if it must wait (queued, or partly sent).
+        """
         wait = self.options.send_timeout if timeout is None else timeout
-        self._send(_Pending.of(False, self._encode(frame), wait))
+        self._send(_Pending.of(False, self._encode(frame), wait, lent))
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
@@ -347,13 +359,15 @@ class Channel:
             else:
                 self._wait_window(size, frame.timeout)
             if not self._take_socket():
+                frame = frame.kept()  # it outlives the call
                 if frame.urgent:
                     self._urgent.append(frame)
                     self._urgent_bytes += size
                 else:
                     self._bulk.append(frame)
                     self._bulk_bytes += size
-                self._cond.notify_all()
+                if not self._writing:  # a writer takes the queue when it is done
+                    self._cond.notify_all()
                 return
         self._write_now([frame])
 
@@ -386,24 +400,48 @@ class Channel:
         every frame. What the socket does not take at once is left to the
         sender thread, ahead of everything queued. A bulk frame sent here
         never enters the window: it is in the kernel's buffer already, or
-        (the rest of one frame) the next thing the sender writes.
+        (the rest of one frame) the next thing the sender writes. Frames other
+        threads queued meanwhile go out with this thread's too, while the socket
+        takes them: no wake-up of the sender thread for them either.
         """
-        rest: list[memoryview] = []
-        failure: OSError | None = None
-        try:
-            rest = self._t.try_send([part for f in frames for part in (f.head, f.payload)])
-        except OSError as err:
-            failure = err
-        finally:
-            with self._cond:
-                self._rest = rest or None
-                self._writing = False
-                self._cond.notify_all()
-        if failure is not None:  # as if the sender thread had failed: on_close tells
-            self._fail(f"sending to the peer failed: {describe(failure)}")
-            return
-        self.bytes_sent += sum(f.size for f in frames)
-        self.frames_sent += len(frames)
+        while frames:
+            rest: list[memoryview] = []
+            failure: OSError | None = None
+            try:
+                rest = self._t.try_send([part for f in frames for part in (f.head, f.payload)])
+                if rest and any(f.lent for f in frames):  # it outlives the call
+                    rest = [memoryview(bytes(view)) for view in rest]
+            except OSError as err:
+                failure = err
+            finally:
+                with self._cond:
+                    if failure is None:
+                        self.bytes_sent += sum(f.size for f in frames)
+                        self.frames_sent += len(frames)
+                    frames = [] if rest or failure else self._take_queued()
+                    if not frames:
+                        self._rest = rest or None
+                        self._writing = False
+                        # wake the sender for what is left, and anyone closing
+                        if rest or self._urgent or self._bulk or self._reason is not None:
+                            self._cond.notify_all()
+            if failure is not None:  # as if the sender thread had failed: on_close tells
+                self._fail(f"sending to the peer failed: {describe(failure)}")
+                return
+
+    def _take_queued(self) -> list[_Pending]:
+        """(lock held, socket ours) Every queued frame, urgent first, out of the queues.
+        Bulk frames leave the window here: they go into the kernel or ``_rest`` next."""
+        if self._reason is not None or not (self._urgent or self._bulk):
+            return []
+        frames = [*self._urgent, *self._bulk]
+        self._urgent.clear()
+        self._bulk.clear()
+        self._urgent_bytes = 0
+        if self._bulk_bytes:
+            self._bulk_bytes = 0
+            self._cond.notify_all()  # room in the window
+        return frames
 
     def _encode(self, frame: Frame) -> tuple[bytes, protocol.Buffer]:
         with self._encode_lock:
@@ -510,21 +548,32 @@ class Channel:
                     self._dispatch(frame)
 
     def _read_some(self) -> None:
-        want = self._conn.bytes_needed()
-        # Read exactly what ends a payload, so the decoder hands it out without a copy.
-        n = min(want, READ_CHUNK) if want > HEADER_SIZE else _SMALL_READ
+        conn = self._conn
+        # The rest of a large payload goes straight into its own buffer (no copies
+        # through the decoder's); between payloads, small frames come in batches.
+        target = conn.receive_buffer()
         try:
-            data = self._t.recv(n)
+            if target is not None:
+                n = self._t.recv_into(target)
+                data = None
+            else:
+                want = conn.bytes_needed()
+                data = self._t.recv(min(want, READ_CHUNK) if want > HEADER_SIZE
+                                    else _SMALL_READ)
+                n = len(data)
         except TimeoutError:
             quiet = time.monotonic() - self.last_received
             if quiet > self.options.peer_timeout:
                 self._fail(f"no answer from the peer for {quiet:.1f} s (timeout "
                            f"{self.options.peer_timeout:g} s)")
             return
-        if data:
-            self.bytes_received += len(data)
+        if n:
+            self.bytes_received += n
             self.last_received = time.monotonic()
-        self._conn.receive_data(data)
+        if data is None and n:
+            conn.received(n)
+        else:
+            conn.receive_data(data or b"")
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Ping):

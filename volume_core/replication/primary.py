@@ -68,9 +68,38 @@ MODES = (SYNC, SEMI_ASYNC)
 
 class Channel(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
-    def send_bulk(self, frame: p.Frame, timeout: float | None = None) -> None: ...
+    def send_bulk(self, frame: p.Frame, timeout: float | None = None,
+                  lent: bool = False) -> None: ...
     def corked(self) -> AbstractContextManager[None]: ...
     def close(self, reason: str = "") -> None: ...
+
+
+class Answer:
+    """A one-shot signal with one waiter: a lock taken at birth, released by ``set``.
+
+    Cheaper than ``threading.Event`` on the hot path (one futex each way, no
+    Python-level condition). ``set`` is called with the replicator's lock held;
+    a second ``set`` does nothing.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """True once set (at most ``timeout`` seconds); for the one waiter only."""
+        return self._set or self._lock.acquire(timeout=timeout)
 
 
 @dataclass(eq=False)
@@ -80,7 +109,7 @@ class Ticket:
     seq: int
     first: int
     stop: int
-    answered: threading.Event = field(default_factory=threading.Event)
+    answered: Answer = field(default_factory=lambda: Answer())
     ok: bool = False  # the answer was the one the mode needs (not a lost link)
 
 
@@ -246,12 +275,13 @@ class PrimaryReplicator:
             self._waiting[event.seq] = ticket
             self._unapplied[event.seq] = (first, stop)
         try:
-            with channel.corked():  # META and DATA leave in one write
-                for urgent, frame in self._frames(event):
-                    if urgent:
-                        channel.send_urgent(frame)
-                    else:  # a full window may not hold the host past the ack timeout
-                        channel.send_bulk(frame, timeout=self.ack_timeout)
+            # Each frame is written as soon as it is ready: a META leaves before its
+            # DATA is copied into the socket (which takes a while for a large write).
+            for urgent, frame in self._frames(event):
+                if urgent:
+                    channel.send_urgent(frame)
+                else:  # a full window may not hold the host past the ack timeout
+                    channel.send_bulk(frame, timeout=self.ack_timeout, lent=True)
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
         except Exception as err:  # a bug; still, the host's write does not fail for it
@@ -264,8 +294,8 @@ class PrimaryReplicator:
     def _frames(self, event: WriteEvent) -> list[tuple[bool, p.Frame]]:
         """The frames of ``event`` for this mode, each with its path (urgent or bulk)."""
         seq, off, length = event.seq, event.offset, event.length
-        # The host's buffer is only lent until settle() returns; frames may outlive it.
-        data = bytes(event.data) if event.kind == WRITE else b""
+        # The host's buffer is lent: the link copies it only if it has to keep it.
+        data = event.data if event.kind == WRITE else b""
         if self.mode == SYNC:
             if event.kind == WRITE:
                 return [(False, p.Write(seq, off, data, event.fua))]
@@ -435,7 +465,7 @@ class PrimaryReplicator:
             with self._lock:  # read holding the regions: later writes bump their generation
                 self._region_answers[frame.seq] = (first, stop,
                                                    self._oos_gen[first:stop].copy())
-            channel.send_bulk(p.RegionData(frame.seq, frame.offset, bytes(buf)),
+            channel.send_bulk(p.RegionData(frame.seq, frame.offset, buf),
                               timeout=self.ack_timeout)
 
         self.engine.read_ordered(frame.offset, frame.length, send)
@@ -494,7 +524,7 @@ class PrimaryReplicator:
                 channel.send_bulk(p.Zero(seq, offset, length, may_trim=True),
                                   timeout=self.ack_timeout)
             else:
-                channel.send_bulk(p.Write(seq, offset, bytes(buf)), timeout=self.ack_timeout)
+                channel.send_bulk(p.Write(seq, offset, buf), timeout=self.ack_timeout)
                 self.stats["resync_bytes"] += length
 
         self.engine.read_ordered(offset, length, send)

@@ -765,6 +765,13 @@ def _check_header(spec: _Spec, flags: int, offset: int, length: int, payload_len
         _check_range(name, offset, length, size, region_size, rng is _Range.REGIONS)
 
 
+def _check_crc(payload: Buffer, expected: int, spec: _Spec) -> None:
+    actual = crc32c(payload)
+    if actual != expected:
+        raise ProtocolError(f"{spec.name} frame payload checksum mismatch "
+                            f"(0x{expected:08x}, computed 0x{actual:08x})")
+
+
 def _check_payload_len(spec: _Spec, length: int, payload_len: int, ready: bool) -> None:
     name, rule = spec.name, spec.payload
     limit = MAX_DATA if ready and rule is _Payload.DATA else MAX_SMALL_PAYLOAD
@@ -841,15 +848,21 @@ class Decoder:
 
     Feed it with ``receive_data`` (``b""`` means the peer closed), take frames
     with ``next_frame`` until it returns ``NEED_DATA``. It buffers at most one
-    partial frame beyond what it was given. After a ``ProtocolError`` it refuses
-    all further use. Frames that name a range of the volume are refused until
-    ``set_volume`` tells it the volume's geometry.
+    partial frame beyond what it was given. A reader may instead receive the
+    rest of a large payload straight into ``receive_buffer()`` and report it
+    with ``received(n)``: the payload is then handed out without a copy. After
+    a ``ProtocolError`` it refuses all further use. Frames that name a range of
+    the volume are refused until ``set_volume`` tells it the volume's geometry.
     """
 
     def __init__(self, size: int | None = None, region_size: int | None = None) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._head: _Head | None = None
+        # The payload of the parsed header, once a reader asked for receive_buffer():
+        # its bytes live here (the header is consumed from _buf), _filled of them so far.
+        self._into: bytearray | None = None
+        self._filled = 0
         self._eof = False
         self._failed: ProtocolError | None = None
         self.size = size
@@ -865,7 +878,8 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet handed out as frames."""
-        return len(self._buf) - self._pos
+        into = HEADER_SIZE + self._filled if self._into is not None else 0
+        return len(self._buf) - self._pos + into
 
     def bytes_needed(self) -> int:
         """How many more bytes would complete the next frame (at least 1).
@@ -873,9 +887,43 @@ class Decoder:
         A reader that receives exactly this many lets a large payload be handed
         out without a copy.
         """
+        if self._into is not None:
+            return max(1, len(self._into) - self._filled)
         head = self._head
         want = HEADER_SIZE + (head[5] if head is not None else 0)
         return max(1, want - self.buffered)
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the rest of a large payload may be received directly, or None.
+
+        Between a parsed header and the end of its payload (of at least 64
+        KiB), a reader may ``recv_into`` this buffer and then call
+        ``received(n)``: no copy through the decoder's buffer. None otherwise:
+        feed ``receive_data``.
+        """
+        self._refuse_if_failed()
+        head = self._head
+        if self._eof or head is None:
+            return None
+        if self._into is None:
+            payload_len = head[5]
+            start = self._pos + HEADER_SIZE
+            have = len(self._buf) - start
+            if payload_len < _HANDOFF_MIN or have >= payload_len:
+                return None
+            self._into = bytearray(payload_len)
+            self._into[:have] = memoryview(self._buf)[start:]
+            self._filled = have
+            del self._buf[start:]
+            self._consume(start)
+        return memoryview(self._into)[self._filled:]
+
+    def received(self, n: int) -> None:
+        """``n`` (> 0) bytes were written at the start of ``receive_buffer()``."""
+        self._refuse_if_failed()
+        if self._into is None or not 0 < n <= len(self._into) - self._filled:
+            raise ValueError(f"received({n}) without a receive buffer that takes it")
+        self._filled += n
 
     def receive_data(self, data: Buffer) -> None:
         """Add bytes from the peer; ``b""`` says the peer closed its end."""
@@ -885,6 +933,14 @@ class Decoder:
         elif self._eof:
             self._fail("data received after the end of the stream")
         else:
+            into = self._into
+            if into is not None:  # a payload being received in place takes its part first
+                take = min(len(data), len(into) - self._filled)
+                with memoryview(data) as view:
+                    into[self._filled:self._filled + take] = view[:take]
+                    self._filled += take
+                    self._buf += view[take:]
+                return
             self._buf += data
 
     def next_frame(self) -> Frame | NeedData | PeerClosed:
@@ -905,6 +961,8 @@ class Decoder:
         raise self._failed
 
     def _next(self) -> Frame | NeedData | PeerClosed:
+        if self._into is not None:
+            return self._next_received()
         buf, pos = self._buf, self._pos
         head = self._head
         if head is None:
@@ -919,6 +977,21 @@ class Decoder:
         payload = self._take_payload(start, end, payload_crc, spec) if payload_len else b""
         self._head = None
         self._consume(end)
+        return self._unpack(head, payload)
+
+    def _next_received(self) -> Frame | NeedData | PeerClosed:
+        """The frame whose payload is received in place (``receive_buffer``)."""
+        into, head = self._into, self._head
+        assert into is not None and head is not None
+        if self._filled < len(into):
+            return self._short()
+        self._into, self._filled, self._head = None, 0, None
+        _check_crc(into, head[6], head[0])
+        return self._unpack(head, memoryview(into).toreadonly())
+
+    @staticmethod
+    def _unpack(head: _Head, payload: Buffer) -> Frame:
+        spec, flags, seq, offset, length, _, _ = head
         try:
             return spec.cls._unpack(flags, seq, offset, length, payload)
         except (ValueError, TypeError, struct.error) as err:
@@ -956,10 +1029,7 @@ class Decoder:
     def _take_payload(self, start: int, end: int, payload_crc: int, spec: _Spec) -> Buffer:
         buf = self._buf
         with memoryview(buf) as view, view[start:end] as chunk:
-            actual = crc32c(chunk)
-            if actual != payload_crc:
-                raise ProtocolError(f"{spec.name} frame payload checksum mismatch "
-                                    f"(0x{payload_crc:08x}, computed 0x{actual:08x})")
+            _check_crc(chunk, payload_crc, spec)
             if end == len(buf) and end - start >= _HANDOFF_MIN:
                 # The payload ends the buffer: hand the buffer over instead of copying.
                 self._buf = bytearray()
@@ -1099,6 +1169,16 @@ class Connection:
     def bytes_needed(self) -> int:
         """How many more bytes complete the peer's next frame (see ``Decoder``)."""
         return self._decoder.bytes_needed()
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where to receive the rest of a large payload in place (see ``Decoder``)."""
+        self._refuse_if_broken()
+        return self._decoder.receive_buffer()
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were received into ``receive_buffer()``."""
+        self._refuse_if_broken()
+        self._decoder.received(n)
 
     # -- the state machine
 

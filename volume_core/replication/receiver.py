@@ -46,7 +46,7 @@ from ..engine import Engine
 from ..errors import LinkError, NbdMirrorError, PeerRefused, UsageError, VolumeError
 from ..server_files import RECEIVER_KIND, ServerPlace, admin_socket
 from ..volume import Volume
-from . import link, tls
+from . import link, memory, tls
 from .protocol import Frame, Hello, Identity, hello_problem
 from .secondary import MODES, SEMI_ASYNC, FaultInjector, Receiver
 from .session import parse_peer, read_secret
@@ -341,6 +341,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
     settings = Settings.load(args.listen, args.secret_file, args.tls_cert, args.tls_key,
                              args.tls_ca)
     faults = faults_from_env(os.environ.get(TEST_FAIL_WRITES))
+    memory.keep_freed_buffers()
     volume = Volume.open(args.volume)
     place = ServerPlace(volume)
     secondary = Secondary(volume, settings, faults=faults)  # the volume's lock from here on

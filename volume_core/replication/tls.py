@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import LinkError, UsageError
 
@@ -33,6 +34,7 @@ RAW_CHUNK = 256 << 10
 #: The most plaintext encrypted in one go (bounds the ciphertext held in memory).
 _TLS_WRITE_CHUNK = 256 << 10
 _MAX_IOV = 64
+_T = TypeVar("_T")
 # OpenSSL verify codes that mean "not signed by a CA we trust".
 _UNTRUSTED = {2, 18, 19, 20, 21, 27}
 _HOSTNAME_MISMATCH = 62
@@ -216,6 +218,10 @@ class PlainTransport:
         """Up to ``n`` bytes; ``b""`` once the peer closed. ``TimeoutError`` after a tick."""
         return self.sock.recv(n)
 
+    def recv_into(self, buffer: memoryview) -> int:
+        """Like ``recv``, into ``buffer``: how many bytes (0 once the peer closed)."""
+        return self.sock.recv_into(buffer)
+
     def send(self, parts: Sequence[Buffer], stall: float, aborted: Callable[[], bool]) -> None:
         send_all(self.sock, parts, stall, aborted)
 
@@ -305,19 +311,25 @@ class TlsTransport(PlainTransport):
         self._in.write(raw)
 
     def recv(self, n: int) -> bytes:
+        return self._read(lambda: self._obj.read(n), b"")
+
+    def recv_into(self, buffer: memoryview) -> int:
+        return self._read(lambda: self._obj.read(len(buffer), buffer), 0)
+
+    def _read(self, read: Callable[[], _T], closed: _T) -> _T:
         while True:
             with self._lock:
                 try:
-                    return self._obj.read(n)
+                    return read()
                 except ssl.SSLWantReadError:
                     pass
                 except ssl.SSLZeroReturnError:
-                    return b""
+                    return closed
                 except ssl.SSLError as err:
                     raise tls_failure(err, self._peer_role, self._ca_file) from None
             raw = self.sock.recv(RAW_CHUNK)  # TimeoutError: the caller checks its deadline
             if not raw:
-                return b""  # an end without close_notify: the decoder tells a cut frame
+                return closed  # an end without close_notify: the decoder tells a cut frame
             with self._lock:
                 self._in.write(raw)
 
