@@ -17,6 +17,7 @@ from tests.integration.test_replication_pair import pair as shared_pair
 from volume_core.engine import Engine
 from volume_core.replication import link
 from volume_core.replication import protocol as p
+from volume_core.replication.primary import RESYNC_WINDOW
 from volume_core.replication.secondary import Receiver
 from volume_core.replication.session import PrimarySession
 from volume_core.volume import Volume
@@ -158,10 +159,15 @@ def test_a_host_write_never_waits_past_the_ack_timeout_behind_a_stuck_resync(tmp
               prefill=data) as pr:
         eng = pr.primary
         try:
-            # the resync thread blocks in send_bulk: the window stays full, a chunk stays held
-            wait_until(lambda: pr.session.channel is not None
-                       and pr.session.channel.stats().bulk_queued_bytes >= (1 << 20), 10,
-                       "the window to fill")
+            # the resync stalls: its window full (blocked in send_bulk), or (when the socket
+            # buffers took every chunk it may send) all RESYNC_WINDOW chunks unacknowledged
+            def stalled() -> bool:
+                channel = pr.session.channel
+                return channel is not None and (
+                    channel.stats().bulk_queued_bytes >= (1 << 20)
+                    or len(pr.replicator._resync_sent) >= RESYNC_WINDOW)
+
+            wait_until(stalled, 10, "the resync to stall")
             time.sleep(0.2)
             # (the resync now keeps at most RESYNC_WINDOW chunks unacknowledged and waits
             # for room holding no region: a chunk may or may not be held here)

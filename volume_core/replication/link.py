@@ -230,6 +230,7 @@ class Channel:
         self._bulk_bytes = 0
         self._writing = False  # a thread is writing to the socket (a caller or the sender)
         self._rest: list[memoryview] | None = None  # what a direct write left: goes first
+        self._rest_bulk = 0  # bytes of queued bulk frames in _rest (counted in the window)
         self._corks = threading.local()  # frames a thread holds back (corked())
         self._farewell: _Pending | None = None
         self._reason: str | None = None
@@ -347,8 +348,10 @@ class Channel:
     def _send(self, frame: _Pending, cork: bool = True) -> None:
         """Write ``frame`` now if the link is idle, else queue it (waiting for the window)."""
         if cork and (held := self._corked()) is not None:
-            held.append(frame)
+            held.append(frame.kept())  # sent after the call that lent it returned
             return
+        if frame.lent and (self._writing or self._rest is not None or self._bulk):
+            frame = frame.kept()  # it will wait, most likely: copy before taking the lock
         size = frame.size
         with self._cond:
             if frame.urgent:
@@ -400,48 +403,62 @@ class Channel:
         every frame. What the socket does not take at once is left to the
         sender thread, ahead of everything queued. A bulk frame sent here
         never enters the window: it is in the kernel's buffer already, or
-        (the rest of one frame) the next thing the sender writes. Frames other
-        threads queued meanwhile go out with this thread's too, while the socket
-        takes them: no wake-up of the sender thread for them either.
+        (the rest of one frame) the next thing the sender writes.
+        Frames other threads queued meanwhile go out with this thread's too,
+        once, if the socket took everything: no wake-up of the sender thread for
+        them either. Those stay in the window until they are in the kernel.
         """
+        taken_bulk = 0  # bytes of queued bulk frames taken (still counted in the window)
+        rounds = 0
         while frames:
+            rounds += 1
             rest: list[memoryview] = []
-            failure: OSError | None = None
+            failure: BaseException | None = None
             try:
                 rest = self._t.try_send([part for f in frames for part in (f.head, f.payload)])
-                if rest and any(f.lent for f in frames):  # it outlives the call
-                    rest = [memoryview(bytes(view)) for view in rest]
-            except OSError as err:
+                if rest:
+                    rest = _keep_lent(rest, frames)
+            except BaseException as err:  # noqa: BLE001 - OSError, or a bug (re-raised below)
                 failure = err
             finally:
                 with self._cond:
                     if failure is None:
                         self.bytes_sent += sum(f.size for f in frames)
                         self.frames_sent += len(frames)
-                    frames = [] if rest or failure else self._take_queued()
+                    frames = []
+                    if failure is None and not rest and rounds == 1:
+                        frames, bulk = self._take_queued()
+                        taken_bulk += bulk
                     if not frames:
-                        self._rest = rest or None
+                        if self._reason is not None:  # closing zeroed the window's count
+                            taken_bulk = 0
+                        if rest and failure is None:
+                            self._rest, self._rest_bulk = rest, taken_bulk
+                        else:
+                            self._bulk_bytes -= taken_bulk  # in the kernel (or lost)
                         self._writing = False
-                        # wake the sender for what is left, and anyone closing
-                        if rest or self._urgent or self._bulk or self._reason is not None:
+                        # wake the sender for what is left, window waiters, anyone closing
+                        if (rest or taken_bulk or self._urgent or self._bulk
+                                or self._reason is not None):
                             self._cond.notify_all()
             if failure is not None:  # as if the sender thread had failed: on_close tells
-                self._fail(f"sending to the peer failed: {describe(failure)}")
+                what = describe(failure) if isinstance(failure, OSError) else repr(failure)
+                self._fail(f"sending to the peer failed: {what}")
+                if not isinstance(failure, OSError):
+                    raise failure
                 return
 
-    def _take_queued(self) -> list[_Pending]:
-        """(lock held, socket ours) Every queued frame, urgent first, out of the queues.
-        Bulk frames leave the window here: they go into the kernel or ``_rest`` next."""
+    def _take_queued(self) -> tuple[list[_Pending], int]:
+        """(lock held, socket ours) Every queued frame, urgent first, out of the queues,
+        and the bytes of the bulk ones (the caller keeps them in the window until sent)."""
         if self._reason is not None or not (self._urgent or self._bulk):
-            return []
+            return [], 0
         frames = [*self._urgent, *self._bulk]
+        bulk = self._bulk_bytes
         self._urgent.clear()
         self._bulk.clear()
         self._urgent_bytes = 0
-        if self._bulk_bytes:
-            self._bulk_bytes = 0
-            self._cond.notify_all()  # room in the window
-        return frames
+        return frames, bulk
 
     def _encode(self, frame: Frame) -> tuple[bytes, protocol.Buffer]:
         with self._encode_lock:
@@ -501,6 +518,9 @@ class Channel:
             self._writing = False
             if self._bulk and self._bulk[0] is item:
                 self._bulk_bytes -= self._bulk.popleft().size
+            elif isinstance(item, list):  # a rest: queued bulk frames in it leave the window
+                self._bulk_bytes -= self._rest_bulk
+                self._rest_bulk = 0
             self._cond.notify_all()
 
     def _ping_wait(self, now: float) -> float:
@@ -598,7 +618,7 @@ class Channel:
             self._reason = reason
             self._urgent.clear()
             self._bulk.clear()
-            self._urgent_bytes = self._bulk_bytes = 0
+            self._urgent_bytes = self._bulk_bytes = self._rest_bulk = 0
             if farewell:
                 # Past the state machine: after a protocol error the Connection refuses
                 # to send, and an ERROR is what the peer may always receive.
@@ -619,15 +639,20 @@ class Channel:
         with self._cond:
             while self._writing:  # a direct write never waits on the socket: it ends soon
                 self._cond.wait(self.options.tick)
-            self._writing = True  # the socket is this thread's from now on
+            self._writing = True  # the socket is this thread's until the farewell is out
             rest, self._rest = self._rest, None
             farewell, self._farewell = self._farewell, None
-        if farewell is None:
-            return
-        with contextlib.suppress(LinkError, OSError):
-            if rest:
-                self._t.send_rest(rest, _FAREWELL_WAIT, lambda: False)
-            self._t.send((farewell.head, farewell.payload), _FAREWELL_WAIT, lambda: False)
+        try:
+            if farewell is not None:
+                with contextlib.suppress(LinkError, OSError):
+                    if rest:
+                        self._t.send_rest(rest, _FAREWELL_WAIT, lambda: False)
+                    self._t.send((farewell.head, farewell.payload), _FAREWELL_WAIT,
+                                 lambda: False)
+        finally:
+            with self._cond:  # threads started after this (a late start()) find nothing to do
+                self._writing = False
+                self._cond.notify_all()
 
     def _stop_hard(self) -> None:
         self._hard_stop = True
@@ -653,6 +678,15 @@ class Channel:
                 self._on_close(reason)
             except Exception:  # the channel is closed either way
                 log.exception("link %s: the close handler failed", self.peer)
+
+
+def _keep_lent(rest: list[memoryview], frames: list[_Pending]) -> list[memoryview]:
+    """``rest`` with the views into lent payloads copied (the rest outlives the call);
+    headers, payloads the link owns and a TLS transport's ciphertext are kept as they are."""
+    lent = {id(memoryview(f.payload).obj) for f in frames if f.lent}
+    if not lent:
+        return rest
+    return [memoryview(bytes(view)) if id(view.obj) in lent else view for view in rest]
 
 
 def _tune_socket(sock: socket.socket, tick: float) -> None:

@@ -7,8 +7,10 @@ allocations above its mmap threshold (128 KiB at first) with a fresh
 and zeroed pages, and in a VM where fresh guest pages are slow to get that
 was a tenth of the secondary's CPU. Raising the mmap threshold to its
 maximum and the trim threshold above it makes glibc keep and reuse that
-memory instead. What stays allocated is bounded by what replication holds
-at once (the link's window and the secondary's backlog), plus this margin.
+memory instead (a 32 MiB frame, the largest, still gets its own mapping).
+What stays allocated is bounded by what replication holds at once (the
+link's window and the secondary's backlog), plus up to the trim threshold
+per glibc arena (one per thread that allocates, at most 8 per core).
 """
 
 from __future__ import annotations

@@ -98,8 +98,12 @@ class Answer:
         return self._set
 
     def wait(self, timeout: float) -> bool:
-        """True once set (at most ``timeout`` seconds); for the one waiter only."""
-        return self._set or self._lock.acquire(timeout=timeout)
+        """True once set (at most ``timeout`` seconds, none if <= 0); for the one waiter."""
+        if self._set:
+            return True
+        if timeout <= 0:
+            return self._lock.acquire(False)
+        return self._lock.acquire(timeout=timeout)
 
 
 @dataclass(eq=False)

@@ -487,6 +487,10 @@ class Receiver:
                     entry.applying = True
                     self._draining = True
                     self._applicable -= 1
+                    # Landed from now on, for a failed fdatasync (fsyncgate): one that
+                    # fails once this write may be in the page cache must recover it.
+                    # _finish notes it again, so only a sync after that clears it.
+                    self._landed[entry.first:entry.stop] = True
                 ok = False
                 try:
                     if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it

@@ -169,7 +169,14 @@ class Settings:
                                          config.get("tls-key"))
         elif "tls-cert" in config or "tls-key" in config:
             raise UsageError("TLS needs tls-ca (the CA that signed the secondary's certificate)")
-        return cls(host, port, mode, secret, context, float(config.get("ack-timeout", 5.0)))
+        try:
+            ack_timeout = float(config.get("ack-timeout", 5.0))
+        except ValueError:
+            ack_timeout = -1.0
+        if not 0 < ack_timeout <= 3600:
+            raise UsageError(f"ack-timeout={config['ack-timeout']}: expected seconds, more "
+                             "than 0 and at most 3600")
+        return cls(host, port, mode, secret, context, ack_timeout)
 
 
 def replicate(engine: Any, settings: Settings) -> PrimarySession:
