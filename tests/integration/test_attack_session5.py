@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.test_link import (
-    PRIMARY,
     QUIET,
     Ends,
-    Secondary,
     client_tls,
     server_tls,
     wait_until,
@@ -38,37 +36,6 @@ from volume_core.replication.protocol import (
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def secondary() -> Iterator[Callable[..., Secondary]]:
-    """A listening secondary (test_link's); closed after the test."""
-    made: list[Secondary] = []
-
-    def make(**kw) -> Secondary:
-        sec = Secondary(**kw)
-        made.append(sec)
-        sec.listener.start()
-        return sec
-
-    yield make
-    for sec in made:
-        sec.close()
-
-
-@pytest.fixture
-def primary() -> Iterator[Callable[..., link.Channel]]:
-    """``link.connect`` to an address (not started); closed after the test."""
-    made: list[link.Channel] = []
-
-    def make(address: tuple[str, int], **kw) -> link.Channel:
-        channel = link.connect(*address, identity=PRIMARY, mode="semi-async", **kw)
-        made.append(channel)
-        return channel
-
-    yield make
-    for channel in made:
-        channel.close()
 
 
 @pytest.fixture(autouse=True)

@@ -9,51 +9,14 @@ from __future__ import annotations
 import errno
 import threading
 
-import numpy as np
 import pytest
 
-from volume_core.engine import Engine
+from tests.unit.test_secondary import RS, Out, marked
 from volume_core.replication import protocol as p
 from volume_core.replication.primary import Answer
 from volume_core.replication.secondary import SYNC, Receiver
-from volume_core.volume import Volume
 
 pytestmark = pytest.mark.unit
-
-RS = 4096
-REGIONS = 64
-SIZE = RS * REGIONS
-
-
-class Out:
-    """The receiver's outbox: records every frame (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.frames: list[p.Frame] = []
-        self.lock = threading.Lock()
-
-    def send_urgent(self, frame: p.Frame) -> None:
-        with self.lock:
-            self.frames.append(frame)
-
-    send_bulk = send_urgent
-
-    def flush(self) -> None:
-        pass
-
-
-@pytest.fixture
-def engine(tmp_path):
-    vol = Volume.create(tmp_path / "sec", SIZE, RS)
-    vol.update_info(role="secondary")
-    eng = Engine(vol, replica=True)
-    yield eng
-    eng.close()
-
-
-def marked(engine: Engine) -> set[int]:
-    return {int(r) for r in np.flatnonzero(engine.tracker.marks)}
-
 
 # ------------------------------------------------------------- the secondary's fdatasync
 
