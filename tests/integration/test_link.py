@@ -386,6 +386,33 @@ def test_the_bulk_window_blocks_then_times_out_against_a_peer_that_stops_reading
 
 
 
+
+def test_a_smaller_window_for_a_frame_keeps_it_out_while_more_is_queued(secondary, primary):
+    """send_bulk(window=N): that frame waits while more than N bytes are queued (and gives
+    up after its timeout), while frames without it still use the whole window. The primary
+    gives host data such a window while a resync runs, so resync chunks are not queued
+    behind a whole window of host writes."""
+    gate = threading.Event()
+    sec = secondary(on_frame=lambda frame: gate.wait(10))  # stops reading at the first frame
+    options = link.ChannelOptions(window=32 * MiB, send_timeout=0.3, peer_timeout=20,
+                                  ping_interval=10)
+    channel = primary(sec.address, options=options)
+    Ends(channel).start()
+    sec.end()
+    try:
+        seq = 0
+        while channel.stats().bulk_queued_bytes < 4 * MiB:  # the kernel's buffers fill first
+            channel.send_bulk(Write(seq, 0, b"\0" * MiB), timeout=5)
+            seq += 1
+        queued = channel.stats().bulk_queued_bytes
+        with pytest.raises(LinkError, match="window of 2097152 bytes stayed full for 0.3 s"):
+            channel.send_bulk(Write(seq, 0, b"\1" * MiB), window=2 * MiB)
+        assert channel.stats().bulk_queued_bytes == queued  # it did not get in
+        channel.send_bulk(Write(seq, 0, b"\2" * MiB))  # the whole window still has room
+        assert channel.stats().bulk_queued_bytes > queued and not channel.closed
+    finally:
+        gate.set()
+
 def test_a_lent_payload_is_copied_when_it_must_wait_and_never_read_after_the_call(
         secondary, primary):
     """``send_bulk(lent=True)``: the caller reuses its buffer once the call returns (a

@@ -155,7 +155,7 @@ class Channel:
             self.changed.notify_all()
 
     def send_bulk(self, frame: p.Frame, timeout: float | None = None,
-                  lent: bool = False) -> None:
+                  lent: bool = False, window: int | None = None) -> None:
         if self.hold and isinstance(frame, p.RegionData):
             self.hold = False
             self.holding.set()

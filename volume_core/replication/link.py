@@ -160,18 +160,20 @@ class _Pending:
     size: int
     timeout: float = 0.0
     lent: bool = False  # the payload is the caller's until its send call returns
+    window: int = 0  # a bulk frame waits while more than this is queued (0: the window)
 
     @classmethod
     def of(cls, urgent: bool, parts: tuple[bytes, protocol.Buffer],
-           timeout: float = 0.0, lent: bool = False) -> _Pending:
+           timeout: float = 0.0, lent: bool = False, window: int = 0) -> _Pending:
         head, payload = parts
-        return cls(urgent, head, payload, len(head) + len(payload), timeout, lent)
+        return cls(urgent, head, payload, len(head) + len(payload), timeout, lent, window)
 
     def kept(self) -> _Pending:
         """This frame with a payload of its own (a copy, if it was lent)."""
         if not self.lent:
             return self
-        return _Pending(self.urgent, self.head, bytes(self.payload), self.size, self.timeout)
+        return _Pending(self.urgent, self.head, bytes(self.payload), self.size, self.timeout,
+                        window=self.window)
 
 
 class Channel:
@@ -299,15 +301,18 @@ class Channel:
                                 f"{len(payload)} bytes is not urgent: use send_bulk")
         self._send(_Pending.of(True, (head, payload)))
 
-    def send_bulk(self, frame: Frame, timeout: float | None = None, lent: bool = False) -> None:
+    def send_bulk(self, frame: Frame, timeout: float | None = None, lent: bool = False,
+                  window: int | None = None) -> None:
         """Queue a data frame; blocks while the window is full, ``LinkError`` after ``timeout``.
 
         ``lent``: the payload is the caller's only until this call returns (a
         host's buffer). It is written straight from there when the link is idle,
-        and copied only if it must wait (queued, or partly sent).
+        and copied only if it must wait (queued, or partly sent). ``window``: a
+        smaller window for this frame (it waits while more is queued), so that
+        frames from another source are not queued behind a whole window of these.
         """
         wait = self.options.send_timeout if timeout is None else timeout
-        self._send(_Pending.of(False, self._encode(frame), wait, lent))
+        self._send(_Pending.of(False, self._encode(frame), wait, lent, window or 0))
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
@@ -360,7 +365,7 @@ class Channel:
                     raise LinkError(f"the peer has not taken {self._urgent_bytes} bytes of "
                                     "urgent frames: the link is stuck")
             else:
-                self._wait_window(size, frame.timeout)
+                self._wait_window(size, frame.timeout, frame.window)
             if not self._take_socket():
                 frame = frame.kept()  # it outlives the call
                 if frame.urgent:
@@ -374,10 +379,11 @@ class Channel:
                 return
         self._write_now([frame])
 
-    def _wait_window(self, size: int, wait: float) -> None:
-        """(lock held) Until a bulk frame of ``size`` bytes fits the window."""
+    def _wait_window(self, size: int, wait: float, window: int = 0) -> None:
+        """(lock held) Until a bulk frame of ``size`` bytes fits the window (or the
+        smaller ``window`` given)."""
         deadline = time.monotonic() + wait
-        window = self.options.window
+        window = min(window, self.options.window) if window else self.options.window
         while True:
             self._raise_if_closed()
             if not self._bulk_bytes or self._bulk_bytes + size <= window:

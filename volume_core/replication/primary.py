@@ -60,6 +60,8 @@ RESYNC_CHUNK = 1 << 20
 #: resync frames sent and not yet acknowledged, at most: a host write queues behind these
 #: (a sync write waits for them), so the resync may not fill the link's whole window
 RESYNC_WINDOW = 4
+#: Bytes of host data that may be queued on the link while a resync runs.
+HOST_QUEUE_WHILE_RESYNCING = 4 * RESYNC_CHUNK
 
 SYNC = "sync"
 SEMI_ASYNC = "semi-async"
@@ -69,7 +71,7 @@ MODES = (SYNC, SEMI_ASYNC)
 class Channel(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
     def send_bulk(self, frame: p.Frame, timeout: float | None = None,
-                  lent: bool = False) -> None: ...
+                  lent: bool = False, window: int | None = None) -> None: ...
     def corked(self) -> AbstractContextManager[None]: ...
     def close(self, reason: str = "") -> None: ...
 
@@ -269,6 +271,11 @@ class PrimaryReplicator:
 
     # -- the engine's Replicator ---------------------------------------------------
     def submit(self, event: WriteEvent) -> Ticket | None:
+        # While a resync runs, host data may queue only so much ahead of its chunks: a
+        # semi-async writer (which waits for META_ACK only) would otherwise fill the
+        # window and each chunk would wait behind all of it (7 MiB/s of resync against
+        # 111 MiB/s of host writes on a 1 Gbit/s link).
+        window = HOST_QUEUE_WHILE_RESYNCING if self.resync["running"] else None
         with self._lock:
             channel = self._channel
             first, stop = self._geometry.span_at_least_one(event.offset, event.length)
@@ -285,7 +292,8 @@ class PrimaryReplicator:
                 if urgent:
                     channel.send_urgent(frame)
                 else:  # a full window may not hold the host past the ack timeout
-                    channel.send_bulk(frame, timeout=self.ack_timeout, lent=True)
+                    channel.send_bulk(frame, timeout=self.ack_timeout, lent=True,
+                                      window=window)
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"sending failed: {err}")
         except Exception as err:  # a bug; still, the host's write does not fail for it
