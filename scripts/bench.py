@@ -214,7 +214,9 @@ def main(argv: list[str]) -> int:
 def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
     notes = []
     free = shutil.disk_usage(run_dir).free
-    need_min = 3 * args.size + 256 * MIB  # source + scratch + one target at a time
+    # source + scratch + one target at a time; replication: a scratch of two copies and
+    # a primary and a secondary volume
+    need_min = (5 if "replication" in args.topics else 3) * args.size + 256 * MIB
     need_all = (2 + backing_files(args)) * args.size + 256 * MIB
     if free < need_min:
         raise BenchError(f"{run_dir}: {free // MIB} MiB free, need about {need_min // MIB} MiB")

@@ -63,20 +63,25 @@ class Bench:
             while f.readinto(buf):
                 pass
 
-    def prime(self) -> float:
-        """Write --size bytes into a scratch file and fdatasync it; return the seconds taken.
+    def prime(self, copies: int = 1) -> float:
+        """Write --size bytes (``copies`` times, one after the other) into a scratch file
+        and fdatasync it; return the seconds taken.
 
         Makes the sequential measurements independent of what ran before. Here (a VM whose
         memory and disk are managed by the host) a GiB of buffered writes right after a
         random-write phase took 3.6s instead of 0.8s, every time; a full-size write and
         sync beforehand absorbs that (a small one does not). The scratch file is
-        rewritten in place, so no blocks are freed (and discarded) in between.
+        rewritten in place, so no blocks are freed (and discarded) in between. Two
+        copies for a replicated pair on one machine: both sides fill a page cache.
         """
         self.drop_caches()
         self.warm_source()
         t0 = time.perf_counter()
-        run(["dd", f"if={self.source}", f"of={self.scratch}", "bs=4M",
-             "conv=fdatasync,notrunc", "iflag=fullblock", "status=none"], "priming write")
+        block = 4 * MIB
+        for k in range(copies):
+            run(["dd", f"if={self.source}", f"of={self.scratch}", f"bs={block}",
+                 f"seek={k * self.size // block}", "conv=fdatasync,notrunc",
+                 "iflag=fullblock", "status=none"], "priming write")
         return time.perf_counter() - t0
 
     # -- sequential ----------------------------------------------------------
