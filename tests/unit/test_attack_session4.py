@@ -163,9 +163,6 @@ class Channel:
             raise LinkError("the link to 127.0.0.1:1 is closed: cut")
         self.send_urgent(frame)
 
-    def corked(self):
-        return contextlib.nullcontext()
-
     def close(self, reason: str = "") -> None:
         pass
 

@@ -33,16 +33,17 @@ sync, and resyncs them (the secondary also recovers what it lost itself).
 The link (link.py) owns sockets, threads and timers: it hands this object a
 channel (``connected``), each frame the secondary sends (``on_frame``), and
 the loss of the channel (``disconnected``). A channel needs only
-``send_urgent(frame)``, ``send_bulk(frame)``, ``corked()`` and ``close(reason)``.
+``send_urgent(frame)``, ``send_bulk(frame)`` and ``close(reason)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,7 +73,6 @@ class Channel(Protocol):
     def send_urgent(self, frame: p.Frame) -> None: ...
     def send_bulk(self, frame: p.Frame, timeout: float | None = None,
                   lent: bool = False, window: int | None = None) -> None: ...
-    def corked(self) -> AbstractContextManager[None]: ...
     def close(self, reason: str = "") -> None: ...
 
 
@@ -189,8 +189,7 @@ class PrimaryReplicator:
                 # sweep match, everything else marked may not (written while no link
                 # was up, or before this process started, or marked by the secondary).
                 marked = (self.engine.tracker.marks != 0) & (self._acked == 0)
-            self._out_of_sync[marked] = 1
-            self._oos_gen[marked] += 1
+            self._mark_out_of_sync_where(marked)
             self.state = "connected"
         log.info("connected to the secondary (%s mode)", self.mode)
         self._start_resync(channel)
@@ -253,8 +252,13 @@ class PrimaryReplicator:
 
     def _mark_out_of_sync(self, first: int, stop: int) -> None:
         """(lock held) The two sides may differ in [first, stop) until a resync."""
-        self._out_of_sync[first:stop] = 1
-        self._oos_gen[first:stop] += 1
+        self._mark_out_of_sync_where(slice(first, stop))
+
+    def _mark_out_of_sync_where(self, where: slice | np.ndarray) -> None:
+        """(lock held) The two sides may differ where ``where`` (a slice or a region mask)
+        says, until a resync; a resync ack of what was read before does not clear it."""
+        self._out_of_sync[where] = 1
+        self._oos_gen[where] += 1
 
     def _lose_unanswered(self) -> None:
         """(lock held) Writes and flushes in the air will never be answered."""
@@ -285,7 +289,7 @@ class PrimaryReplicator:
             ticket = Ticket(event.seq, first, stop)
             self._waiting[event.seq] = ticket
             self._unapplied[event.seq] = (first, stop)
-        try:
+        with self._or_drop(channel, f"write {event.seq}"):
             # Each frame is written as soon as it is ready: a META leaves before its
             # DATA is copied into the socket (which takes a while for a large write).
             for urgent, frame in self._frames(event):
@@ -294,11 +298,6 @@ class PrimaryReplicator:
                 else:  # a full window may not hold the host past the ack timeout
                     channel.send_bulk(frame, timeout=self.ack_timeout, lent=True,
                                       window=window)
-        except (NbdMirrorError, OSError) as err:
-            self._drop(channel, f"sending failed: {err}")
-        except Exception as err:  # a bug; still, the host's write does not fail for it
-            log.exception("sending write %d failed", event.seq)
-            self._drop(channel, f"sending failed: {err!r}")
         self.stats["writes_sent"] += 1
         self.stats["bytes_sent"] += event.length if event.kind == WRITE else 0
         return ticket
@@ -346,18 +345,25 @@ class PrimaryReplicator:
                 return
             ticket = Ticket(event.seq, 0, 0)
             self._flushes[event.seq] = ticket
-        try:
+        with self._or_drop(channel, f"flush {event.seq}"):
             channel.send_bulk(p.Flush(event.seq), timeout=self.ack_timeout)  # behind its data
-        except (NbdMirrorError, OSError) as err:
-            self._drop(channel, f"sending failed: {err}")
-        except Exception as err:  # a bug; still, the host's flush does not fail for it
-            log.exception("sending flush %d failed", event.seq)
-            self._drop(channel, f"sending failed: {err!r}")
         if not ticket.answered.wait(self.ack_timeout):
             self.stats["timeouts"] += 1
             self._drop(channel, f"no flush acknowledgement within {self.ack_timeout:g}s")
         with self._lock:
             self._flushes.pop(event.seq, None)
+
+    @contextlib.contextmanager
+    def _or_drop(self, channel: Channel, what: str) -> Iterator[None]:
+        """Sending ``what`` for the host: trouble drops the link (the regions stay out of
+        sync), it never fails the host's request, not even a bug in sending."""
+        try:
+            yield
+        except (NbdMirrorError, OSError) as err:
+            self._drop(channel, f"sending failed: {err}")
+        except Exception as err:  # a bug; still, the host's request does not fail for it
+            log.exception("sending %s failed", what)
+            self._drop(channel, f"sending failed: {err!r}")
 
     def _drop(self, channel: Channel, reason: str) -> None:
         try:
@@ -436,9 +442,7 @@ class PrimaryReplicator:
                 # good one may be lost there. It recovers that itself; here, regions
                 # acknowledged since the last sweep stay marked, out of sync, and resync.
                 self.stats["flush_failures"] += 1
-                lost = self._acked != 0
-                self._out_of_sync[lost] = 1
-                self._oos_gen[lost] += 1
+                self._mark_out_of_sync_where(self._acked != 0)
             if ticket is not None:
                 ticket.ok = not frame.failed
                 ticket.answered.set()
