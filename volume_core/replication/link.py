@@ -578,10 +578,10 @@ class Channel:
         # The rest of a large payload goes straight into its own buffer (no copies
         # through the decoder's); between payloads, small frames come in batches.
         target = conn.receive_buffer()
+        data = b""
         try:
             if target is not None:
                 n = self._t.recv_into(target)
-                data = None
             else:
                 want = conn.bytes_needed()
                 data = self._t.recv(min(want, READ_CHUNK) if want > HEADER_SIZE
@@ -593,13 +593,15 @@ class Channel:
                 self._fail(f"no answer from the peer for {quiet:.1f} s (timeout "
                            f"{self.options.peer_timeout:g} s)")
             return
-        if n:
-            self.bytes_received += n
-            self.last_received = time.monotonic()
-        if data is None and n:
+        if not n:
+            conn.receive_data(b"")  # the peer closed
+            return
+        self.bytes_received += n
+        self.last_received = time.monotonic()
+        if target is not None:
             conn.received(n)
         else:
-            conn.receive_data(data or b"")
+            conn.receive_data(data)
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Ping):
