@@ -357,11 +357,18 @@ def test_fio_verified_randwrite_ends_byte_for_byte_on_the_secondary(mirror, mode
     assert m.differing_regions() == []
 
 
+def writing(m, mode: str, *start_args: str, writes: int = 200,
+            what: str = "with the link up") -> Writer:
+    """The primary started in ``mode`` and a writer going, ``writes`` of its writes done."""
+    m.primary.start(m.peer, mode, *start_args)
+    writer = Writer(m.primary)
+    writer.wait_for(writes, what)
+    return writer
+
+
 def test_receiver_killed_mid_workload_restarts_and_only_out_of_sync_regions_travel(mirror):
     m = mirror()
-    m.primary.start(m.peer, "semi-async")
-    writer = Writer(m.primary)
-    writer.wait_for(200, "with the link up")
+    writer = writing(m, "semi-async")
     m.secondary.kill()
     wait_until(lambda: m.primary.replication()["state"] == "disconnected", 10,
                "the primary to see the link lost", interval=0.02)
@@ -380,9 +387,7 @@ def test_receiver_killed_mid_workload_restarts_and_only_out_of_sync_regions_trav
 
 def test_primary_killed_mid_workload_restarts_and_resyncs_what_was_marked(mirror):
     m = mirror()
-    m.primary.start(m.peer, "sync")
-    writer = Writer(m.primary)
-    writer.wait_for(200, "with the link up")
+    writer = writing(m, "sync")
     m.primary.kill()
     writer.stop(expect_error=True)
     marks = (m.primary.vol / "marks.map").read_bytes()
@@ -449,9 +454,7 @@ def test_link_fault_through_the_proxy_keeps_host_writes_going_and_resyncs(mirror
     mode, inject = FAULTS[fault]
     m = mirror(proxy=True)
     assert m.proxy is not None
-    m.primary.start(m.peer, mode)
-    writer = Writer(m.primary)
-    writer.wait_for(100, "before the fault")
+    writer = writing(m, mode, writes=100, what="before the fault")
     inject(m.proxy)
     if fault == "delay":
         writer.wait_for(20, "through the delay")
@@ -529,11 +532,9 @@ def test_tls_through_the_commands_and_an_untrusted_primary_is_refused(mirror, ce
     assert m.secondary.alive() and digest(m.secondary.vol) == before
     logged(m.secondary, "TLS: the primary's certificate is not signed by the CA in")
     assert status_json(m.secondary.vol)["primary_uuid"] is None  # not paired
-    m.primary.start(m.peer, "sync", "--tls-ca", str(certs / "ca.pem"),
-                    "--tls-cert", str(certs / "client.pem"),
-                    "--tls-key", str(certs / "client.key"))
-    writer = Writer(m.primary)
-    writer.wait_for(100, "over TLS")
+    writer = writing(m, "sync", "--tls-ca", str(certs / "ca.pem"),
+                     "--tls-cert", str(certs / "client.pem"),
+                     "--tls-key", str(certs / "client.key"), writes=100, what="over TLS")
     writer.stop()
     m.wait_in_sync()
 
@@ -597,9 +598,7 @@ def test_garbage_and_half_frames_on_the_receivers_port_write_nothing(mirror):
     # half a HELLO from a peer that then says nothing: the right primary is not kept out
     with socket.create_connection(("127.0.0.1", port), timeout=10) as stuck:
         stuck.sendall(half)
-        m.primary.start(m.peer, "sync")
-        writer = Writer(m.primary)
-        writer.wait_for(50, "while a half HELLO waits")
+        writer = writing(m, "sync", writes=50, what="while a half HELLO waits")
         writer.stop()
         m.wait_in_sync()
         m.primary.stop()

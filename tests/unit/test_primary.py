@@ -42,9 +42,6 @@ class RecordingChannel:
         self.windows[frame.seq] = window
         self._add("bulk", frame)
 
-    def corked(self):
-        return contextlib.nullcontext()
-
     def _add(self, path, frame):
         with self.changed:
             self.sent.append((path, frame))
@@ -279,16 +276,26 @@ def test_a_region_the_secondary_recovers_is_out_of_sync_until_its_answer_lands(e
     assert rep.status()["state"] == "in-sync"
 
 
-def test_a_resync_keeps_at_most_its_window_unacknowledged(tmp_path):
-    # Host writes queue behind resync frames (a sync write waits for them): the resync
-    # sends RESYNC_WINDOW chunks, then one more per acknowledgement.
+@contextlib.contextmanager
+def resync_waiting(tmp_path, mode: str):
+    """An 8 MiB volume, every region marked, and a replicator that has just connected: its
+    resync has sent a window of frames (RESYNC_WINDOW) and waits for their acks."""
     big = Engine(Volume.create(tmp_path / "big", 8 << 20, 64 << 10))
     try:
         big.pwrite(b"\x01" * (8 << 20), 0)  # every region marked: all of it to resync
-        rep = PrimaryReplicator(big, "sync", ack_timeout=10.0)
+        rep = PrimaryReplicator(big, mode, ack_timeout=10.0)
         ch = RecordingChannel()
         rep.connected(ch)
         wait_until(lambda: len(ch.sent) == RESYNC_WINDOW, what="a window of resync frames")
+        yield big, rep, ch
+    finally:
+        big.close()
+
+
+def test_a_resync_keeps_at_most_its_window_unacknowledged(tmp_path):
+    # Host writes queue behind resync frames (a sync write waits for them): the resync
+    # sends RESYNC_WINDOW chunks, then one more per acknowledgement.
+    with resync_waiting(tmp_path, "sync") as (_, rep, ch):
         assert not wait_for_more(ch, RESYNC_WINDOW)
         rep.on_frame(p.DataAck(ch.sent[0][1].seq))
         wait_until(lambda: len(ch.sent) == RESYNC_WINDOW + 1, what="one more after an ack")
@@ -297,22 +304,14 @@ def test_a_resync_keeps_at_most_its_window_unacknowledged(tmp_path):
             rep.on_frame(p.DataAck(ch.sent[k][1].seq))
         wait_until(lambda: rep.status()["out_of_sync_regions"] == 0, what="resync done")
         assert len(ch.sent) == 8
-    finally:
-        big.close()
 
 
 def test_while_a_resync_runs_host_data_queues_in_a_smaller_window(tmp_path):
     # A semi-async writer waits for META_ACK only: unchecked, its data would fill the link's
     # window and every resync chunk would wait behind all of it (the bench: 7 MiB/s of
     # resync against 111 MiB/s of host writes at 1 Gbit/s).
-    big = Engine(Volume.create(tmp_path / "big", 8 << 20, 64 << 10))
-    try:
-        big.pwrite(b"\x01" * (8 << 20), 0)  # every region marked: all of it to resync
-        rep = PrimaryReplicator(big, "semi-async", ack_timeout=10.0)
-        ch = RecordingChannel()
-        rep.connected(ch)
+    with resync_waiting(tmp_path, "semi-async") as (big, rep, ch):
         big.attach_replicator(rep)
-        wait_until(lambda: len(ch.sent) == RESYNC_WINDOW, what="a window of resync frames")
         assert rep.status()["state"] == "resyncing"
 
         def host_write(offset: int) -> int:
@@ -334,8 +333,6 @@ def test_while_a_resync_runs_host_data_queues_in_a_smaller_window(tmp_path):
         wait_until(lambda: not rep.status()["resync"]["running"], what="the resync's end")
         seq = host_write(4096)
         assert ch.windows[seq] is None  # the whole window again
-    finally:
-        big.close()
 
 
 def resync_frames(ch) -> list:
