@@ -192,8 +192,15 @@ def is_served(path: Path) -> bool:
         return False
 
 
-class SnapshotChain:
-    """The snapshots of a volume, for the one process that holds the volume's lock."""
+class CowStore:
+    """Copy-on-write into a store file: who copies which region, and the group commit.
+
+    A target (a ``Snapshot``, or anything with ``preserved``, ``copying``,
+    ``store_fd`` and ``record_preserved``) needs a copy of a region while its
+    ``preserved`` byte is 0; once the copy is durable the byte becomes 1 and the
+    live write may land. One CowStore serves one target at a time (the chain
+    switches targets only with writes quiesced).
+    """
 
     def __init__(self, volume: Volume, live_fd: int):
         self.volume = volume
@@ -206,55 +213,16 @@ class SnapshotChain:
         self._synced_seq = 0
         self._failures = 0  # failed store/map syncs so far: copies made across one are redone
         self.copies = 0  # regions copied on write (for status)
-        found = snapshot_dirs(volume)  # every file checked before anything is written
-        root = volume.snapshot_dir
-        root.mkdir(exist_ok=True)
-        for pattern in (".creating-*", ".deleting-*"):  # a create or delete cut short
-            for leftover in root.glob(pattern):
-                shutil.rmtree(leftover, ignore_errors=True)
-        self.chain: list[Snapshot] = []
-        pending = []
-        try:
-            for _seq, path, info in found:
-                snap = Snapshot.open(path, volume.regions, writable=True)
-                self.chain.append(snap)
-                # A SIGKILL between a pwrite and its fdatasync leaves bytes in the page
-                # cache that are not on disk: sync before trusting the preserved map.
-                os.fdatasync(snap.store_fd)
-                os.fdatasync(snap.map_fd)
-                if info.get("deleting"):
-                    pending.append(snap)
-            for snap in pending:  # a delete interrupted by a crash: finish it
-                with contextlib.suppress(SnapshotError), exclusive(snap.path, "delete"):
-                    self._finish_delete(snap)
-        except BaseException:
-            self.close()
-            raise
 
-    @property
-    def newest(self) -> Snapshot | None:
-        return self.chain[-1] if self.chain else None
-
-    def find(self, name: str) -> Snapshot:
-        validate_name(name)
-        for snap in self.chain:
-            if snap.name == name:
-                return snap
-        raise SnapshotError(f"no snapshot named {name!r} in {self.volume.path}")
-
-    # -- the write path ------------------------------------------------------
-    def preserve(self, offset: int, length: int) -> None:
-        """Pre-write hook: copy the regions under the write into the newest snapshot once.
+    def preserve(self, snap: Snapshot, offset: int, length: int) -> None:
+        """Copy the regions under a write that ``snap`` does not hold yet into its store,
+        durably, before the write may land.
 
         Concurrent writers copy their own regions in parallel (the C copy runs
         without the GIL) and share the syncs: one thread syncs the store, writes
         the map and syncs it for every copy finished so far (group commit).
         A writer whose regions another writer is copying waits for that copy.
         """
-        chain = self.chain
-        if not chain:
-            return
-        snap = chain[-1]
         shift = self.shift
         first = offset >> shift
         stop = ((offset + length - 1) >> shift) + 1
@@ -334,6 +302,62 @@ class SnapshotChain:
             for start, count in runs.tolist():
                 snap.copying[start:start + count] = 0
         self._cow.notify_all()
+
+
+class SnapshotChain:
+    """The snapshots of a volume, for the one process that holds the volume's lock."""
+
+    def __init__(self, volume: Volume, live_fd: int):
+        self.volume = volume
+        self.live_fd = live_fd
+        self.cow = CowStore(volume, live_fd)  # copies into the newest snapshot
+        found = snapshot_dirs(volume)  # every file checked before anything is written
+        root = volume.snapshot_dir
+        root.mkdir(exist_ok=True)
+        for pattern in (".creating-*", ".deleting-*"):  # a create or delete cut short
+            for leftover in root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.chain: list[Snapshot] = []
+        pending = []
+        try:
+            for _seq, path, info in found:
+                snap = Snapshot.open(path, volume.regions, writable=True)
+                self.chain.append(snap)
+                # A SIGKILL between a pwrite and its fdatasync leaves bytes in the page
+                # cache that are not on disk: sync before trusting the preserved map.
+                os.fdatasync(snap.store_fd)
+                os.fdatasync(snap.map_fd)
+                if info.get("deleting"):
+                    pending.append(snap)
+            for snap in pending:  # a delete interrupted by a crash: finish it
+                with contextlib.suppress(SnapshotError), exclusive(snap.path, "delete"):
+                    self._finish_delete(snap)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def newest(self) -> Snapshot | None:
+        return self.chain[-1] if self.chain else None
+
+    def find(self, name: str) -> Snapshot:
+        validate_name(name)
+        for snap in self.chain:
+            if snap.name == name:
+                return snap
+        raise SnapshotError(f"no snapshot named {name!r} in {self.volume.path}")
+
+    # -- the write path ------------------------------------------------------
+    def preserve(self, offset: int, length: int) -> None:
+        """Pre-write hook: copy the regions under the write into the newest snapshot once."""
+        chain = self.chain
+        if chain:
+            self.cow.preserve(chain[-1], offset, length)
+
+    @property
+    def copies(self) -> int:
+        """Regions copied on write so far (for status)."""
+        return self.cow.copies
 
     # -- create / delete -------------------------------------------------------
     def create(self, name: str | None) -> Snapshot:

@@ -160,7 +160,7 @@ def test_a_failed_store_sync_loses_a_copy_on_write_it_did_not_batch(tmp_path, mo
             calls.append(fd)
             if len(calls) == 1:  # A's commit: B copies meanwhile, then the sync fails
                 b.start()
-                wait(lambda: ("copy", 9) in copies and chain._batch)
+                wait(lambda: ("copy", 9) in copies and chain.cow._batch)
                 copies.append(("sync-failed", -1))
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return real_fdatasync(fd)
