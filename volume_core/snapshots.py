@@ -214,6 +214,11 @@ class CowStore:
         self._failures = 0  # failed store/map syncs so far: copies made across one are redone
         self.copies = 0  # regions copied on write (for status)
 
+    @property
+    def lock(self) -> threading.Condition:
+        """Held while a target's ``preserved`` and ``copying`` bytes change."""
+        return self._cow
+
     def preserve(self, snap: Snapshot, offset: int, length: int) -> None:
         """Copy the regions under a write that ``snap`` does not hold yet into its store,
         durably, before the write may land.
@@ -286,7 +291,10 @@ class CowStore:
             with self._cow:
                 for runs in batch:
                     for start, count in runs.tolist():
-                        snap.preserved[start:start + count] = 1  # now the live writes may land
+                        # now the live writes may land; a target's higher "no copy needed"
+                        # state set meanwhile (a cycle's FREE) stays
+                        seg = snap.preserved[start:start + count]
+                        np.maximum(seg, 1, out=seg)
                         snap.copying[start:start + count] = 0
                     self.copies += int(runs[:, 1].sum())
                 self._synced_seq = target

@@ -1,0 +1,187 @@
+"""The frozen image of an async cycle: the regions it has yet to convey, as they were.
+
+docs/ASYNC.md has the design. At the take (writes quiesced) the cycle's
+regions are those the tracker handed over (``swap_and_reset``). Until one is
+conveyed, a host write to it first copies its old contents into ``store.img``
+(at the same offset), through the snapshots' ``CowStore``; regions outside
+the cycle, and regions already conveyed, are never copied: the host pays only
+for what the cycle still needs. One byte per region in ``state.map``:
+
+    KEEP    in the cycle, not conveyed; its old contents are still live
+    COPIED  in the cycle, not conveyed; its old contents are in store.img
+    FREE    not in the cycle, or conveyed
+
+``CowStore`` treats any non-zero byte as "no copy needed" and writes COPIED
+(1) once a copy is durable, so the freeze is a copy-on-write target like a
+snapshot. FREE is written lazily (no fdatasync): a FREE lost in a crash only
+sends a region again. Everything lives in ``VOL/cycle/``, created whole (a
+temporary directory renamed into place), so a primary that restarts mid-cycle
+finds it and resumes (``open``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import native
+from .blockio import pread_full, preallocate, pwrite_full
+from .errors import VolumeCorrupt
+from .snapshots import CowStore, Snapshot
+from .volume import Volume, fsync_dir, write_json_atomic
+
+KEEP, COPIED, FREE = 0, 1, 2
+DIR = "cycle"
+STORE = "store.img"
+STATE = "state.map"
+INFO = "cycle.json"
+
+
+@dataclasses.dataclass
+class CycleFreeze:
+    """One open cycle's frozen image (see the module docstring)."""
+
+    number: int
+    path: Path
+    live_fd: int
+    store_fd: int
+    map_fd: int
+    region_size: int
+    size: int
+    #: the state map (``CowStore`` calls it ``preserved``: non-zero = no copy needed)
+    preserved: np.ndarray
+    #: regions whose copy is under way (``CowStore``'s claims)
+    copying: np.ndarray
+    #: the copy-on-write machinery (the snapshots'), for this freeze alone
+    cow: CowStore
+
+    # The copy is made durable exactly as a snapshot's: store synced, then map bytes.
+    record_preserved = Snapshot.record_preserved
+
+    @classmethod
+    def create(cls, volume: Volume, live_fd: int, number: int,
+               taken: np.ndarray) -> CycleFreeze:
+        """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced)."""
+        root = volume.path / DIR
+        if root.exists():
+            raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
+        tmp = volume.path / f".{DIR}-creating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = np.where(np.asarray(taken) != 0, KEEP, FREE).astype(np.uint8)
+        try:
+            tmp.mkdir()
+            with open(tmp / STORE, "wb") as f:
+                f.truncate(volume.size)
+            with open(tmp / STATE, "wb") as f:
+                preallocate(f.fileno(), volume.regions)  # copies then never fail to record
+                pwrite_full(f.fileno(), state, 0)
+                os.fdatasync(f.fileno())
+            write_json_atomic(tmp / INFO, {"number": number})
+            os.rename(tmp, root)
+            fsync_dir(volume.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls._open(volume, live_fd, root, number, state)
+
+    @classmethod
+    def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
+        """The cycle a previous run left open, or None. A damaged one is refused."""
+        root = volume.path / DIR
+        shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
+        if not root.exists():
+            return None
+        try:
+            info = json.loads((root / INFO).read_text())
+            number = info["number"]
+            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+                raise ValueError(f"cycle number {number!r}")
+            state = np.fromfile(root / STATE, dtype=np.uint8)
+            if state.size != volume.regions:
+                raise ValueError(f"{STATE}: {state.size} bytes, expected {volume.regions}")
+            if state.size and int(state.max()) > FREE:
+                raise ValueError(f"{STATE}: a region in state {int(state.max())}")
+            if os.stat(root / STORE).st_size != volume.size:
+                raise ValueError(f"{STORE}: not {volume.size} bytes")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
+        return cls._open(volume, live_fd, root, number, state)
+
+    @classmethod
+    def _open(cls, volume: Volume, live_fd: int, root: Path, number: int,
+              state: np.ndarray) -> CycleFreeze:
+        store_fd = os.open(root / STORE, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            map_fd = os.open(root / STATE, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            os.close(store_fd)
+            raise
+        # A SIGKILL between a copy's pwrite and its fdatasync leaves page-cache bytes that
+        # are not on disk: sync before trusting the map (as the snapshot chain does).
+        os.fdatasync(store_fd)
+        os.fdatasync(map_fd)
+        return cls(number, root, live_fd, store_fd, map_fd, volume.region_size, volume.size,
+                   state, np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd))
+
+    # -- the host's side --------------------------------------------------------
+    def preserve(self, offset: int, length: int) -> None:
+        """Pre-write hook: keep the old contents of regions the cycle still needs."""
+        self.cow.preserve(self, offset, length)
+
+    # -- the conveyor's side ----------------------------------------------------
+    def remaining(self) -> np.ndarray:
+        """A map (uint8, 1 = still to convey) of the cycle's regions not yet conveyed."""
+        return (self.preserved != FREE).view(np.uint8)
+
+    def read(self, first: int, stop: int) -> bytearray:
+        """The frozen contents of regions [first, stop) (the last one may be short).
+
+        A KEEP region is read live, then its state looked at again: a host
+        write lands only after its region became COPIED, so a region still
+        KEEP after the read was read before any write to it; one that became
+        COPIED meanwhile is read again from the store.
+        """
+        rs = self.region_size
+        offset = first * rs
+        buf = bytearray(min(stop * rs, self.size) - offset)
+        view = memoryview(buf)
+        state = self.preserved[first:stop].copy()
+        for fd, want in ((self.store_fd, COPIED), (self.live_fd, KEEP)):
+            self._read_runs(fd, state == want, first, view)
+        moved = (state == KEEP) & (self.preserved[first:stop] == COPIED)
+        self._read_runs(self.store_fd, moved, first, view)
+        return buf
+
+    def _read_runs(self, fd: int, where: np.ndarray, first: int, view: memoryview) -> None:
+        rs = self.region_size
+        for start, count in native.scan_runs(where.view(np.uint8)).tolist():
+            lo = start * rs
+            hi = min((start + count) * rs, len(view))
+            pread_full(fd, view[lo:hi], (first + start) * rs)
+
+    def conveyed(self, first: int, stop: int) -> None:
+        """Regions [first, stop) are on the secondary: no copy needed from now on.
+
+        Written without fdatasync: after a crash a lost FREE only sends them again.
+        """
+        with self.cow.lock:  # not between a copy's commit reading and setting the bytes
+            self.preserved[first:stop] = FREE
+        pwrite_full(self.map_fd, bytes([FREE]) * (stop - first), first)
+
+    # -- the end ------------------------------------------------------------------
+    def close(self) -> None:
+        for fd in (self.store_fd, self.map_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def drop(self) -> None:
+        """The cycle is committed on the secondary: close and remove its files."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        fsync_dir(self.path.parent)
