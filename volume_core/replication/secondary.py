@@ -179,6 +179,56 @@ class _Entry:
     link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
 
 
+def _entry_key(entry: _Entry) -> Key:
+    """What the order is sorted by."""
+    return entry.key
+
+
+class _Held:
+    """The regions [first, stop) of the entries a walk of the order has passed.
+
+    ``_next_applicable`` asks, for each applicable entry it meets, whether an
+    entry below shares a region with it; the order may hold thousands of
+    entries (METAs whose data has not come yet, writes waiting behind them),
+    so asking each against every span below would make one walk O(n²). Most
+    walks end at the first entry they ask about, so the walk only appends
+    each span to ``spans`` (as cheap as the plain walk was) and the first
+    question scans them. From the second question on, the spans are taken
+    into sorted runs, neither overlapping nor touching, each span once, and
+    a question is a bisection: a walk is O(n log n) at worst. Runs, never
+    single regions: a TRIM or ZERO may cover millions of them.
+    """
+
+    __slots__ = ("spans", "_taken", "_starts", "_stops")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []  # appended to by the walk
+        self._taken = -1  # spans[:_taken] are in the runs (-1: nothing asked yet)
+        self._starts: list[int] = []  # run i covers [_starts[i], _stops[i])
+        self._stops: list[int] = []
+
+    def overlaps(self, first: int, stop: int) -> bool:
+        """Whether [first, stop) shares a region with a span in ``spans``."""
+        if self._taken < 0:  # the first question, most often the only one: a scan
+            self._taken = 0
+            return any(a < stop and first < b for a, b in self.spans)
+        for a, b in self.spans[self._taken:]:
+            self._take(a, b)
+        self._taken = len(self.spans)
+        i = bisect.bisect_right(self._stops, first)  # the first run ending past ``first``
+        return i < len(self._stops) and self._starts[i] < stop
+
+    def _take(self, first: int, stop: int) -> None:
+        """Add [first, stop) to the runs."""
+        starts, stops = self._starts, self._stops
+        i = bisect.bisect_left(stops, first)  # the first run reaching up to the span
+        j = bisect.bisect_right(starts, stop, i)  # past the last run starting by its end
+        if i < j:  # runs i .. j-1 overlap or touch the span: one run with it
+            first, stop = min(first, starts[i]), max(stop, stops[j - 1])
+        starts[i:j] = [first]
+        stops[i:j] = [stop]
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class _HeldFlush:
     """A FLUSH to answer once the recoveries outstanding when it came have landed."""
@@ -417,7 +467,11 @@ class Receiver:
 
     def _remove(self, entry: _Entry) -> None:
         """Take an entry out of the order, and its data out of memory (lock held)."""
-        self._order.remove(entry)
+        order = self._order
+        i = bisect.bisect_left(order, entry.key, key=_entry_key)
+        while order[i] is not entry:  # keys repeat: a new link's write beside an old one's
+            i += 1
+        del order[i]
         if entry.data is not None:
             self._waiting_bytes -= entry.length
             entry.data = None
@@ -430,24 +484,30 @@ class Receiver:
             del self._by_seq[entry.seq]
 
     def _insert(self, entry: _Entry) -> None:
-        bisect.insort(self._order, entry, key=lambda e: e.key)
+        bisect.insort(self._order, entry, key=_entry_key)
         if entry.data is not None:
             self._waiting_bytes += entry.length
         if entry.ready and entry.acked:
             self._applicable += 1
 
     def _next_applicable(self) -> _Entry | None:
-        """The lowest entry with its data whose regions no lower unapplied entry shares."""
+        """The lowest entry with its data whose regions no lower unapplied entry shares.
+
+        One walk up the order, stopping once every applicable entry was looked
+        at; ``_Held`` keeps the overlap test cheap when thousands of entries
+        wait (see there).
+        """
         left = self._applicable
-        held: list[tuple[int, int]] = []
+        held = _Held()
+        spans = held.spans
         for entry in self._order:
             if not left:
                 break
             if entry.ready and entry.acked and not entry.applying:
-                if not any(a < entry.stop and entry.first < b for a, b in held):
+                if not held.overlaps(entry.first, entry.stop):
                     return entry
                 left -= 1
-            held.append((entry.first, entry.stop))
+            spans.append((entry.first, entry.stop))
         return None
 
     def _kick(self) -> None:
