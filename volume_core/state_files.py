@@ -77,6 +77,8 @@ VOLUME_FIELDS: dict[str, Check] = {
     "peer_uuid": (lambda v: v is None or _is_uuid(v), "must be null or a UUID"),
     "peer_generation": (lambda v: _is_int(v) and 0 <= v <= MAX_SEQ,
                         f"must be an integer from 0 to {MAX_SEQ}"),
+    "cycle": (lambda v: _is_int(v) and 0 <= v <= MAX_SEQ,
+              f"must be an integer from 0 to {MAX_SEQ}"),
 }
 _VOLUME_REQUIRED = ("uuid", "size", "region_size")
 

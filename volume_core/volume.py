@@ -85,6 +85,9 @@ class VolumeInfo:
     peer_uuid: str | None = None
     #: the highest generation of that primary seen so far (0 before pairing)
     peer_generation: int = 0
+    #: async mirroring: the last cycle committed (a primary: conveyed and acknowledged;
+    #: a secondary: held whole); 0 before the first
+    cycle: int = 0
 
     @property
     def regions(self) -> int:

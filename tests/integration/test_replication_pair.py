@@ -19,6 +19,7 @@ from volume_core.engine import Engine
 from volume_core.errors import NbdMirrorError
 from volume_core.replication import link
 from volume_core.replication import protocol as p
+from volume_core.replication.mirror import AsyncMirror
 from volume_core.replication.primary import PrimaryReplicator
 from volume_core.replication.secondary import FaultInjector, Receiver
 from volume_core.replication.session import PrimarySession
@@ -38,7 +39,7 @@ def identity(vol: Volume) -> p.Identity:
 class Pair:
     primary: Engine
     secondary: Engine
-    replicator: PrimaryReplicator
+    replicator: PrimaryReplicator | AsyncMirror
     receiver: Receiver
     session: PrimarySession
     listener: link.Listener
@@ -61,14 +62,20 @@ Handler = Callable[[p.Frame], None]
 def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2.0,
          wrap: Callable[[Handler], Handler] | None = None,
          options: link.ChannelOptions | None = None, size: int = SIZE,
-         prefill: bytes | None = None) -> Iterator[Pair]:
+         prefill: bytes | None = None, interval: float = 0,
+         volumes: tuple[Volume, Volume] | None = None) -> Iterator[Pair]:
     """A replicating pair in this process. ``wrap`` may wrap the secondary's frame handler
     (test harness); ``prefill`` is written to the primary before the replicator is
     attached (all marked); ``via_proxy`` puts a FaultProxy on the link. A timer
-    thread ticks the receiver (recovery retries), as receiver.py's does."""
-    pvol = Volume.create(tmp_path / "p", size, RS)
-    svol = Volume.create(tmp_path / "s", size, RS)
-    svol.update_info(role="secondary")
+    thread ticks the receiver (recovery retries), as receiver.py's does. Mode async:
+    cycles every ``interval`` seconds (0: when asked, and once at each connect).
+    ``volumes``: (primary, secondary) made by an earlier pair, instead of new ones."""
+    if volumes is None:
+        pvol = Volume.create(tmp_path / "p", size, RS)
+        svol = Volume.create(tmp_path / "s", size, RS)
+        svol.update_info(role="secondary")
+    else:
+        pvol, svol = volumes
     primary, secondary = Engine(pvol), Engine(svol, replica=True)
     if prefill is not None:
         primary.pwrite(prefill, 0)
@@ -87,8 +94,12 @@ def pair(tmp_path, mode: str, *, via_proxy: bool = False, ack_timeout: float = 2
     target = listener.address
     proxy = FaultProxy(target).start() if via_proxy else None
     host, port = proxy.address if proxy else target
-    replicator = PrimaryReplicator(primary, mode, ack_timeout=ack_timeout)
-    primary.attach_replicator(replicator)
+    replicator: PrimaryReplicator | AsyncMirror
+    if mode == "async":
+        replicator = AsyncMirror(primary, interval=interval, ack_timeout=ack_timeout)
+    else:
+        replicator = PrimaryReplicator(primary, mode, ack_timeout=ack_timeout)
+        primary.attach_replicator(replicator)
     session = PrimarySession(replicator, host, port, identity=lambda: identity(pvol),
                              sweep_interval=0.2, options=options,
                              backoff=link.Backoff(initial=0.05, maximum=0.2)).start()

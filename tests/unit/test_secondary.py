@@ -129,7 +129,7 @@ def test_meta_in_sync_mode_is_refused(engine):
 
 def test_an_unknown_mode_is_refused(engine):
     with pytest.raises(UsageError, match="mode"):
-        Receiver(engine, "async", Out())
+        Receiver(engine, "eventually", Out())
 
 
 # -- semi-async ----------------------------------------------------------------

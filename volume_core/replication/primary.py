@@ -119,6 +119,38 @@ class Ticket:
     ok: bool = False  # the answer was the one the mode needs (not a lost link)
 
 
+def peer_marks_map(channel: Any, regions: int) -> np.ndarray | None:
+    """The secondary's marked runs (``channel.peer_marks``, from the handshake) as a map
+    of ``regions`` regions, or None when it named none."""
+    runs = getattr(channel, "peer_marks", None)
+    if runs is None or not len(runs):
+        return None
+    marks = np.zeros(regions, dtype=np.uint8)
+    for first, count in np.asarray(runs).tolist():  # a run at a time (link.py bounds them)
+        marks[first:first + count] = 1
+    return marks
+
+
+def note_peer(engine: Any, channel: Any) -> bool:
+    """Remember the secondary (volume.json ``peer_uuid``); True when it is a new one.
+
+    The marks say what may differ from *the* secondary this volume replicated
+    to. Another one (a replaced disk, a re-created volume) may hold nothing:
+    every region is marked (durably, before the old peer is forgotten), so
+    everything is sent again (a resync, or an async cycle).
+    """
+    peer = getattr(getattr(channel, "reply", None), "uuid", None)
+    volume = engine.volume
+    if peer is None or volume.info.peer_uuid == peer:
+        return False
+    if volume.info.peer_uuid is not None:
+        log.warning("secondary %s replaces %s: copying the whole volume", peer,
+                    volume.info.peer_uuid)
+        engine.tracker.mark(0, engine.size)
+    volume.update_info(peer_uuid=peer)
+    return True
+
+
 class PrimaryReplicator:
     """Sends the engine's writes to a secondary and waits as the mode requires."""
 
@@ -165,7 +197,7 @@ class PrimaryReplicator:
     def connected(self, channel: Channel) -> None:
         """A channel to the secondary is up: everything marked now, on either side, may
         differ."""
-        new_peer = self._note_peer(channel)
+        new_peer = note_peer(self.engine, channel)
         theirs = self._peer_marks(channel)
         if self._region_worker.ident is None:
             self._region_worker.start()
@@ -196,41 +228,16 @@ class PrimaryReplicator:
 
     def _peer_marks(self, channel: Channel) -> np.ndarray | None:
         """The secondary's marked runs (``channel.peer_marks``) as a region map, or None."""
-        runs = getattr(channel, "peer_marks", None)
-        self.stats["peer_marked_regions"] = 0
-        if runs is None or not len(runs):
-            return None
-        regions = np.zeros(self._out_of_sync.size, dtype=np.uint8)
-        for first, count in np.asarray(runs).tolist():  # a run at a time (link.py bounds them)
-            regions[first:first + count] = 1
-        count = int(native.count(regions))
+        regions = peer_marks_map(channel, self._out_of_sync.size)
+        count = 0 if regions is None else int(native.count(regions))
         self.stats["peer_marked_regions"] = count
-        log.info("the secondary names %d regions whose data may be missing there", count)
+        if count:
+            log.info("the secondary names %d regions whose data may be missing there", count)
         return regions
 
     def _start_resync(self, channel: Channel) -> None:
         threading.Thread(target=self._resync, args=(channel,), daemon=True,
                          name="resync").start()
-
-    def _note_peer(self, channel: Channel) -> bool:
-        """Remember the secondary (volume.json ``peer_uuid``); True when it is a new one.
-
-        The marks say what may differ from *the* secondary this volume replicated
-        to. Another one (a replaced disk, a re-created volume) may hold nothing:
-        every region is marked (durably, before the old peer is forgotten), so
-        the resync copies the whole volume.
-        """
-        reply = getattr(channel, "reply", None)
-        peer = getattr(reply, "uuid", None)
-        volume = self.engine.volume
-        if peer is None or volume.info.peer_uuid == peer:
-            return False
-        if volume.info.peer_uuid is not None:
-            log.warning("secondary %s replaces %s: copying the whole volume", peer,
-                        volume.info.peer_uuid)
-            self.engine.tracker.mark(0, self.engine.size)
-        volume.update_info(peer_uuid=peer)
-        return True
 
     def disconnected(self, reason: str) -> None:
         """The channel is gone: every unanswered write stays out of sync."""

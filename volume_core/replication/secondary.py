@@ -88,7 +88,8 @@ log = logging.getLogger(__name__)
 
 SYNC: Final = "sync"
 SEMI_ASYNC: Final = "semi-async"
-MODES: Final = (SYNC, SEMI_ASYNC)
+ASYNC: Final = "async"
+MODES: Final = (SYNC, SEMI_ASYNC, ASYNC)
 #: READ_REGION request ids: this bit set, then a counter (see the module docstring)
 REQUEST_ID_BASE: Final = 1 << 63
 #: flush held-back acks before applying a write at least this long
@@ -323,6 +324,7 @@ class Receiver:
         self._suspect = self.tracker.marks != 0
         self._counts = _Counters()
         self._last_frame: float | None = None
+        self.cycle_in_progress: int | None = None  # async: the cycle arriving
 
     # -- frames in -----------------------------------------------------------
     def handle(self, frame: p.Frame) -> None:
@@ -428,11 +430,38 @@ class Receiver:
     def _on_resync_end(self, frame: p.ResyncEnd) -> None:
         self._counts.resyncs_ended += 1
 
+    def _on_cycle_begin(self, frame: p.CycleBegin) -> None:
+        self._async_only(frame)
+        self.cycle_in_progress = frame.seq
+
+    def _on_cycle_commit(self, frame: p.CycleCommit) -> None:
+        """Every chunk of cycle ``seq`` was acknowledged (each durable, FUA): record the
+        cycle as held whole, then CYCLE_ACK."""
+        self._async_only(frame)
+        with self._lock:
+            if self._by_seq:
+                raise ProtocolError(f"CYCLE_COMMIT {frame.seq} with {len(self._by_seq)} "
+                                    "of its chunks not acknowledged yet")
+        if frame.seq < self.engine.volume.info.cycle:
+            raise ProtocolError(f"CYCLE_COMMIT {frame.seq}: cycle "
+                                f"{self.engine.volume.info.cycle} was committed already")
+        try:
+            self.engine.volume.update_info(cycle=frame.seq)
+        except OSError as err:
+            raise VolumeError(f"cannot record cycle {frame.seq} as committed: {err}") from err
+        self.cycle_in_progress = None
+        self.out.send_urgent(p.CycleAck(frame.seq))
+
+    def _async_only(self, frame: p.Frame) -> None:
+        if self.mode != ASYNC:
+            raise ProtocolError(f"{p.frame_name(frame)} {frame.seq} in {self.mode} mode")
+
     _HANDLERS: dict[type, Callable[[Receiver, Any], None]] = {
         p.Write: _on_write, p.Trim: _on_trim, p.Zero: _on_zero, p.Meta: _on_meta,
         p.Data: _on_data, p.RegionData: _on_region_data, p.Flush: _on_flush,
         p.Ping: _on_ping, p.Pong: _on_pong, p.ResyncBegin: _on_resync_begin,
-        p.ResyncEnd: _on_resync_end,
+        p.ResyncEnd: _on_resync_end, p.CycleBegin: _on_cycle_begin,
+        p.CycleCommit: _on_cycle_commit,
     }
 
     # -- entries and their order ---------------------------------------------
@@ -612,7 +641,8 @@ class Receiver:
         else:
             self._counts.write_failures += 1
             answer = [p.WriteFailed(entry.seq, entry.offset, entry.length)]
-            answer += self._start_recovery(entry.first, entry.stop)  # before end(): kept marked
+            if self.mode != ASYNC:  # async: the primary sends the chunk again
+                answer += self._start_recovery(entry.first, entry.stop)  # before end()
         self.tracker.end(entry.first, entry.stop)
         return answer
 
@@ -852,6 +882,8 @@ class Receiver:
             "marked_regions": self.tracker.count(),
             **counts,
             "last_frame_age": None if last is None else round(self.clock() - last, 3),
+            "committed_cycle": self.engine.volume.info.cycle,
+            "cycle_in_progress": self.cycle_in_progress,
         }
 
 

@@ -1,0 +1,179 @@
+"""Async mirroring in one process, over real TCP on loopback: the primary's cycles (take,
+freeze, convey, commit), the secondary's receiver, all real (see test_replication_pair)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import wait_until
+from tests.integration.test_replication_pair import RS, SIZE, Pair, hammer, pair
+from volume_core.errors import ProtocolError
+from volume_core.replication import protocol as p
+from volume_core.replication.mirror import CYCLE_CHUNK, CYCLE_WINDOW
+
+pytestmark = pytest.mark.integration
+
+
+def cycle(pr: Pair, timeout: float = 30.0) -> int:
+    """Ask for a cycle and wait until it (everything written before) is committed."""
+    want = pr.replicator.run_now()
+    wait_until(lambda: pr.replicator.committed >= want, timeout, f"cycle {want} to commit")
+    return want
+
+
+def test_the_initial_sync_conveys_what_the_primary_holds(tmp_path):
+    data = random.Random(1).randbytes(SIZE // 2)
+    with pair(tmp_path, "async", prefill=data) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync")
+        mine, theirs = pr.images()
+        assert mine == theirs
+        assert pr.secondary.volume.info.cycle == 1 == pr.primary.volume.info.cycle
+        st = pr.replicator.status()
+        assert st["state"] == "in-sync" and st["marked_regions"] == 0, st
+        # Only what was written travelled: half the volume, not all of it.
+        assert st["bytes_conveyed"] == SIZE // 2
+        assert not (pr.primary.volume.path / "cycle").exists()
+
+
+def test_cycles_while_writers_write_end_identical(tmp_path):
+    with pair(tmp_path, "async") as pr:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer(seed: int) -> None:
+            rnd = random.Random(seed)
+            try:
+                while not stop.is_set():
+                    off = rnd.randrange(0, SIZE - 3 * RS)
+                    pr.primary.pwrite(rnd.randbytes(rnd.randrange(1, 2 * RS)), off)
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(4):
+                cycle(pr)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not errors, errors[0]
+        n = cycle(pr)
+        mine, theirs = pr.images()
+        assert mine == theirs
+        assert pr.secondary.volume.info.cycle == n
+
+
+def test_a_cycle_holds_the_image_of_its_take_not_later_writes(tmp_path):
+    """Writes landing while cycle n is conveyed are not in cycle n (they are in n + 1)."""
+    began = threading.Event()
+    go_on = threading.Event()
+
+    def wrap(handle):
+        def held(frame):
+            if isinstance(frame, p.CycleBegin) and frame.seq == 2:
+                began.set()
+                go_on.wait(30)
+            handle(frame)
+        return held
+
+    old = random.Random(2).randbytes(SIZE)
+    new = random.Random(3).randbytes(SIZE)
+    with pair(tmp_path, "async", wrap=wrap) as pr:
+        assert cycle(pr) == 1  # nothing written: an empty cycle, asked for
+        pr.primary.pwrite(old, 0)
+        want = pr.replicator.run_now()
+        assert want == 2
+        assert began.wait(30)
+        pr.primary.pwrite(new, 0)  # after the take: copied first, then landed
+        go_on.set()
+        wait_until(lambda: pr.replicator.committed >= 2, 30, "cycle 2")
+        assert pr.secondary.volume.data_path.read_bytes() == old
+        cycle(pr)
+        assert pr.images() == (new, new)
+
+
+def test_a_cut_mid_cycle_resumes_without_sending_conveyed_chunks_again(tmp_path):
+    seen: list[int] = []  # regions of every chunk the secondary received
+    cut = threading.Event()
+
+    def wrap(handle):
+        def counting(frame):
+            if isinstance(frame, (p.Write, p.Zero)):
+                seen.append(frame.length // RS)
+                if sum(seen) >= (SIZE // RS) // 2 and not cut.is_set():
+                    cut.set()
+                    raise ProtocolError("test: the link breaks half-way through the cycle")
+            handle(frame)
+        return counting
+
+    data = random.Random(4).randbytes(SIZE)
+    with pair(tmp_path, "async", wrap=wrap, prefill=data) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync, resumed")
+        assert cut.is_set() and pr.replicator.stats["links_lost"] >= 1
+        assert pr.images() == (data, data)
+        extra = sum(seen) - SIZE // RS
+        # at most the chunks in flight at the cut travel twice
+        assert 0 <= extra <= CYCLE_WINDOW * (CYCLE_CHUNK // RS), (extra, len(seen))
+
+
+def test_a_restarted_primary_resumes_its_open_cycle(tmp_path):
+    stop_after = (SIZE // RS) // 4
+    got: list[int] = []
+
+    def wrap(handle):
+        def stalling(frame):
+            if isinstance(frame, (p.Write, p.Zero)):
+                if sum(got) >= stop_after:
+                    return  # never answered: the cycle stays open
+                got.append(frame.length // RS)
+            handle(frame)
+        return stalling
+
+    data = random.Random(5).randbytes(SIZE)
+    with pair(tmp_path, "async", wrap=wrap, prefill=data, ack_timeout=30) as pr:
+        wait_until(lambda: sum(got) >= stop_after, 30, "part of the initial sync")
+        volumes = (pr.primary.volume, pr.secondary.volume)
+        first_run = pr.replicator
+    conveyed = first_run.stats["regions_conveyed"]  # every ack it took, until it stopped
+    assert (volumes[0].path / "cycle").exists()  # left open by the stop
+    with pair(tmp_path, "async", volumes=volumes) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the resumed cycle")
+        assert pr.images() == (data, data)
+        # the resumed cycle sent only what the first run had not had acknowledged
+        assert pr.replicator.stats["regions_conveyed"] == SIZE // RS - conveyed
+        # its take is unknown after a restart: its regions stay marked for the next cycle
+        assert pr.primary.tracker.count() > 0
+        cycle(pr)
+        assert pr.primary.tracker.count() == 0
+        assert pr.images() == (data, data)
+
+
+def test_a_refused_chunk_is_sent_again(tmp_path):
+    with pair(tmp_path, "async") as pr:
+        assert cycle(pr) == 1
+        pr.faults.fail(7, times=2)
+        data = random.Random(6).randbytes(4 * RS)
+        pr.primary.pwrite(data, 6 * RS)
+        cycle(pr)
+        assert pr.replicator.stats["chunks_refused"] == 2
+        assert pr.images()[0] == pr.images()[1]
+        st = pr.receiver.status()
+        assert st["recovering_regions"] == 0 and st["committed_cycle"] == 2
+
+
+def test_overlapping_writers_between_cycles_end_identical(tmp_path):
+    with pair(tmp_path, "async") as pr:
+        hammer(pr.primary, writers=6, writes=150, span=2 * RS)
+        pr.primary.trim(RS, 4 * RS)
+        pr.primary.zero(RS, 6 * RS, may_trim=False)
+        cycle(pr)
+        mine, theirs = pr.images()
+        assert mine == theirs
+        assert not np.any(pr.primary.tracker.marks)

@@ -1,0 +1,362 @@
+"""The primary's side of async mirroring: cycles of marked regions, from a frozen image.
+
+docs/ASYNC.md has the design. Host writes complete after the local write
+alone; the engine marks their regions durably, as always. A cycle, on its own
+thread, while a channel to the secondary is up:
+
+    take      with writes quiesced: the tracker's marks are taken
+              (``swap_and_reset``) and frozen (``CycleFreeze``: a region still to
+              convey is copied before a host write lands on it)
+    convey    the frozen regions, 1 MiB chunks, as WRITE (or ZERO, for an all-zero
+              chunk) with FUA: the secondary's DATA_ACK means the chunk is durable
+              there; the region is then FREE (never copied again). At most
+              ``CYCLE_WINDOW`` chunks unacknowledged. WRITE_FAILED: sent again.
+    commit    CYCLE_COMMIT(n) -> the secondary records cycle n -> CYCLE_ACK(n)
+    finish    the freeze is dropped, the taken marks released; volume.json
+              ``cycle`` = n
+
+The first cycle with a new secondary carries every region (``note_peer`` marks
+them all): the initial sync, from the live volume while writes go on, writes
+landing meanwhile marking the next cycle. A cycle cut short (the link, a
+restart) resumes where its freeze says; regions conveyed are not sent again.
+After a restart the take itself is unknown (its marks and later ones are one
+map on disk), so a resumed cycle releases nothing: the next cycle carries
+those regions once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import native
+from ..cycle_freeze import CycleFreeze
+from ..errors import NbdMirrorError, ProtocolError
+from . import protocol as p
+from .primary import Channel, note_peer, peer_marks_map
+
+log = logging.getLogger(__name__)
+
+ASYNC = "async"
+#: bytes per chunk of a cycle
+CYCLE_CHUNK = 1 << 20
+#: chunks sent and not yet acknowledged, at most
+CYCLE_WINDOW = 4
+#: seconds between cycles, unless told
+DEFAULT_INTERVAL = 30.0
+#: how long the secondary may take to commit a cycle
+COMMIT_TIMEOUT = 60.0
+#: passes over a cycle's regions in which the secondary refuses a chunk every time
+MAX_PASSES = 5
+
+
+class _Lost(Exception):
+    """The channel a cycle was using went away (the cycle resumes on the next)."""
+
+
+class AsyncMirror:
+    """Runs the cycles of one primary (see the module docstring)."""
+
+    mode = ASYNC
+
+    def __init__(self, engine: Any, *, interval: float = DEFAULT_INTERVAL,
+                 ack_timeout: float = 5.0) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.ack_timeout = ack_timeout
+        self._rs = engine.volume.region_size
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._channel: Channel | None = None
+        self._sent: dict[int, tuple[int, int]] = {}  # seq -> regions, until acknowledged
+        self._inflight = np.zeros(engine.volume.regions, dtype=np.uint8)
+        self._next_seq = 0
+        self._cycle_acked = 0
+        self._requested = 0  # cycles asked for (``run_now``)
+        self._due: float | None = None  # time.monotonic() of the next cycle (None: on request)
+        self._stopping = False
+        self.state = "disconnected"
+        self.committed = int(engine.volume.info.cycle)
+        self.last_consistent_at: float | None = None  # wall clock of the last commit
+        self.stats = {"cycles": 0, "bytes_conveyed": 0, "regions_conveyed": 0,
+                      "chunks_refused": 0, "links_lost": 0}
+        self.progress = self._progress(None)
+        # A cycle a previous run left open: resumed first, its hook on before any write.
+        self._freeze = CycleFreeze.open(engine.volume, engine.fd)
+        self._taken: np.ndarray | None = None
+        if self._freeze is not None:
+            engine.pre_write.append(self._freeze.preserve)
+            log.info("async: cycle %d was left open; it resumes once the secondary is "
+                     "connected", self._freeze.number)
+        # Started with the first channel: nbdkit forks after building this object.
+        self._thread = threading.Thread(target=self._run, daemon=True, name="async-cycles")
+
+    # -- link events (PrimarySession) --------------------------------------------------
+    def connected(self, channel: Channel) -> None:
+        if note_peer(self.engine, channel) and self._freeze is not None:
+            # Another secondary: the open cycle's conveyed regions are not there. Every
+            # region is marked already (note_peer); the cycle goes on, the next carries all.
+            log.warning("async: a new secondary in the middle of cycle %d",
+                        self._freeze.number)
+        theirs = peer_marks_map(channel, self.engine.volume.regions)
+        if theirs is not None:  # left by another mode: the next cycle carries them
+            self.engine.tracker.mark_map(theirs)
+        with self._lock:
+            self._channel = channel
+            self._sent.clear()
+            self._inflight[:] = 0
+            self.state = "connected"
+            self._due = time.monotonic()  # a cycle at once: the initial sync, or what waited
+            self._changed.notify_all()
+        if self._thread.ident is None:
+            self._thread.start()
+        log.info("async: connected to the secondary")
+
+    def disconnected(self, reason: str) -> None:
+        with self._lock:
+            if self._channel is None:
+                return
+            self._channel = None
+            self.state = "disconnected"
+            self.stats["links_lost"] += 1
+            self._sent.clear()
+            self._inflight[:] = 0
+            self._changed.notify_all()
+        log.warning("async: lost the secondary: %s", reason)
+
+    def sweep(self) -> int:
+        """Nothing to sweep: marks leave when a cycle that carried them commits."""
+        return 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread.ident is not None:
+            self._thread.join(10)
+        if self._freeze is not None:
+            self._freeze.close()  # stays on disk: the next run resumes it
+
+    def run_now(self) -> int:
+        """Ask for a cycle now; returns the number that will commit everything written
+        before this call."""
+        with self._lock:
+            self._requested += 1
+            self._changed.notify_all()
+            open_cycle = self._freeze.number if self._freeze is not None else None
+            return (open_cycle or self.committed) + 1
+
+    # -- frames from the secondary ----------------------------------------------------
+    def on_frame(self, frame: p.Frame) -> None:
+        if isinstance(frame, p.DataAck):
+            self._acked(frame.seq, frame.count, ok=True)
+        elif isinstance(frame, p.WriteFailed):
+            self._acked(frame.seq, 1, ok=False)
+        elif isinstance(frame, p.CycleAck):
+            with self._lock:
+                self._cycle_acked = frame.seq
+                self._changed.notify_all()
+        elif not isinstance(frame, (p.Pong, p.Ping)):
+            raise ProtocolError(f"an async primary does not expect {p.frame_name(frame)} "
+                                "frames")
+
+    def _acked(self, seq: int, count: int, ok: bool) -> None:
+        with self._lock:
+            freeze = self._freeze
+            for s in range(seq, seq + count):
+                regions = self._sent.pop(s, None)
+                if regions is None:
+                    continue
+                first, stop = regions
+                self._inflight[first:stop] = 0
+                if not ok:
+                    self.stats["chunks_refused"] += 1
+                elif freeze is not None:
+                    freeze.conveyed(first, stop)
+                    nbytes = min(stop * self._rs, self.engine.size) - first * self._rs
+                    self.progress["conveyed_regions"] += stop - first
+                    self.progress["conveyed_bytes"] += nbytes
+                    self.stats["regions_conveyed"] += stop - first
+                    self.stats["bytes_conveyed"] += nbytes
+            self._changed.notify_all()
+
+    # -- the cycle thread -----------------------------------------------------------
+    def _run(self) -> None:
+        done_requests = 0
+        while True:
+            with self._lock:
+                channel = self._wait_for_work(done_requests)
+                if channel is None:
+                    return
+                requests = self._requested
+            try:
+                ran = self._cycle(channel, forced=requests > done_requests)
+            except _Lost:
+                continue
+            except (NbdMirrorError, OSError) as err:
+                log.warning("async: cycle failed: %s", err)
+                self._drop(channel, f"cycle failed: {err}")
+                continue
+            except Exception as err:  # a bug: the link goes, the host never notices
+                log.exception("async: cycle failed")
+                self._drop(channel, f"cycle failed: {err!r}")
+                continue
+            done_requests = requests
+            with self._lock:
+                self._due = time.monotonic() + self.interval if self.interval > 0 else None
+            if ran:
+                log.info("async: cycle %d committed", self.committed)
+
+    def _wait_for_work(self, done_requests: int) -> Channel | None:
+        """(lock held) The channel to run a cycle on, once one is due; None to stop."""
+        while not self._stopping:
+            channel = self._channel
+            if channel is not None:
+                if self._freeze is not None or self._requested > done_requests:
+                    return channel
+                if self._due is not None:
+                    wait = self._due - time.monotonic()
+                    if wait <= 0:
+                        return channel
+                    self._changed.wait(wait)
+                    continue
+            self._changed.wait()
+        return None
+
+    def _cycle(self, channel: Channel, forced: bool) -> bool:
+        """Take (or resume), convey, commit; False when there was nothing to do."""
+        freeze = self._freeze
+        if freeze is None:
+            if not forced and not self.engine.tracker.count():
+                return False
+            freeze = self._take()
+        self.progress = self._progress(freeze)
+        channel.send_urgent(p.CycleBegin(freeze.number))
+        self._convey(channel, freeze)
+        self.progress["state"] = "committing"
+        channel.send_urgent(p.CycleCommit(freeze.number))
+        self._wait(channel, lambda: self._cycle_acked >= freeze.number, COMMIT_TIMEOUT,
+                   f"the secondary did not commit cycle {freeze.number}")
+        self._finish(freeze)
+        return True
+
+    def _take(self) -> CycleFreeze:
+        engine = self.engine
+        number = self.committed + 1
+        with engine.quiesce():
+            taken = engine.tracker.swap_and_reset()
+            try:
+                freeze = CycleFreeze.create(engine.volume, engine.fd, number, taken)
+            except BaseException:
+                engine.tracker.merge(taken)  # give the take back
+                engine.tracker.release(taken)
+                raise
+            engine.pre_write.append(freeze.preserve)
+        with self._lock:
+            self._freeze, self._taken = freeze, taken
+        log.info("async: cycle %d takes %d regions", number, int(native.count(taken)))
+        return freeze
+
+    def _convey(self, channel: Channel, freeze: CycleFreeze) -> None:
+        """Every region the freeze still holds, a window of chunks at a time."""
+        step = max(1, CYCLE_CHUNK // self._rs)
+        for _ in range(MAX_PASSES):
+            with self._lock:
+                todo = freeze.remaining() & (self._inflight == 0)
+            runs = native.scan_runs(todo.view(np.uint8))
+            for start, count in runs.tolist():
+                for first in range(start, start + count, step):
+                    self._send_chunk(channel, freeze, first, min(start + count, first + step))
+            self._wait(channel, lambda: not self._sent, self.ack_timeout * 4,
+                       "the secondary did not acknowledge the cycle's last chunks")
+            if not freeze.remaining().any():
+                return
+        raise NbdMirrorError(f"the secondary refused chunks of cycle {freeze.number} "
+                             f"{MAX_PASSES} times")
+
+    def _send_chunk(self, channel: Channel, freeze: CycleFreeze, first: int,
+                    stop: int) -> None:
+        self._wait(channel, lambda: len(self._sent) < CYCLE_WINDOW, self.ack_timeout,
+                   "the secondary stopped acknowledging chunks")
+        buf = freeze.read(first, stop)
+        offset = first * self._rs
+        with self._lock:
+            if self._channel is not channel:
+                raise _Lost
+            self._next_seq += 1
+            seq = self._next_seq
+            self._sent[seq] = (first, stop)
+            self._inflight[first:stop] = 1
+        if buf.count(0) == len(buf):
+            channel.send_bulk(p.Zero(seq, offset, len(buf), may_trim=True, fua=True),
+                              timeout=self.ack_timeout)
+        else:
+            channel.send_bulk(p.Write(seq, offset, buf, fua=True), timeout=self.ack_timeout)
+
+    def _wait(self, channel: Channel, done: Any, timeout: float, what: str) -> None:
+        """Until ``done()`` (lock held while asked); _Lost with the channel, and the
+        channel dropped when nothing changes for ``timeout`` seconds."""
+        with self._lock:
+            while not done():
+                if self._channel is not channel or self._stopping:
+                    raise _Lost
+                if not self._changed.wait(timeout) and not done():
+                    break
+            else:
+                return
+        self._drop(channel, f"{what} within {timeout:g}s")
+        raise _Lost
+
+    def _finish(self, freeze: CycleFreeze) -> None:
+        engine = self.engine
+        with engine.quiesce():
+            engine.pre_write.remove(freeze.preserve)
+        taken = self._taken
+        if taken is not None:
+            engine.tracker.release(taken)
+        freeze.drop()
+        engine.volume.update_info(cycle=freeze.number)
+        with self._lock:
+            self._freeze, self._taken = None, None
+            self.committed = freeze.number
+            self.last_consistent_at = time.time()
+            self.stats["cycles"] += 1
+            self.progress["state"] = "idle"
+
+    def _drop(self, channel: Channel, reason: str) -> None:
+        try:
+            channel.close(reason)
+        finally:
+            self.disconnected(reason)
+
+    # -- status -------------------------------------------------------------------
+    def _progress(self, freeze: CycleFreeze | None) -> dict[str, Any]:
+        if freeze is None:
+            return {"number": None, "state": "idle", "regions": 0, "bytes": 0,
+                    "conveyed_regions": 0, "conveyed_bytes": 0, "started": None}
+        regions = int(native.count(freeze.remaining()))
+        return {"number": freeze.number, "state": "conveying", "regions": regions,
+                "bytes": min(regions * self._rs, self.engine.size), "conveyed_regions": 0,
+                "conveyed_bytes": 0, "started": time.time()}
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            progress = dict(self.progress)
+            state = self.state
+            committed, at = self.committed, self.last_consistent_at
+        marked = self.engine.tracker.count()
+        if state == "connected":
+            if progress["state"] != "idle":
+                state = "cycling"
+            elif marked == 0 and self._freeze is None:
+                state = "in-sync"
+            else:
+                state = "waiting"
+        return {"mode": ASYNC, "state": state, "interval": self.interval,
+                "committed_cycle": committed, "last_consistent_at": at,
+                "lag_s": None if at is None else round(time.time() - at, 3),
+                "marked_regions": marked, "cycle": progress, **self.stats}
