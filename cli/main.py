@@ -21,7 +21,7 @@ from volume_core.server_files import ServerPlace
 from volume_core.units import format_size
 from volume_core.volume import Volume, validate_geometry
 
-from . import devices, params, receiving, server
+from . import cycles, devices, params, receiving, server
 from .server import Endpoint
 
 
@@ -134,9 +134,14 @@ def info(vol: str, as_json: bool) -> None:
 @click.option("--replicate-to", metavar="HOST:PORT",
               help="Replicate every write to the secondary listening there "
                    "('nbdmirror receive').")
-@click.option("--mode", type=click.Choice(["sync", "semi-async"]),
+@click.option("--mode", type=click.Choice(["sync", "semi-async", "async"]),
               help="sync: a write completes once the secondary has its data; semi-async: "
-                   "once the secondary has its metadata (durably).")
+                   "once the secondary has its metadata (durably); async: once it is written "
+                   "here, and the secondary is brought up to date in cycles, each ending "
+                   "with a consistent image there.")
+@click.option("--interval", metavar="SECONDS",
+              help="With --mode async: seconds between cycles (default 30; 0: only on "
+                   "'nbdmirror sync').")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="Shared secret for the replication link (both sides prove they know it).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
@@ -148,41 +153,49 @@ def info(vol: str, as_json: bool) -> None:
 @threads_option
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
-          replicate_to: str | None, mode: str | None, secret_file: str | None,
-          tls_ca: str | None, tls_cert: str | None, tls_key: str | None, threads: int | None,
-          as_json: bool) -> None:
+          replicate_to: str | None, mode: str | None, interval: str | None,
+          secret_file: str | None, tls_ca: str | None, tls_cert: str | None,
+          tls_key: str | None, threads: int | None, as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
     In the foreground it runs until Ctrl-C; with --background until
     'nbdmirror stop VOL'.
     """
-    extra = _replication_keys(replicate_to, mode, secret_file, tls_ca, tls_cert, tls_key)
-    if threads is None:
-        threads = server.REPLICATED_THREADS if extra else server.DEFAULT_THREADS
+    extra = _replication_keys(replicate_to, mode, interval, secret_file, tls_ca, tls_cert,
+                              tls_key)
+    if threads is None:  # an async write waits for nothing remote: as unreplicated
+        waits = extra and mode != "async"
+        threads = server.REPLICATED_THREADS if waits else server.DEFAULT_THREADS
     _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, threads, as_json,
            extra)
 
 
-def _replication_keys(replicate_to: str | None, mode: str | None, secret_file: str | None,
-                      tls_ca: str | None, tls_cert: str | None,
+def _replication_keys(replicate_to: str | None, mode: str | None, interval: str | None,
+                      secret_file: str | None, tls_ca: str | None, tls_cert: str | None,
                       tls_key: str | None) -> tuple[str, ...]:
     """The plugin's config keys for replication; usage errors for what does not fit."""
-    given = {"--mode": mode, "--secret-file": secret_file, "--tls-ca": tls_ca,
-             "--tls-cert": tls_cert, "--tls-key": tls_key}
+    given = {"--mode": mode, "--interval": interval, "--secret-file": secret_file,
+             "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
     if replicate_to is None:
         if any(given.values()):
             raise click.UsageError(f"{next(k for k, v in given.items() if v)} needs "
                                    "--replicate-to HOST:PORT")
         return ()
     if mode is None:
-        raise click.UsageError("--replicate-to needs --mode sync or --mode semi-async")
+        raise click.UsageError("--replicate-to needs --mode sync, semi-async or async")
+    if interval is not None and mode != "async":
+        raise click.UsageError("--interval is for --mode async only")
     try:
         session.parse_peer(replicate_to)
+        if interval is not None:
+            session.parse_interval(interval)
     except UsageError as err:
         raise click.UsageError(str(err)) from None
     if (tls_cert is None) != (tls_key is None) or (tls_cert and not tls_ca):
         raise click.UsageError("give --tls-cert and --tls-key together, with --tls-ca")
     keys = [f"replicate-to={replicate_to}", f"mode={mode}"]
+    if interval is not None:
+        keys.append(f"interval={interval}")
     for key, value in (("secret-file", secret_file), ("tls-ca", tls_ca),
                        ("tls-cert", tls_cert), ("tls-key", tls_key)):
         if value is not None:
@@ -253,12 +266,44 @@ def status(vol: str, as_json: bool) -> None:
     emit(st, as_json, human)
 
 
+@cli.command("sync")
+@click.argument("vol", type=click.Path())
+@click.option("--wait", is_flag=True,
+              help="Return once the cycle is committed on the secondary (progress on "
+                   "stderr: a bar on a terminal, a line every few seconds otherwise).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="With --wait: give up (exit 1) after this long.")
+@json_option
+def sync_cmd(vol: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Start an async mirroring cycle of VOL now.
+
+    The cycle carries everything written before this command; with --wait,
+    the secondary then holds it as a consistent image. VOL must be served
+    with --replicate-to HOST:PORT --mode async.
+    """
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout needs --wait")
+    volume = Volume.open(vol, check_files=False)
+    number = cycles.request(volume)
+    data = {"volume": str(volume.path.absolute()), "cycle": number, "committed": False}
+    human = [f"cycle {number} requested"]
+    if wait:
+        rep = cycles.wait(volume, number, timeout)
+        data |= {"committed": True, "committed_cycle": rep["committed_cycle"],
+                 "bytes_conveyed": rep["bytes_conveyed"]}
+        human = [f"cycle {number} committed on the secondary "
+                 f"(committed cycle now {rep['committed_cycle']})"]
+    emit(data, as_json, human)
+
+
 def _replication_lines(rep: dict | None) -> list[str]:
     """What status says of a primary's link to its secondary."""
     if not rep:
         return []
     if rep.get("role") == "secondary":
         return _receiving_lines(rep)
+    if rep.get("mode") == "async":
+        return _async_lines(rep)
     age = rep.get("last_ack_age")
     lines = [
         f"replication: {rep['mode']} to {rep['peer']}: {rep['state']}",
@@ -275,6 +320,26 @@ def _replication_lines(rep: dict | None) -> list[str]:
     return lines
 
 
+def _async_lines(rep: dict) -> list[str]:
+    """What status says of a primary's async mirroring."""
+    lag = rep.get("lag_s")
+    cyc = rep["cycle"]
+    every = f"every {rep['interval']:g}s" if rep["interval"] else "on request"
+    lines = [
+        f"replication: async to {rep['peer']}: {rep['state']} (cycles {every})",
+        f"  committed: cycle {rep['committed_cycle']}"
+        + ("" if lag is None else f", {lag:.1f}s ago")
+        + f"; marked for the next: {rep['marked_regions']} regions",
+    ]
+    if cyc.get("number") is not None and cyc["state"] != "idle":
+        lines.append(f"  cycle {cyc['number']} {cyc['state']}: {cyc['conveyed_regions']} of "
+                     f"{cyc['regions']} regions ({format_size(cyc['conveyed_bytes'])} of "
+                     f"{format_size(cyc['bytes'])})")
+    if rep.get("last_error"):
+        lines.append(f"  last error: {rep['last_error']}")
+    return lines
+
+
 def _receiving_lines(rep: dict) -> list[str]:
     """What status says of a secondary's link from its primary."""
     peer = f" from {rep['peer']}" if rep.get("peer") else ""
@@ -286,6 +351,10 @@ def _receiving_lines(rep: dict) -> list[str]:
         f"  pending: {rep['pending_regions']} regions; recovering: "
         f"{rep['recovering_regions']}; marked: {rep['marked_regions']}",
     ]
+    if rep.get("mode") == "async":
+        arriving = rep.get("cycle_in_progress")
+        lines.append(f"  committed: cycle {rep.get('committed_cycle', 0)}"
+                     + (f"; cycle {arriving} arriving" if arriving else ""))
     if rep.get("last_refusal"):
         lines.append(f"  last refused: {rep['last_refusal']}")
     return lines

@@ -8,9 +8,10 @@ Config keys:
   listen=WHERE      how nbdkit was told to listen (unix:PATH or tcp:HOST:PORT); recorded
                     in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
-  replicate-to=HOST:PORT mode=sync|semi-async [secret-file=F] [tls-ca=A [tls-cert=C
-  tls-key=K]] [ack-timeout=SECONDS]
-                    replicate every write to the secondary there (volume_core.replication)
+  replicate-to=HOST:PORT mode=sync|semi-async|async [secret-file=F] [tls-ca=A [tls-cert=C
+  tls-key=K]] [ack-timeout=SECONDS] [interval=SECONDS]
+                    replicate every write to the secondary there (volume_core.replication);
+                    async: in cycles, every interval seconds (0: on request)
 
 Once serving, everything the server says on stderr (nbdkit's messages, Python
 tracebacks, the log lines below) goes to the export's server.log, timestamped,
@@ -34,7 +35,7 @@ import nbdkit
 
 API_VERSION = 2
 _KEYS = ("volume", "snapshot", "listen", "durable-marks", "replicate-to", "mode",
-         "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout")
+         "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout", "interval")
 
 _FUA = nbdkit.FLAG_FUA
 _config: dict[str, str] = {}
@@ -134,7 +135,8 @@ def after_fork():
         from volume_core.admin import AdminServer
 
         _admin = AdminServer(server_files.admin_socket(_place.volume),
-                             operations.handlers(_engine, listen=_config.get("listen", ""),
+                             operations.handlers(_engine, _session_ops(),
+                                                 listen=_config.get("listen", ""),
                                                  log=str(_log_path),
                                                  replication=_replication_status))
         _admin.start()
@@ -158,6 +160,12 @@ def after_fork():
 
 def _replication_status():
     return None if _session is None else _session.status()
+
+
+def _session_ops() -> dict:
+    """Admin operations of the replication session (async: ``cycle-now``)."""
+    run_now = getattr(getattr(_session, "replicator", None), "run_now", None)
+    return {} if run_now is None else {"cycle-now": run_now}
 
 
 def _what() -> str:

@@ -26,8 +26,10 @@ Handler = Callable[..., Any]
 OFFLINE = ("snapshot-create", "snapshot-delete", "snapshot-list")
 
 
-def handlers(engine: Engine, **status_extra: Any) -> dict[str, Handler]:
-    """The operations of an open engine, by name (the admin socket's table)."""
+def handlers(engine: Engine, more: dict[str, Handler] | None = None,
+             **status_extra: Any) -> dict[str, Handler]:
+    """The operations of an open engine, by name (the admin socket's table); ``more``:
+    those of what runs beside it (an async mirror's ``cycle-now``)."""
 
     def status() -> dict[str, Any]:
         # a callable extra is asked each time (the replication link's state)
@@ -39,6 +41,7 @@ def handlers(engine: Engine, **status_extra: Any) -> dict[str, Handler]:
         "snapshot-create": lambda name=None: engine.create_snapshot(name),
         "snapshot-delete": lambda name: engine.delete_snapshot(name),
         "snapshot-list": lambda: engine.list_snapshots(),
+        **(more or {}),
     }
 
 

@@ -233,6 +233,27 @@ class RegionTracker:
             self._taken = True
         return taken
 
+    def retake(self, regions: np.ndarray) -> None:
+        """After a restart: ``regions`` were taken by a take that was never released (an
+        async cycle left open) and not written since. As if ``swap_and_reset`` had just
+        taken them: unmarked here, their intent still durable, outstanding until
+        ``release``."""
+        with self._lock:
+            if self._taken:
+                raise MarksTaken("the marks were taken and not released yet; release that "
+                                 "take before taking again")
+            self.marks[regions != 0] = 0
+            native.merge_or(self._outstanding, regions)
+            self._taken = True
+
+    def release_part(self, first: int, stop: int) -> None:
+        """Regions [first, stop) of the outstanding take are done with (an async cycle
+        conveyed them): their intent goes now, unless marked again since, so that a
+        write from now on records its mark durably again (``release`` does the rest)."""
+        with self._lock:
+            self._outstanding[first:stop] = 0
+            self._trim_range(first, stop)
+
     def merge(self, other: np.ndarray) -> None:
         """OR ``other`` into the marks (e.g. give back marks a failed cycle took)."""
         with self._lock:

@@ -1,4 +1,6 @@
-"""Fixtures the link's tests share, defined in test_link.py: a listening ``secondary``
-and a ``primary`` channel dialling it, each closed after the test."""
+"""Fixtures shared across files: from test_link.py a listening ``secondary`` and a
+``primary`` channel dialling it; from test_replication_cli_faults.py ``mirror`` (a
+``receive`` process and a primary volume); each cleaned up after the test."""
 
 from tests.integration.test_link import primary, secondary  # noqa: F401 - fixtures
+from tests.integration.test_replication_cli_faults import mirror  # noqa: F401 - fixture

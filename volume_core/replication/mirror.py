@@ -19,9 +19,12 @@ The first cycle with a new secondary carries every region (``note_peer`` marks
 them all): the initial sync, from the live volume while writes go on, writes
 landing meanwhile marking the next cycle. A cycle cut short (the link, a
 restart) resumes where its freeze says; regions conveyed are not sent again.
-After a restart the take itself is unknown (its marks and later ones are one
-map on disk), so a resumed cycle releases nothing: the next cycle carries
-those regions once more.
+
+Marks across a restart: a conveyed region's intent is cleared at its ack
+(``release_part``), so a later write records it durably again; a region still
+KEEP in the freeze was not written since the take (a write copies it first);
+a COPIED one was. So a restarted primary knows which marks are the open
+cycle's (``retake``) and which the next cycle's, and sends nothing twice.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from .. import native
-from ..cycle_freeze import CycleFreeze
-from ..errors import NbdMirrorError, ProtocolError
+from ..cycle_freeze import KEEP, CycleFreeze
+from ..errors import NbdMirrorError, ProtocolError, ReadOnlyError, UsageError
 from . import protocol as p
 from .primary import Channel, note_peer, peer_marks_map
 
@@ -65,6 +68,11 @@ class AsyncMirror:
 
     def __init__(self, engine: Any, *, interval: float = DEFAULT_INTERVAL,
                  ack_timeout: float = 5.0) -> None:
+        if not engine.tracker.durable:
+            raise UsageError("async mirroring needs durable marks: durable-marks=0 is for "
+                             "benchmarks only")
+        if engine.readonly:
+            raise ReadOnlyError(f"{engine.volume.path} is open read-only: nothing to mirror")
         self.engine = engine
         self.interval = interval
         self.ack_timeout = ack_timeout
@@ -89,6 +97,11 @@ class AsyncMirror:
         self._freeze = CycleFreeze.open(engine.volume, engine.fd)
         self._taken: np.ndarray | None = None
         if self._freeze is not None:
+            # Its KEEP regions were not written since the take (a write copies first, and
+            # COPIED is durable before it lands): taken again, released at its commit.
+            # COPIED ones were written: they stay marked for the next cycle.
+            self._taken = (self._freeze.preserved == KEEP).view(np.uint8)
+            engine.tracker.retake(self._taken)
             engine.pre_write.append(self._freeze.preserve)
             log.info("async: cycle %d was left open; it resumes once the secondary is "
                      "connected", self._freeze.number)
@@ -160,6 +173,8 @@ class AsyncMirror:
             with self._lock:
                 self._cycle_acked = frame.seq
                 self._changed.notify_all()
+        elif isinstance(frame, p.ReadRegion):
+            self._read_region(frame)
         elif not isinstance(frame, (p.Pong, p.Ping)):
             raise ProtocolError(f"an async primary does not expect {p.frame_name(frame)} "
                                 "frames")
@@ -177,12 +192,38 @@ class AsyncMirror:
                     self.stats["chunks_refused"] += 1
                 elif freeze is not None:
                     freeze.conveyed(first, stop)
+                    self.engine.tracker.release_part(first, stop)
                     nbytes = min(stop * self._rs, self.engine.size) - first * self._rs
                     self.progress["conveyed_regions"] += stop - first
                     self.progress["conveyed_bytes"] += nbytes
                     self.stats["regions_conveyed"] += stop - first
                     self.stats["bytes_conveyed"] += nbytes
             self._changed.notify_all()
+
+    def _read_region(self, frame: p.ReadRegion) -> None:
+        """The secondary lost data it had (a failed fdatasync of its disk) and asks for it.
+
+        Answered from the live volume, newer than the cycle it held (which that
+        failure spoiled anyway), and marked here, so the next cycle carries the
+        regions as well: the image it commits is whole again. Answered on a
+        thread of its own: reading and queueing data must not hold the link's
+        receiver (the acks that free the window come through it).
+        """
+        channel = self._channel
+        if channel is None:
+            return
+        self.engine.tracker.mark(frame.offset, frame.length)
+
+        def answer() -> None:
+            buf = bytearray(frame.length)
+            try:
+                self.engine.pread(buf, frame.offset)
+                channel.send_bulk(p.RegionData(frame.seq, frame.offset, buf),
+                                  timeout=self.ack_timeout)
+            except (NbdMirrorError, OSError) as err:
+                self._drop(channel, f"answering READ_REGION failed: {err}")
+
+        threading.Thread(target=answer, daemon=True, name="read-region").start()
 
     # -- the cycle thread -----------------------------------------------------------
     def _run(self) -> None:
@@ -205,6 +246,10 @@ class AsyncMirror:
                 log.exception("async: cycle failed")
                 self._drop(channel, f"cycle failed: {err!r}")
                 continue
+            finally:
+                with self._lock:  # a take that failed leaves nothing open
+                    if self._freeze is None:
+                        self.progress["state"] = "idle"
             done_requests = requests
             with self._lock:
                 self._due = time.monotonic() + self.interval if self.interval > 0 else None
@@ -233,6 +278,8 @@ class AsyncMirror:
         if freeze is None:
             if not forced and not self.engine.tracker.count():
                 return False
+            with self._lock:  # from here status never says in-sync: the marks move
+                self.progress = self._progress(None) | {"state": "taking"}
             freeze = self._take()
         self.progress = self._progress(freeze)
         channel.send_urgent(p.CycleBegin(freeze.number))

@@ -20,8 +20,15 @@ from typing import Any
 
 from ..errors import LinkError, PeerRefused, ProtocolError, UsageError
 from . import link, tls
-from .primary import MODES, PrimaryReplicator
+from .mirror import ASYNC, DEFAULT_INTERVAL, AsyncMirror
+from .primary import MODES as REPLICATED_MODES
+from .primary import PrimaryReplicator
 from .protocol import Identity
+
+#: every mode a primary can replicate in
+MODES = (*REPLICATED_MODES, ASYNC)
+#: the longest interval between async cycles (a day)
+MAX_INTERVAL = 86400.0
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ log = logging.getLogger(__name__)
 class PrimarySession:
     """The connection life cycle of one primary's replicator."""
 
-    def __init__(self, replicator: PrimaryReplicator, host: str, port: int, *,
+    def __init__(self, replicator: PrimaryReplicator | AsyncMirror, host: str, port: int, *,
                  identity: Callable[[], Identity], secret: bytes | None = None,
                  tls: ssl.SSLContext | None = None, sweep_interval: float = 1.0,
                  options: link.ChannelOptions | None = None,
@@ -147,9 +154,10 @@ class Settings:
     secret: bytes | None = None
     tls: ssl.SSLContext | None = None
     ack_timeout: float = 5.0
+    interval: float = DEFAULT_INTERVAL  # async: seconds between cycles (0: on request)
 
     KEYS = ("replicate-to", "mode", "secret-file", "tls-ca", "tls-cert", "tls-key",
-            "ack-timeout")
+            "ack-timeout", "interval")
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> Settings | None:
@@ -176,13 +184,38 @@ class Settings:
         if not 0 < ack_timeout <= 3600:
             raise UsageError(f"ack-timeout={config['ack-timeout']}: expected seconds, more "
                              "than 0 and at most 3600")
-        return cls(host, port, mode, secret, context, ack_timeout)
+        interval = DEFAULT_INTERVAL
+        if "interval" in config:
+            if mode != ASYNC:
+                raise UsageError("interval is for mode=async only")
+            interval = parse_interval(config["interval"])
+        return cls(host, port, mode, secret, context, ack_timeout, interval)
+
+
+def parse_interval(text: str) -> float:
+    """Seconds between async cycles: 0 (only when asked) up to a day; UsageError if not."""
+    try:
+        interval = float(text)
+    except ValueError:
+        interval = -1.0
+    if not 0 <= interval <= MAX_INTERVAL:  # also refuses nan
+        raise UsageError(f"interval {text!r}: expected seconds from 0 (cycles only on "
+                         f"'nbdmirror sync') to {MAX_INTERVAL:g}")
+    return interval
 
 
 def replicate(engine: Any, settings: Settings) -> PrimarySession:
-    """Attach a replicator to ``engine`` and return its session (start it after any fork)."""
-    replicator = PrimaryReplicator(engine, settings.mode, ack_timeout=settings.ack_timeout)
-    engine.attach_replicator(replicator)
+    """Attach a replicator to ``engine`` and return its session (start it after any fork).
+
+    Async mirroring attaches nothing to the write path: host writes only mark
+    (the engine does that anyway), and the cycles run beside them."""
+    replicator: PrimaryReplicator | AsyncMirror
+    if settings.mode == ASYNC:
+        replicator = AsyncMirror(engine, interval=settings.interval,
+                                 ack_timeout=settings.ack_timeout)
+    else:
+        replicator = PrimaryReplicator(engine, settings.mode, ack_timeout=settings.ack_timeout)
+        engine.attach_replicator(replicator)
     info = engine.volume.info
     return PrimarySession(replicator, settings.host, settings.port,
                           identity=lambda: Identity(info.uuid, info.size, info.region_size,

@@ -1,0 +1,80 @@
+"""AsyncMirror's answers to the secondary, on a real engine, with a channel that records
+what is sent (the link itself is tested in tests/integration/test_async_pair.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.conftest import wait_until
+from volume_core.engine import Engine
+from volume_core.errors import ProtocolError, UsageError
+from volume_core.replication import protocol as p
+from volume_core.replication.mirror import AsyncMirror
+from volume_core.volume import Volume
+
+pytestmark = pytest.mark.unit
+
+RS = 64 << 10
+
+
+class Recorder:
+    """A channel that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[p.Frame] = []
+        self.lock = threading.Lock()
+        self.closed: str | None = None
+
+    def send_urgent(self, frame: p.Frame) -> None:
+        with self.lock:
+            self.sent.append(frame)
+
+    def send_bulk(self, frame: p.Frame, timeout: float | None = None, lent: bool = False,
+                  window: int | None = None) -> None:
+        self.send_urgent(frame)
+
+    def close(self, reason: str = "") -> None:
+        self.closed = reason
+
+
+@pytest.fixture
+def mirrored(tmp_path):
+    vol = Volume.create(tmp_path / "v", 4 << 20, RS)
+    engine = Engine(vol)
+    mirror = AsyncMirror(engine, interval=0)
+    yield engine, mirror
+    mirror.close()
+    engine.close()
+
+
+def test_a_recovery_request_is_answered_from_the_live_volume_and_marked(mirrored):
+    engine, mirror = mirrored
+    engine.pwrite(b"L" * RS, 3 * RS)
+    engine.tracker.clear()  # as after a committed cycle
+    channel = Recorder()
+    mirror.connected(channel)
+    mirror.on_frame(p.ReadRegion(0x8000_0001, 3 * RS, RS))
+    wait_until(lambda: any(isinstance(f, p.RegionData) for f in channel.sent), 10,
+               "the answer")
+    answer = next(f for f in channel.sent if isinstance(f, p.RegionData))
+    assert (answer.seq, answer.offset, bytes(answer.data)) == (0x8000_0001, 3 * RS, b"L" * RS)
+    assert engine.tracker.marks[3] == 1  # the next cycle carries it too
+    assert channel.closed is None
+
+
+def test_frames_a_primary_never_takes_are_refused(mirrored):
+    _, mirror = mirrored
+    with pytest.raises(ProtocolError, match="async primary does not expect"):
+        mirror.on_frame(p.MetaAck(1))
+
+
+def test_non_durable_marks_are_refused(tmp_path):
+    vol = Volume.create(tmp_path / "v", 4 << 20, RS)
+    engine = Engine(vol, durable_marks=False)
+    try:
+        with pytest.raises(UsageError, match="durable marks"):
+            AsyncMirror(engine)
+    finally:
+        engine.close()
