@@ -113,6 +113,8 @@ def get_ready():
 
             settings = session.Settings.from_config(_config)
             _engine = Engine(volume, durable_marks=_config.get("durable-marks", "1") != "0")
+            if settings is None or settings.mode != "async":
+                _drop_open_cycle(volume)
             if settings is not None:
                 _session = session.replicate(_engine, settings)
         _place = ServerPlace(volume, _config.get("snapshot"))
@@ -156,6 +158,15 @@ def after_fork():
     threads = _nbdkit_threads()
     log.info("serving %s on %s: pid %d, threads per connection: %s", _what(),
              _config.get("listen") or "?", os.getpid(), threads or "nbdkit's default")
+
+
+def _drop_open_cycle(volume) -> None:
+    """Writes served without async mirroring would not keep an open cycle's image."""
+    from volume_core.cycle_freeze import CycleFreeze
+
+    if CycleFreeze.discard(volume):
+        log.warning("an async cycle of %s was left open; dropped (not mirroring async): "
+                    "its regions stay marked and are sent again", volume.path)
 
 
 def _replication_status():

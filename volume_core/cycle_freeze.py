@@ -113,6 +113,19 @@ class CycleFreeze:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
         return cls._open(volume, live_fd, root, number, state)
 
+    @staticmethod
+    def discard(volume: Volume) -> bool:
+        """Drop a cycle a previous run left open, if any (True then): for a server that
+        will not mirror async, whose writes would not copy on write (the image would go
+        stale). Its regions stay marked in the tracker: they are sent again."""
+        root = volume.path / DIR
+        shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
+        if not root.exists():
+            return False
+        shutil.rmtree(root)
+        fsync_dir(volume.path)
+        return True
+
     @classmethod
     def _open(cls, volume: Volume, live_fd: int, root: Path, number: int,
               state: np.ndarray) -> CycleFreeze:

@@ -133,3 +133,32 @@ def test_sync_refuses_volumes_not_mirrored_async(mirror, tmp_path):
     res = sync(m, "--timeout", "3", check=False)
     assert res.code == 2 and "--timeout needs --wait" in res.err
     assert NBDMIRROR  # the real command ran every time
+
+
+def test_a_cycle_left_open_is_dropped_by_a_server_in_another_mode(mirror):
+    """Served in semi-async mode, writes would not copy on write into the open cycle's
+    image: it is dropped (its regions stay marked, and the resync carries them), never
+    resumed stale by a later async server."""
+    m = mirror(proxy=True)
+    m.primary.start(m.peer, "async", "--interval", "0")
+    fill(m, seed=5)
+    m.proxy.stall()
+    sync(m)
+    wait_until(lambda: m.primary.replication()["cycle"]["state"] == "conveying", 30,
+               "the cycle to start", interval=0.01)
+    m.primary.kill()
+    assert (m.primary.vol / "cycle").is_dir()
+    m.proxy.resume()
+    m.primary.start(m.peer, "semi-async")
+    assert not (m.primary.vol / "cycle").exists()
+    h = m.primary.connect()
+    for i in range(64):  # new data over what the open cycle had frozen
+        h.pwrite(bytes([i + 1]) * 65536, i * 65536 * 3)
+    h.flush()
+    h.shutdown()
+    m.wait_in_sync()
+    m.primary.stop()
+    m.primary.start(m.peer, "async", "--interval", "0")
+    sync(m, "--wait")
+    assert m.differing_regions() == []
+    assert "left open; dropped" in m.primary.log.read_text()  # said at start, on stderr
