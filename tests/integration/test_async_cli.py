@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests.conftest import NBDMIRROR, run_cli, wait_until
-from tests.integration.test_replication_cli_faults import SIZE, SPAN_LENGTH, SPAN_OFFSET
+from tests.integration.test_replication_cli_faults import SIZE, fio_verified_randwrite
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,7 @@ def test_the_initial_sync_runs_under_fio_and_sync_wait_leaves_them_identical(mir
     m.primary.start(m.peer, "async", "--interval", "0")
     fill(m, seed=1)
     assert sync(m, "--json").json()["cycle"] == 1  # the initial sync starts
-    uri = f"nbd+unix:///?socket={m.primary.vol / 'nbd.sock'}"
-    done = subprocess.run(
-        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-         "--bs=4k", "--iodepth=16", f"--size={SPAN_LENGTH}", f"--offset={SPAN_OFFSET}",
-         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
-         "--output-format=terse"],
-        capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr + done.out
+    fio_verified_randwrite(m.primary)
     res = sync(m, "--wait", "--json").json()
     assert res["committed"] and res["committed_cycle"] >= res["cycle"] >= 2
     rep = m.primary.replication()

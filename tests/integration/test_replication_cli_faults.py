@@ -336,12 +336,9 @@ def assert_resent_only_out_of_sync(rep: dict, faults: int) -> None:
 # -------------------------------------------------------------------------------- the tests
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
-@pytest.mark.parametrize("mode", ["sync", "semi-async"])
-def test_fio_verified_randwrite_ends_byte_for_byte_on_the_secondary(mirror, mode):
-    m = mirror()
-    m.primary.start(m.peer, mode)
-    uri = f"nbd+unix:///?socket={m.primary.vol / 'nbd.sock'}"
+def fio_verified_randwrite(primary: Primary) -> None:
+    """fio 4K random writes over SPAN on ``primary``, each read back and checked (crc32c)."""
+    uri = f"nbd+unix:///?socket={primary.vol / 'nbd.sock'}"
     done = subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
          "--bs=4k", "--iodepth=16", f"--size={SPAN_LENGTH}", f"--offset={SPAN_OFFSET}",
@@ -349,6 +346,14 @@ def test_fio_verified_randwrite_ends_byte_for_byte_on_the_secondary(mirror, mode
          "--output-format=terse"],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+@pytest.mark.parametrize("mode", ["sync", "semi-async"])
+def test_fio_verified_randwrite_ends_byte_for_byte_on_the_secondary(mirror, mode):
+    m = mirror()
+    m.primary.start(m.peer, mode)
+    fio_verified_randwrite(m.primary)
     rep = m.wait_in_sync()
     assert rep["writes_sent"] >= SPAN_LENGTH // 4096 and rep["links_lost"] == 0
     assert rep["resync"]["regions"] == 0

@@ -21,13 +21,17 @@ REGIONS = 256
 SIZE = RS * REGIONS - 512  # a short last region
 
 
-def fresh(tmp_path, seed=1):
-    """An engine over a volume full of random bytes, and those bytes."""
+@pytest.fixture
+def fresh(tmp_path):
+    """An engine over a volume full of random bytes, and those bytes: (vol, engine,
+    before). The engine is closed afterwards."""
     vol = Volume.create(tmp_path / "v", SIZE, RS)
-    before = np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    before = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
     with open(vol.data_path, "r+b") as f:
         f.write(before)
-    return vol, Engine(vol), before
+    engine = Engine(vol)
+    yield vol, engine, before
+    engine.close()
 
 
 def freeze_with_hook(vol, engine, taken, number=1):
@@ -40,90 +44,82 @@ def image(before: bytes, first: int, stop: int) -> bytes:
     return before[first * RS:min(stop * RS, SIZE)]
 
 
-def test_the_conveyor_reads_the_volume_at_the_take_while_host_writes_land(tmp_path):
-    vol, engine, before = fresh(tmp_path)
-    try:
-        rng = np.random.default_rng(2)
-        taken = (rng.random(REGIONS) < 0.6).astype(np.uint8)
-        taken[-1] = 1  # the short last region too
-        freeze, _ = freeze_with_hook(vol, engine, taken)
-        stop_writing = threading.Event()
-        errors: list[BaseException] = []
+def test_the_conveyor_reads_the_volume_at_the_take_while_host_writes_land(fresh):
+    vol, engine, before = fresh
+    rng = np.random.default_rng(2)
+    taken = (rng.random(REGIONS) < 0.6).astype(np.uint8)
+    taken[-1] = 1  # the short last region too
+    freeze, _ = freeze_with_hook(vol, engine, taken)
+    stop_writing = threading.Event()
+    errors: list[BaseException] = []
 
-        def host(seed):
-            r = np.random.default_rng(seed)
-            try:
-                while not stop_writing.is_set():
-                    off = int(r.integers(0, SIZE - 1))
-                    ln = int(r.integers(1, min(5 * RS, SIZE - off) + 1))
-                    engine.pwrite(r.integers(0, 256, ln, dtype=np.uint8).tobytes(), off)
-            except BaseException as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-        writers = [threading.Thread(target=host, args=(s,)) for s in (10, 11, 12)]
-        for w in writers:
-            w.start()
-        got: dict[int, bytes] = {}
+    def host(seed):
+        r = np.random.default_rng(seed)
         try:
-            for first in np.flatnonzero(taken).tolist():
-                got[first] = bytes(freeze.read(first, first + 1))
-                freeze.conveyed(first, first + 1)
-        finally:
-            stop_writing.set()
-            for w in writers:
-                w.join(30)
-        assert not errors, errors
-        wrong = [r for r, data in got.items() if data != image(before, r, r + 1)]
-        assert not wrong, f"regions read as written after the take: {wrong[:10]}"
-        assert not freeze.remaining().any()
-        freeze.drop()
-    finally:
-        engine.close()
+            while not stop_writing.is_set():
+                off = int(r.integers(0, SIZE - 1))
+                ln = int(r.integers(1, min(5 * RS, SIZE - off) + 1))
+                engine.pwrite(r.integers(0, 256, ln, dtype=np.uint8).tobytes(), off)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
 
-
-def test_runs_of_regions_read_in_one_call_mix_store_and_live(tmp_path):
-    vol, engine, before = fresh(tmp_path)
+    writers = [threading.Thread(target=host, args=(s,)) for s in (10, 11, 12)]
+    for w in writers:
+        w.start()
+    got: dict[int, bytes] = {}
     try:
-        taken = np.ones(REGIONS, dtype=np.uint8)
-        freeze, cow = freeze_with_hook(vol, engine, taken)
-        engine.pwrite(b"x" * (3 * RS), 10 * RS)  # regions 10..12 copied, then overwritten
-        assert list(freeze.preserved[9:14]) == [KEEP, COPIED, COPIED, COPIED, KEEP]
-        assert cow.copies == 3
-        assert bytes(freeze.read(8, 15)) == image(before, 8, 15)
-        assert bytes(freeze.read(REGIONS - 2, REGIONS)) == image(before, REGIONS - 2, REGIONS)
+        for first in np.flatnonzero(taken).tolist():
+            got[first] = bytes(freeze.read(first, first + 1))
+            freeze.conveyed(first, first + 1)
     finally:
-        engine.close()
+        stop_writing.set()
+        for w in writers:
+            w.join(30)
+    assert not errors, errors
+    wrong = [r for r, data in got.items() if data != image(before, r, r + 1)]
+    assert not wrong, f"regions read as written after the take: {wrong[:10]}"
+    assert not freeze.remaining().any()
+    freeze.drop()
 
 
-def test_only_regions_the_cycle_still_needs_are_copied(tmp_path):
-    vol, engine, _ = fresh(tmp_path)
-    try:
-        taken = np.zeros(REGIONS, dtype=np.uint8)
-        taken[100:110] = 1
-        freeze, cow = freeze_with_hook(vol, engine, taken)
-        engine.pwrite(b"a" * RS, 5 * RS)  # not in the cycle
-        freeze.conveyed(100, 105)
-        engine.pwrite(b"b" * (5 * RS), 100 * RS)  # in the cycle, but conveyed already
-        assert cow.copies == 0
-        engine.pwrite(b"c" * RS, 107 * RS)  # still to convey: copied once
-        engine.pwrite(b"d" * RS, 107 * RS)
-        assert cow.copies == 1
-        assert list(np.flatnonzero(freeze.remaining())) == list(range(105, 110))
-    finally:
-        engine.close()
+
+def test_runs_of_regions_read_in_one_call_mix_store_and_live(fresh):
+    vol, engine, before = fresh
+    taken = np.ones(REGIONS, dtype=np.uint8)
+    freeze, cow = freeze_with_hook(vol, engine, taken)
+    engine.pwrite(b"x" * (3 * RS), 10 * RS)  # regions 10..12 copied, then overwritten
+    assert list(freeze.preserved[9:14]) == [KEEP, COPIED, COPIED, COPIED, KEEP]
+    assert cow.copies == 3
+    assert bytes(freeze.read(8, 15)) == image(before, 8, 15)
+    assert bytes(freeze.read(REGIONS - 2, REGIONS)) == image(before, REGIONS - 2, REGIONS)
 
 
-def test_a_restart_finds_the_cycle_where_it_was(tmp_path):
-    vol, engine, before = fresh(tmp_path)
+
+def test_only_regions_the_cycle_still_needs_are_copied(fresh):
+    vol, engine, _ = fresh
+    taken = np.zeros(REGIONS, dtype=np.uint8)
+    taken[100:110] = 1
+    freeze, cow = freeze_with_hook(vol, engine, taken)
+    engine.pwrite(b"a" * RS, 5 * RS)  # not in the cycle
+    freeze.conveyed(100, 105)
+    engine.pwrite(b"b" * (5 * RS), 100 * RS)  # in the cycle, but conveyed already
+    assert cow.copies == 0
+    engine.pwrite(b"c" * RS, 107 * RS)  # still to convey: copied once
+    engine.pwrite(b"d" * RS, 107 * RS)
+    assert cow.copies == 1
+    assert list(np.flatnonzero(freeze.remaining())) == list(range(105, 110))
+
+
+
+def test_a_restart_finds_the_cycle_where_it_was(fresh):
+    vol, engine, before = fresh
     taken = np.zeros(REGIONS, dtype=np.uint8)
     taken[20:40] = 1
-    try:
-        freeze, _ = freeze_with_hook(vol, engine, taken, number=7)
-        engine.pwrite(b"n" * (2 * RS), 30 * RS)  # 30, 31 copied
-        freeze.conveyed(20, 25)
-        freeze.close()  # the process dies here: no drop
-    finally:
-        engine.close()
+    freeze, _ = freeze_with_hook(vol, engine, taken, number=7)
+    engine.pwrite(b"n" * (2 * RS), 30 * RS)  # 30, 31 copied
+    freeze.conveyed(20, 25)
+    freeze.close()  # the process dies here: no drop
+    engine.close()
     engine = Engine(vol)
     try:
         again = CycleFreeze.open(vol, engine.fd)
@@ -137,60 +133,54 @@ def test_a_restart_finds_the_cycle_where_it_was(tmp_path):
         engine.close()
 
 
-def test_a_second_cycle_is_refused_while_one_is_open(tmp_path):
-    vol, engine, _ = fresh(tmp_path)
-    try:
-        CycleFreeze.create(vol, engine.fd, 1, np.ones(REGIONS, dtype=np.uint8)).close()
-        with pytest.raises(FileExistsError, match="cycle already open"):
-            CycleFreeze.create(vol, engine.fd, 2, np.ones(REGIONS, dtype=np.uint8))
-    finally:
-        engine.close()
+def test_a_second_cycle_is_refused_while_one_is_open(fresh):
+    vol, engine, _ = fresh
+    CycleFreeze.create(vol, engine.fd, 1, np.ones(REGIONS, dtype=np.uint8)).close()
+    with pytest.raises(FileExistsError, match="cycle already open"):
+        CycleFreeze.create(vol, engine.fd, 2, np.ones(REGIONS, dtype=np.uint8))
+
 
 
 @pytest.mark.parametrize("damage", ["short map", "bad state", "bad number", "short store"])
-def test_a_damaged_open_cycle_is_refused_naming_it(tmp_path, damage):
-    vol, engine, _ = fresh(tmp_path)
-    try:
-        CycleFreeze.create(vol, engine.fd, 3, np.ones(REGIONS, dtype=np.uint8)).close()
-        root = vol.path / "cycle"
-        if damage == "short map":
-            (root / "state.map").write_bytes(b"\0" * (REGIONS - 1))
-        elif damage == "bad state":
-            (root / "state.map").write_bytes(b"\0" * (REGIONS - 1) + bytes([FREE + 1]))
-        elif damage == "bad number":
-            (root / "cycle.json").write_text('{"number": "three"}')
-        else:
-            with open(root / "store.img", "r+b") as f:
-                f.truncate(SIZE - 1)
-        with pytest.raises(VolumeCorrupt, match="damaged open cycle"):
-            CycleFreeze.open(vol, engine.fd)
-    finally:
-        engine.close()
+def test_a_damaged_open_cycle_is_refused_naming_it(fresh, damage):
+    vol, engine, _ = fresh
+    CycleFreeze.create(vol, engine.fd, 3, np.ones(REGIONS, dtype=np.uint8)).close()
+    root = vol.path / "cycle"
+    if damage == "short map":
+        (root / "state.map").write_bytes(b"\0" * (REGIONS - 1))
+    elif damage == "bad state":
+        (root / "state.map").write_bytes(b"\0" * (REGIONS - 1) + bytes([FREE + 1]))
+    elif damage == "bad number":
+        (root / "cycle.json").write_text('{"number": "three"}')
+    else:
+        with open(root / "store.img", "r+b") as f:
+            f.truncate(SIZE - 1)
+    with pytest.raises(VolumeCorrupt, match="damaged open cycle"):
+        CycleFreeze.open(vol, engine.fd)
+
 
 
 def test_a_write_landing_between_the_state_look_and_the_live_read_is_not_conveyed(
-        tmp_path, monkeypatch):
+        fresh, monkeypatch):
     """The conveyor looked at region 5 (KEEP), then a host write copied it and landed
     before the conveyor read it live: the conveyor must see the region became COPIED
     and take the old bytes from the store."""
     import volume_core.cycle_freeze as cf
 
-    vol, engine, before = fresh(tmp_path)
-    try:
-        freeze, _ = freeze_with_hook(vol, engine, np.ones(REGIONS, dtype=np.uint8))
-        real = cf.pread_full
-        raced = []
+    vol, engine, before = fresh
+    freeze, _ = freeze_with_hook(vol, engine, np.ones(REGIONS, dtype=np.uint8))
+    real = cf.pread_full
+    raced = []
 
-        def pread_full(fd, view, offset):
-            if fd == engine.fd and not raced:  # the conveyor's first live read
-                raced.append(offset)
-                writer = threading.Thread(target=engine.pwrite, args=(b"N" * RS, 5 * RS))
-                writer.start()
-                writer.join(10)
-            return real(fd, view, offset)
+    def pread_full(fd, view, offset):
+        if fd == engine.fd and not raced:  # the conveyor's first live read
+            raced.append(offset)
+            writer = threading.Thread(target=engine.pwrite, args=(b"N" * RS, 5 * RS))
+            writer.start()
+            writer.join(10)
+        return real(fd, view, offset)
 
-        monkeypatch.setattr(cf, "pread_full", pread_full)
-        assert bytes(freeze.read(4, 7)) == image(before, 4, 7)
-        assert raced and freeze.preserved[5] == COPIED
-    finally:
-        engine.close()
+    monkeypatch.setattr(cf, "pread_full", pread_full)
+    assert bytes(freeze.read(4, 7)) == image(before, 4, 7)
+    assert raced and freeze.preserved[5] == COPIED
+
