@@ -36,12 +36,13 @@ from .errors import (
     QuiesceTimeout,
     RangeError,
     ReadOnlyError,
+    SnapshotError,
     UsageError,
     VolumeCorrupt,
     VolumeError,
 )
 from .regions import RegionTracker
-from .snapshots import SnapshotChain
+from .snapshots import SnapshotChain, cycle_number
 from .volume import Volume
 from .write_events import FLUSH, TRIM, WRITE, ZERO, RegionLocks, Replicator, WriteEvent
 
@@ -447,19 +448,25 @@ class Engine:
         return out
 
     # -- snapshots -----------------------------------------------------------
-    def create_snapshot(self, name: str | None = None) -> dict[str, Any]:
-        """Take a snapshot atomically with respect to writes; no data is copied."""
+    def create_snapshot(self, name: str | None = None, internal: bool = False
+                        ) -> dict[str, Any]:
+        """Take a snapshot atomically with respect to writes; no data is copied.
+        ``internal``: one of nbdmirror's own (an async secondary's consistent image)."""
         with self._admin_lock, self.quiesce():
             # Hook first: if create fails half-way, copy-on-write is on anyway (it
             # returns at once while the chain is empty).
             if self.snapshots.preserve not in self.pre_write:
                 self.pre_write.append(self.snapshots.preserve)
-            snap = self.snapshots.create(name)
+            snap = self.snapshots.create(name, internal)
         log.info("snapshot %s created (seq %d)", snap.name, snap.seq)
         return {"name": snap.name, "seq": snap.seq, "created": snap.created}
 
-    def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot; writes pause only for the last step of deleting the newest."""
+    def delete_snapshot(self, name: str, internal: bool = False) -> None:
+        """Delete a snapshot; writes pause only for the last step of deleting the newest.
+        An async secondary's consistent image goes only ``internal``ly (a newer one came)."""
+        if not internal and cycle_number(name) is not None:
+            raise SnapshotError(f"snapshot {name!r} is the consistent image of async "
+                                "mirroring: it is replaced by the next cycle, not deleted")
         with self._admin_lock:
             self.snapshots.delete(name, quiesce=self.quiesce)
             log.info("snapshot %s deleted", name)

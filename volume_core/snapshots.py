@@ -51,6 +51,19 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@:+-]{0,99}$")
 
 #: names of nbdmirror's own files among the snapshots (all others start with '.')
 RESERVED_NAMES = frozenset({CHAIN_SEQ})
+#: async mirroring's consistent images on a secondary: ``cycle-N``, never a user's
+CYCLE_PREFIX = "cycle-"
+
+
+def cycle_name(number: int) -> str:
+    """The snapshot that holds a secondary's consistent image of cycle ``number``."""
+    return f"{CYCLE_PREFIX}{number}"
+
+
+def cycle_number(name: str) -> int | None:
+    """``cycle_name``'s number, or None for any other name."""
+    rest = name[len(CYCLE_PREFIX):] if name.startswith(CYCLE_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
 
 
 def validate_name(name: str) -> str:
@@ -368,9 +381,10 @@ class SnapshotChain:
         return self.cow.copies
 
     # -- create / delete -------------------------------------------------------
-    def create(self, name: str | None) -> Snapshot:
-        """Add a snapshot of the live volume as it is now. The caller quiesces writes."""
-        name = self._new_name(name)
+    def create(self, name: str | None, internal: bool = False) -> Snapshot:
+        """Add a snapshot of the live volume as it is now. The caller quiesces writes.
+        ``internal``: one of nbdmirror's own (a ``cycle_name``)."""
+        name = self._new_name(name, internal)
         root = self.volume.snapshot_dir
         check_chain_seq(root / CHAIN_SEQ)  # refuse before making anything, not half-way
         # Never reuse a seq, not even a deleted snapshot's: a seq then names one snapshot
@@ -399,7 +413,10 @@ class SnapshotChain:
                                 f"{getattr(err, 'strerror', None) or err}") from None
         return snap
 
-    def _new_name(self, name: str | None) -> str:
+    def _new_name(self, name: str | None, internal: bool = False) -> str:
+        if name is not None and not internal and name.startswith(CYCLE_PREFIX):
+            raise SnapshotError(f"invalid snapshot name {name!r}: names starting with "
+                                f"{CYCLE_PREFIX!r} are async mirroring's consistent images")
         if name is None:
             name = default_name()
             taken = {s.name for s in self.chain}
@@ -504,6 +521,7 @@ def describe(volume: Volume, path: Path, preserved: np.ndarray | None = None) ->
         "bytes_preserved": nbytes,
         "allocated_bytes": (path / STORE).stat().st_blocks * 512,
         "served": is_served(path),
+        "internal": cycle_number(info["name"]) is not None,
     }
 
 

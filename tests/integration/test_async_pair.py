@@ -181,3 +181,67 @@ def test_overlapping_writers_between_cycles_end_identical(tmp_path):
         mine, theirs = pr.images()
         assert mine == theirs
         assert not np.any(pr.primary.tracker.marks)
+
+
+def test_the_secondary_keeps_the_last_cycle_whole_while_the_next_arrives(tmp_path):
+    """Its consistent image is a snapshot per commit: a reader of it sees cycle 1 while
+    cycle 2's chunks land; a reader holding it keeps it past the next commit."""
+    from volume_core.snapshot_view import SnapshotView
+    from volume_core.volume import Volume
+
+    in_cycle_2 = threading.Event()
+    held = threading.Event()
+    go_on = threading.Event()
+    chunks = [0]
+
+    def wrap(handle):
+        def holding(frame):
+            if isinstance(frame, p.CycleBegin) and frame.seq == 2:
+                in_cycle_2.set()
+            if in_cycle_2.is_set() and isinstance(frame, p.Write):
+                chunks[0] += 1
+                if chunks[0] == 3:  # two chunks of cycle 2 have landed
+                    held.set()
+                    go_on.wait(30)
+            handle(frame)
+        return holding
+
+    old = random.Random(7).randbytes(SIZE)
+    new = random.Random(8).randbytes(SIZE)
+    with pair(tmp_path, "async", wrap=wrap, prefill=old, ack_timeout=30) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync")
+        names = [s.name for s in pr.secondary.snapshots.chain]
+        assert names == ["cycle-1"]
+        pr.primary.pwrite(new, 0)
+        pr.replicator.run_now()
+        assert held.wait(30)
+        live = pr.secondary.volume.data_path.read_bytes()
+        assert live != old  # cycle 2 is half there...
+        view = SnapshotView(Volume.open(pr.secondary.volume.path), "cycle-1")
+        try:
+            image = bytearray(SIZE)
+            view.pread(image, 0)
+            assert image == old  # ...and the consistent image is cycle 1, whole
+            go_on.set()
+            wait_until(lambda: pr.replicator.committed >= 2, 30, "cycle 2")
+            view.pread(image, 0)
+            assert image == old  # still, for the reader that holds it
+            assert [s.name for s in pr.secondary.snapshots.chain] == ["cycle-1", "cycle-2"]
+        finally:
+            view.close()
+        cycle(pr)  # cycle 3: nobody holds the old images any more
+        assert [s.name for s in pr.secondary.snapshots.chain] == ["cycle-3"]
+        assert pr.images() == (new, new)
+
+
+def test_users_cannot_take_or_delete_the_consistent_image_names(tmp_path):
+    from volume_core.errors import SnapshotError
+
+    with pair(tmp_path, "async", prefill=b"x" * RS) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync")
+        with pytest.raises(SnapshotError, match="consistent images"):
+            pr.primary.create_snapshot("cycle-9")
+        with pytest.raises(SnapshotError, match="replaced by the next cycle"):
+            pr.secondary.delete_snapshot("cycle-1")
+        listed = pr.secondary.list_snapshots()
+        assert [(s["name"], s["internal"]) for s in listed] == [("cycle-1", True)]

@@ -78,7 +78,7 @@ from typing import Any, Final, Protocol
 
 import numpy as np
 
-from .. import native
+from .. import native, snapshots
 from ..engine import Engine
 from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
@@ -445,12 +445,37 @@ class Receiver:
         if frame.seq < self.engine.volume.info.cycle:
             raise ProtocolError(f"CYCLE_COMMIT {frame.seq}: cycle "
                                 f"{self.engine.volume.info.cycle} was committed already")
+        self._hold_image(frame.seq)
         try:
             self.engine.volume.update_info(cycle=frame.seq)
         except OSError as err:
             raise VolumeError(f"cannot record cycle {frame.seq} as committed: {err}") from err
         self.cycle_in_progress = None
         self.out.send_urgent(p.CycleAck(frame.seq))
+        self._drop_older_images(frame.seq)
+
+    def _hold_image(self, number: int) -> None:
+        """Keep the replica as it is now (cycle ``number``, whole) as a snapshot: the
+        consistent image while the next cycle's data lands (copy on write)."""
+        name = snapshots.cycle_name(number)
+        if any(s.name == name for s in self.engine.snapshots.chain):
+            return  # a commit asked again (its CYCLE_ACK was lost with the link)
+        try:
+            self.engine.create_snapshot(name, internal=True)
+        except (OSError, NbdMirrorError) as err:
+            raise VolumeError(f"cannot keep cycle {number} as the consistent image: "
+                              f"{err}") from err
+
+    def _drop_older_images(self, number: int) -> None:
+        """Older consistent images go, unless a reader still holds one (``serve
+        --consistent``): that one goes at a later commit."""
+        for snap in list(self.engine.snapshots.chain):
+            older = snapshots.cycle_number(snap.name)
+            if older is not None and older < number:
+                try:
+                    self.engine.delete_snapshot(snap.name, internal=True)
+                except (OSError, NbdMirrorError) as err:
+                    log.info("consistent image %s kept for now: %s", snap.name, err)
 
     def _async_only(self, frame: p.Frame) -> None:
         if self.mode != ASYNC:
