@@ -150,12 +150,18 @@ def info(vol: str, as_json: bool) -> None:
 @click.option("--tls-cert", type=click.Path(dir_okay=False),
               help="This primary's certificate (when the secondary asks for one).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key.")
+@click.option("--consistent", is_flag=True,
+              help="On an async secondary: serve its last consistent image (the newest "
+                   "committed cycle) read-only, also while the next cycle arrives; it stays "
+                   "that image for as long as this server runs (default socket: "
+                   "VOL/snapshots/cycle-N/nbd.sock; stop with 'nbdmirror snapshot stop VOL "
+                   "cycle-N').")
 @threads_option
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
           replicate_to: str | None, mode: str | None, interval: str | None,
           secret_file: str | None, tls_ca: str | None, tls_cert: str | None,
-          tls_key: str | None, threads: int | None, as_json: bool) -> None:
+          tls_key: str | None, consistent: bool, threads: int | None, as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
     In the foreground it runs until Ctrl-C; with --background until
@@ -163,6 +169,13 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
     """
     extra = _replication_keys(replicate_to, mode, interval, secret_file, tls_ca, tls_cert,
                               tls_key)
+    if consistent:
+        if extra:
+            raise click.UsageError("--consistent serves a secondary's image: it takes no "
+                                   "replication options")
+        place = _snapshot_place(vol, _consistent_image(Volume.open(vol)))
+        _serve(place, socket, port, address, background, threads, as_json)
+        return
     if threads is None:  # an async write waits for nothing remote: as unreplicated
         waits = extra and mode != "async"
         threads = server.REPLICATED_THREADS if waits else server.DEFAULT_THREADS
@@ -462,6 +475,20 @@ def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
     operations.run(volume, "snapshot-delete", name=name)
     emit({"volume": str(volume.path.absolute()), "deleted": name}, as_json,
          [f"deleted snapshot {name} of {vol}"])
+
+
+def _consistent_image(volume: Volume) -> str:
+    """The snapshot holding an async secondary's last consistent image."""
+    if volume.info.role != "secondary":
+        raise NbdMirrorError(f"{volume.path} is not a secondary: --consistent serves the "
+                             "image an async secondary keeps of its last cycle")
+    cycles = [(n, info["name"]) for _seq, _path, info in snapshots.snapshot_dirs(volume)
+              if (n := snapshots.cycle_number(info["name"])) is not None
+              and not info.get("deleting")]
+    if not cycles:
+        raise NbdMirrorError(f"{volume.path} has no consistent image yet: no async cycle "
+                             "was committed to it")
+    return max(cycles)[1]
 
 
 def _snapshot_place(vol: str, name: str, check_files: bool = True) -> ServerPlace:

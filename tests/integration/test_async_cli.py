@@ -155,3 +155,56 @@ def test_a_cycle_left_open_is_dropped_by_a_server_in_another_mode(mirror):
     sync(m, "--wait")
     assert m.differing_regions() == []
     assert "left open; dropped" in m.primary.log.read_text()  # said at start, on stderr
+
+
+def test_serve_consistent_exports_the_last_committed_cycle_while_the_next_arrives(mirror):
+    import nbd
+
+    m = mirror(proxy=True)
+    m.primary.start(m.peer, "async", "--interval", "0")
+    first = fill(m, seed=6)
+    sync(m, "--wait")
+    sock = m.where / "consistent.sock"
+    out = run_cli("serve", m.secondary.vol, "--consistent", "--socket", sock, "--background",
+                  "--json").json()
+    try:
+        second = random.Random(7).randbytes(SIZE)
+        src = m.where / "second.img"
+        src.write_bytes(second)
+        subprocess.run(["nbdcopy", str(src),
+                        f"nbd+unix:///?socket={m.primary.vol / 'nbd.sock'}"],
+                       check=True, timeout=60)
+        m.proxy.delay(0.01)
+        sync(m)  # cycle 2 arrives while a reader reads cycle 1
+        h = nbd.NBD()
+        h.connect_unix(str(sock))
+        assert h.is_read_only()
+        got = b"".join(h.pread(1 << 20, off) for off in range(0, SIZE, 1 << 20))
+        assert got == first
+        m.proxy.delay(0)
+        sync(m, "--wait")
+        got = b"".join(h.pread(1 << 20, off) for off in range(0, SIZE, 1 << 20))
+        assert got == first  # the same point in time, for as long as it is connected
+        h.shutdown()
+        assert m.differing_regions() == []
+    finally:
+        run_cli("snapshot", "stop", m.secondary.vol, "cycle-1", "--force", check=False)
+    assert out["snapshot"] == "cycle-1"
+    # a new export shows the newest cycle
+    newest = m.primary.replication()["committed_cycle"]
+    out = run_cli("serve", m.secondary.vol, "--consistent", "--socket", sock, "--background",
+                  "--json").json()
+    run_cli("snapshot", "stop", m.secondary.vol, out["snapshot"])
+    assert out["snapshot"] == f"cycle-{newest}" and newest >= 2
+
+
+def test_serve_consistent_refuses_what_has_no_consistent_image(mirror, tmp_path):
+    run_cli("create", tmp_path / "plain", "--size", "4M")
+    res = run_cli("serve", tmp_path / "plain", "--consistent", check=False)
+    assert res.code == 1 and "is not a secondary" in res.err, res.err
+    m = mirror()
+    m.primary.start(m.peer, "semi-async")  # paired: a secondary, with no cycle
+    res = run_cli("serve", m.secondary.vol, "--consistent", check=False)
+    assert res.code == 1 and "no consistent image yet" in res.err, res.err
+    res = run_cli("serve", m.secondary.vol, "--consistent", "--mode", "async", check=False)
+    assert res.code == 2, res.err
