@@ -78,3 +78,36 @@ def test_non_durable_marks_are_refused(tmp_path):
             AsyncMirror(engine)
     finally:
         engine.close()
+
+
+class Acking(Recorder):
+    """A channel whose far end applies nothing and acknowledges everything at once."""
+
+    def __init__(self, mirror: AsyncMirror) -> None:
+        super().__init__()
+        self.mirror = mirror
+
+    def send_urgent(self, frame: p.Frame) -> None:
+        super().send_urgent(frame)
+        if isinstance(frame, p.CycleCommit):
+            threading.Thread(target=self.mirror.on_frame, args=(p.CycleAck(frame.seq),)).start()
+
+    def send_bulk(self, frame: p.Frame, timeout: float | None = None, lent: bool = False,
+                  window: int | None = None) -> None:
+        super().send_urgent(frame)
+        threading.Thread(target=self.mirror.on_frame, args=(p.DataAck(frame.seq),)).start()
+
+
+def test_a_cycle_asked_for_while_the_link_is_down_runs_after_the_resumed_one(mirrored):
+    """run_now() during an open cycle promises the next one; asked while disconnected, the
+    resumed cycle must not count as the one promised."""
+    engine, mirror = mirrored
+    engine.pwrite(b"w" * (4 * RS), 0)
+    silent = Recorder()  # takes the first chunks and never answers
+    mirror.connected(silent)
+    wait_until(lambda: any(isinstance(f, p.Write) for f in silent.sent), 10, "cycle 1")
+    mirror.disconnected("test: the link broke")
+    want = mirror.run_now()
+    assert want == 2  # cycle 1 is open: what was written before this needs cycle 2
+    mirror.connected(Acking(mirror))
+    wait_until(lambda: mirror.committed >= 2, 10, f"cycle {want} to commit")

@@ -84,7 +84,7 @@ class AsyncMirror:
         self._inflight = np.zeros(engine.volume.regions, dtype=np.uint8)
         self._next_seq = 0
         self._cycle_acked = 0
-        self._requested = 0  # cycles asked for (``run_now``)
+        self._wanted = 0  # the highest cycle number ``run_now`` promised
         self._due: float | None = None  # time.monotonic() of the next cycle (None: on request)
         self._stopping = False
         self.state = "disconnected"
@@ -158,10 +158,12 @@ class AsyncMirror:
         """Ask for a cycle now; returns the number that will commit everything written
         before this call."""
         with self._lock:
-            self._requested += 1
-            self._changed.notify_all()
+            # An open cycle took its marks already: what was written since needs the next.
             open_cycle = self._freeze.number if self._freeze is not None else None
-            return (open_cycle or self.committed) + 1
+            target = (open_cycle or self.committed) + 1
+            self._wanted = max(self._wanted, target)
+            self._changed.notify_all()
+            return target
 
     # -- frames from the secondary ----------------------------------------------------
     def on_frame(self, frame: p.Frame) -> None:
@@ -227,15 +229,14 @@ class AsyncMirror:
 
     # -- the cycle thread -----------------------------------------------------------
     def _run(self) -> None:
-        done_requests = 0
         while True:
             with self._lock:
-                channel = self._wait_for_work(done_requests)
+                channel = self._wait_for_work()
                 if channel is None:
                     return
-                requests = self._requested
+                forced = self.committed < self._wanted
             try:
-                ran = self._cycle(channel, forced=requests > done_requests)
+                ran = self._cycle(channel, forced=forced)
             except _Lost:
                 continue
             except (NbdMirrorError, OSError) as err:
@@ -250,18 +251,17 @@ class AsyncMirror:
                 with self._lock:  # a take that failed leaves nothing open
                     if self._freeze is None:
                         self.progress["state"] = "idle"
-            done_requests = requests
             with self._lock:
                 self._due = time.monotonic() + self.interval if self.interval > 0 else None
             if ran:
                 log.info("async: cycle %d committed", self.committed)
 
-    def _wait_for_work(self, done_requests: int) -> Channel | None:
+    def _wait_for_work(self) -> Channel | None:
         """(lock held) The channel to run a cycle on, once one is due; None to stop."""
         while not self._stopping:
             channel = self._channel
             if channel is not None:
-                if self._freeze is not None or self._requested > done_requests:
+                if self._freeze is not None or self.committed < self._wanted:
                     return channel
                 if self._due is not None:
                     wait = self._due - time.monotonic()
