@@ -7,6 +7,7 @@ Set NBDMIRROR_DEBUG=1 to see a traceback for an unexpected error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -15,6 +16,7 @@ from pathlib import Path
 import click
 
 from volume_core import operations, snapshots
+from volume_core.cycle_freeze import CycleFreeze
 from volume_core.errors import NbdMirrorError, ServerError, UsageError
 from volume_core.replication import receiver, session
 from volume_core.server_files import ServerPlace
@@ -179,8 +181,10 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
     if threads is None:  # an async write waits for nothing remote: as unreplicated
         waits = extra and mode != "async"
         threads = server.REPLICATED_THREADS if waits else server.DEFAULT_THREADS
-    _serve(ServerPlace(Volume.open(vol)), socket, port, address, background, threads, as_json,
-           extra)
+    volume = Volume.open(vol)
+    if mode == "async" and extra:
+        CycleFreeze.check(volume)  # a damaged open cycle: refused here, in one line
+    _serve(ServerPlace(volume), socket, port, address, background, threads, as_json, extra)
 
 
 def _replication_keys(replicate_to: str | None, mode: str | None, interval: str | None,
@@ -296,6 +300,8 @@ def sync_cmd(vol: str, wait: bool, timeout: float | None, as_json: bool) -> None
     """
     if timeout is not None and not wait:
         raise click.UsageError("--timeout needs --wait")
+    if timeout is not None and not math.isfinite(timeout):
+        raise click.UsageError(f"--timeout {timeout}: expected a number of seconds")
     volume = Volume.open(vol, check_files=False)
     number = cycles.request(volume)
     data = {"volume": str(volume.path.absolute()), "cycle": number, "committed": False}

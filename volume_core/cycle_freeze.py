@@ -93,15 +93,30 @@ class CycleFreeze:
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
         """The cycle a previous run left open, or None. A damaged one is refused."""
-        root = volume.path / DIR
         shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
-        if not root.exists():
+        found = cls.check(volume)
+        if found is None:
+            return None
+        number, state = found
+        return cls._open(volume, live_fd, volume.path / DIR, number, state)
+
+    @staticmethod
+    def check(volume: Volume) -> tuple[int, np.ndarray] | None:
+        """The number and state map of a cycle left open, or None; VolumeCorrupt, naming
+        it, for a damaged one (for a command to refuse before it starts a server)."""
+        root = volume.path / DIR
+        if not os.path.lexists(root):
             return None
         try:
+            if root.is_symlink() or not root.is_dir():
+                raise ValueError("not a directory")
             info = json.loads((root / INFO).read_text())
             number = info["number"]
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise ValueError(f"cycle number {number!r}")
+            committed = volume.info.cycle  # open: the next, or the last not yet closed
+            if not committed <= number <= committed + 1:
+                raise ValueError(f"cycle {number}, but cycle {committed} was committed")
             state = np.fromfile(root / STATE, dtype=np.uint8)
             if state.size != volume.regions:
                 raise ValueError(f"{STATE}: {state.size} bytes, expected {volume.regions}")
@@ -111,7 +126,7 @@ class CycleFreeze:
                 raise ValueError(f"{STORE}: not {volume.size} bytes")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
-        return cls._open(volume, live_fd, root, number, state)
+        return number, state
 
     @staticmethod
     def discard(volume: Volume) -> bool:
@@ -120,9 +135,12 @@ class CycleFreeze:
         stale). Its regions stay marked in the tracker: they are sent again."""
         root = volume.path / DIR
         shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
-        if not root.exists():
+        if not os.path.lexists(root):
             return False
-        shutil.rmtree(root)
+        if root.is_dir() and not root.is_symlink():
+            shutil.rmtree(root)
+        else:  # not what nbdmirror makes: nothing of ours to keep either way
+            root.unlink()
         fsync_dir(volume.path)
         return True
 

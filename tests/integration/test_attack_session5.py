@@ -368,3 +368,31 @@ def test_a_channel_closed_before_start_and_started_later_still_closes(secondary,
     closer.start()
     closer.join(5)
     assert not closer.is_alive(), "close() hangs joining a sender that waits for the socket"
+
+
+def test_a_close_racing_start_joins_only_threads_that_were_started(secondary, primary):
+    """Found with async mirroring (session 6): the cycle thread closed a channel the
+    session was still starting; close() joined a thread start() had listed but not started
+    yet ("cannot join thread before it is started"). Threads are now listed and started
+    under the channel's lock, and not at all once it is closed."""
+    sec = secondary()
+    errors: list[BaseException] = []
+    for _ in range(30):
+        channel = primary(sec.address)
+        go = threading.Barrier(2)
+
+        def close(ch=channel) -> None:
+            go.wait()
+            try:
+                ch.close("closed while starting")
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        go.wait()
+        channel.start(lambda frame: None)
+        closer.join(10)
+        assert not closer.is_alive()
+        channel.close()
+    assert not errors, errors[0]

@@ -113,6 +113,7 @@ def test_only_regions_the_cycle_still_needs_are_copied(fresh):
 
 def test_a_restart_finds_the_cycle_where_it_was(fresh):
     vol, engine, before = fresh
+    vol.update_info(cycle=6)  # six cycles committed before this one
     taken = np.zeros(REGIONS, dtype=np.uint8)
     taken[20:40] = 1
     freeze, _ = freeze_with_hook(vol, engine, taken, number=7)
@@ -184,3 +185,13 @@ def test_a_write_landing_between_the_state_look_and_the_live_read_is_not_conveye
     assert bytes(freeze.read(4, 7)) == image(before, 4, 7)
     assert raced and freeze.preserved[5] == COPIED
 
+
+
+@pytest.mark.parametrize("committed", [0, 5])
+def test_an_open_cycle_numbered_out_of_step_with_the_committed_one_is_refused(fresh,
+                                                                            committed):
+    vol, engine, _ = fresh
+    CycleFreeze.create(vol, engine.fd, 3, np.ones(REGIONS, dtype=np.uint8)).close()
+    vol.update_info(cycle=committed)  # 3 is neither the next (1, 6) nor the last (0, 5)
+    with pytest.raises(VolumeCorrupt, match="cycle 3, but cycle"):
+        CycleFreeze.open(vol, engine.fd)

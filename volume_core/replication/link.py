@@ -257,11 +257,15 @@ class Channel:
             raise RuntimeError("channel already started")
         self._on_frame, self._on_close = on_frame, on_close
         self.last_received = time.monotonic()
-        for name, target in (("send", self._sender), ("recv", self._receiver)):
-            thread = threading.Thread(target=target, name=f"link-{name} {self.peer}",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        threads = [threading.Thread(target=target, name=f"link-{name} {self.peer}",
+                                    daemon=True)
+                   for name, target in (("send", self._sender), ("recv", self._receiver))]
+        with self._cond:  # close() sees all of them started, or none
+            if self._reason is not None:  # closed before it started: nothing to run
+                return
+            self._threads = threads
+            for thread in threads:
+                thread.start()
 
     def close(self, reason: str = "closed locally") -> None:
         """Close the channel (telling the peer ``reason``) and join its threads. Idempotent."""

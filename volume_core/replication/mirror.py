@@ -96,6 +96,8 @@ class AsyncMirror:
         # A cycle a previous run left open: resumed first, its hook on before any write.
         self._freeze = CycleFreeze.open(engine.volume, engine.fd)
         self._taken: np.ndarray | None = None
+        self._taking: int | None = None  # the number of a take under way
+        self._new_peer = False  # the open cycle is for another secondary: start afresh
         if self._freeze is not None:
             # Its KEEP regions were not written since the take (a write copies first, and
             # COPIED is durable before it lands): taken again, released at its commit.
@@ -111,10 +113,13 @@ class AsyncMirror:
     # -- link events (PrimarySession) --------------------------------------------------
     def connected(self, channel: Channel) -> None:
         if note_peer(self.engine, channel) and self._freeze is not None:
-            # Another secondary: the open cycle's conveyed regions are not there. Every
-            # region is marked already (note_peer); the cycle goes on, the next carries all.
-            log.warning("async: a new secondary in the middle of cycle %d",
-                        self._freeze.number)
+            # Another secondary: the open cycle's conveyed regions are not there, so it
+            # must not commit there. Every region is marked already (note_peer): the
+            # cycle thread drops the open cycle and takes everything afresh.
+            log.warning("async: a new secondary in the middle of cycle %d: starting "
+                        "again with everything", self._freeze.number)
+            with self._lock:
+                self._new_peer = True
         theirs = peer_marks_map(channel, self.engine.volume.regions)
         if theirs is not None:  # left by another mode: the next cycle carries them
             self.engine.tracker.mark_map(theirs)
@@ -129,9 +134,10 @@ class AsyncMirror:
             self._thread.start()
         log.info("async: connected to the secondary")
 
-    def disconnected(self, reason: str) -> None:
+    def disconnected(self, reason: str, channel: Channel | None = None) -> None:
+        """The channel is gone (``channel``: only if it is still the current one)."""
         with self._lock:
-            if self._channel is None:
+            if self._channel is None or (channel is not None and channel is not self._channel):
                 return
             self._channel = None
             self.state = "disconnected"
@@ -159,7 +165,7 @@ class AsyncMirror:
         before this call."""
         with self._lock:
             # An open cycle took its marks already: what was written since needs the next.
-            open_cycle = self._freeze.number if self._freeze is not None else None
+            open_cycle = self._freeze.number if self._freeze is not None else self._taking
             target = (open_cycle or self.committed) + 1
             self._wanted = max(self._wanted, target)
             self._changed.notify_all()
@@ -249,6 +255,7 @@ class AsyncMirror:
                 continue
             finally:
                 with self._lock:  # a take that failed leaves nothing open
+                    self._taking = None
                     if self._freeze is None:
                         self.progress["state"] = "idle"
             with self._lock:
@@ -275,11 +282,17 @@ class AsyncMirror:
     def _cycle(self, channel: Channel, forced: bool) -> bool:
         """Take (or resume), convey, commit; False when there was nothing to do."""
         freeze = self._freeze
+        with self._lock:
+            new_peer, self._new_peer = self._new_peer, False
+        if freeze is not None and new_peer:  # its conveyed regions are not there
+            self._close_cycle(freeze)
+            freeze = None
         if freeze is None:
             if not forced and not self.engine.tracker.count():
                 return False
             with self._lock:  # from here status never says in-sync: the marks move
                 self.progress = self._progress(None) | {"state": "taking"}
+                self._taking = self.committed + 1  # run_now() promises the next one
             freeze = self._take()
         self.progress = self._progress(freeze)
         channel.send_urgent(p.CycleBegin(freeze.number))
@@ -303,8 +316,8 @@ class AsyncMirror:
                 engine.tracker.release(taken)
                 raise
             engine.pre_write.append(freeze.preserve)
-        with self._lock:
-            self._freeze, self._taken = freeze, taken
+            with self._lock:  # before writes go on: run_now() must see the cycle open
+                self._freeze, self._taken, self._taking = freeze, taken, None
         log.info("async: cycle %d takes %d regions", number, int(native.count(taken)))
         return freeze
 
@@ -359,26 +372,45 @@ class AsyncMirror:
         raise _Lost
 
     def _finish(self, freeze: CycleFreeze) -> None:
+        """The secondary holds cycle ``freeze.number``: record it, then close the cycle.
+
+        volume.json first: a crash after it resumes a cycle numbered as the one
+        committed, which commits again (the secondary takes a repeated commit),
+        never a later cycle under a number already used.
+        """
+        self.engine.volume.update_info(cycle=freeze.number)
+        try:
+            self._close_cycle(freeze)
+        finally:  # committed either way: a cycle left open is closed again later
+            with self._lock:
+                self.committed = freeze.number
+                self.last_consistent_at = time.time()
+                self.stats["cycles"] += 1
+
+    def _close_cycle(self, freeze: CycleFreeze) -> None:
+        """Stop copying on write for ``freeze``, release its take, remove its files.
+
+        If the hook cannot be taken off (writes would not quiesce), nothing
+        changes: the cycle is still open and is closed again later.
+        """
         engine = self.engine
         with engine.quiesce():
-            engine.pre_write.remove(freeze.preserve)
-        taken = self._taken
-        if taken is not None:
-            engine.tracker.release(taken)
-        freeze.drop()
-        engine.volume.update_info(cycle=freeze.number)
-        with self._lock:
-            self._freeze, self._taken = None, None
-            self.committed = freeze.number
-            self.last_consistent_at = time.time()
-            self.stats["cycles"] += 1
-            self.progress["state"] = "idle"
+            if freeze.preserve in engine.pre_write:
+                engine.pre_write.remove(freeze.preserve)
+        try:
+            if self._taken is not None:
+                engine.tracker.release(self._taken)
+            freeze.drop()
+        finally:
+            with self._lock:
+                self._freeze, self._taken = None, None
+                self.progress["state"] = "idle"
 
     def _drop(self, channel: Channel, reason: str) -> None:
         try:
             channel.close(reason)
         finally:
-            self.disconnected(reason)
+            self.disconnected(reason, channel)
 
     # -- status -------------------------------------------------------------------
     def _progress(self, freeze: CycleFreeze | None) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from .protocol import Identity
 
 #: every mode a primary can replicate in
 MODES = (*REPLICATED_MODES, ASYNC)
-#: the longest interval between async cycles (a day)
+#: the shortest and the longest interval between async cycles (a second, a day)
+MIN_INTERVAL = 1.0
 MAX_INTERVAL = 86400.0
 
 log = logging.getLogger(__name__)
@@ -198,9 +199,9 @@ def parse_interval(text: str) -> float:
         interval = float(text)
     except ValueError:
         interval = -1.0
-    if not 0 <= interval <= MAX_INTERVAL:  # also refuses nan
-        raise UsageError(f"interval {text!r}: expected seconds from 0 (cycles only on "
-                         f"'nbdmirror sync') to {MAX_INTERVAL:g}")
+    if not (interval == 0 or MIN_INTERVAL <= interval <= MAX_INTERVAL):  # refuses nan too
+        raise UsageError(f"interval {text!r}: expected 0 (cycles only on 'nbdmirror sync') "
+                         f"or seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}")
     return interval
 
 
