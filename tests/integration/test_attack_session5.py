@@ -381,7 +381,7 @@ def test_a_close_racing_start_joins_only_threads_that_were_started(secondary, pr
         channel = primary(sec.address)
         go = threading.Barrier(2)
 
-        def close(ch=channel) -> None:
+        def close(ch: link.Channel = channel, go: threading.Barrier = go) -> None:
             go.wait()
             try:
                 ch.close("closed while starting")
