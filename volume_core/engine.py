@@ -166,10 +166,11 @@ class Engine:
         self._apply_locally(offset, length, apply, fua)
 
     def _apply_locally(self, offset: int, length: int, apply: Callable[[], None],
-                       fua: bool) -> None:
+                       fua: bool, mark: bool = True) -> None:
         self._enter()
         try:
-            self.tracker.mark(offset, length)
+            if mark:
+                self.tracker.mark(offset, length)
             for hook in self.pre_write:
                 hook(offset, length)
             apply()
@@ -271,11 +272,13 @@ class Engine:
                 with self._lock:
                     regions.let_go(first, stop)
 
-    def apply_replica(self, event: WriteEvent) -> None:
+    def apply_replica(self, event: WriteEvent, mark: bool = True) -> None:
         """Apply a write received from the primary (a replica engine only).
 
         The same path as a host's write, less the replicator: marked, copied on
-        write into the newest snapshot, then applied.
+        write into the newest snapshot, then applied. ``mark=False``: not marked
+        (an async cycle's chunk: the primary sends it again until its ack says it
+        is on disk, so a mark would say nothing the primary does not know).
         """
         if not self.replica:
             raise ReadOnlyError(f"{self.volume.path} is not open as a replica")
@@ -294,7 +297,7 @@ class Engine:
         else:
             raise UsageError(f"cannot apply a {event.kind!r} request to a replica")
         if event.length:
-            self._apply_locally(event.offset, event.length, apply, event.fua)
+            self._apply_locally(event.offset, event.length, apply, event.fua, mark)
 
     @contextlib.contextmanager
     def quiesce(self, timeout: float | None = None) -> Iterator[None]:

@@ -3,6 +3,7 @@ freeze, convey, commit), the secondary's receiver, all real (see test_replicatio
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 
@@ -245,3 +246,28 @@ def test_users_cannot_take_or_delete_the_consistent_image_names(tmp_path):
             pr.secondary.delete_snapshot("cycle-1")
         listed = pr.secondary.list_snapshots()
         assert [(s["name"], s["internal"]) for s in listed] == [("cycle-1", True)]
+
+
+def test_a_failed_sync_of_a_batch_of_chunks_sends_them_again(tmp_path):
+    """The secondary syncs the chunks it applied together before acknowledging them
+    (here, with no applier thread, a batch is one chunk); when that sync fails (its
+    disk), the batch is answered WRITE_FAILED and the primary sends it again."""
+    data = random.Random(9).randbytes(SIZE)
+    with pair(tmp_path, "async") as pr:
+        assert cycle(pr) == 1
+        engine = pr.secondary
+        real_flush = engine.flush
+        calls = {"syncs": 0, "failed": 0}
+
+        def flush() -> None:
+            calls["syncs"] += 1
+            if calls["failed"] == 0:
+                calls["failed"] = 1
+                raise OSError(errno.EIO, "test: the secondary's disk")
+            real_flush()
+
+        engine.flush = flush
+        pr.primary.pwrite(data, 0)
+        cycle(pr)
+        assert pr.replicator.stats["chunks_refused"] >= 1 and calls["failed"] == 1
+        assert pr.images() == (data, data)

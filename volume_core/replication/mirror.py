@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 ASYNC = "async"
 #: bytes per chunk of a cycle
 CYCLE_CHUNK = 1 << 20
-#: chunks sent and not yet acknowledged, at most
-CYCLE_WINDOW = 4
+#: chunks sent and not yet acknowledged, at most (the secondary syncs them as a batch)
+CYCLE_WINDOW = 16
 #: seconds between cycles, unless told
 DEFAULT_INTERVAL = 30.0
 #: how long the secondary may take to commit a cycle

@@ -245,6 +245,22 @@ class _FlushDue:
     seq: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DurableAck:
+    """In a list of frames to send: DATA_ACK of an async cycle's chunk once it is on disk.
+
+    Chunks are written without a sync each; ``_send`` makes one fdatasync for every
+    such ack in the list (group commit), and answers WRITE_FAILED instead if it fails
+    (the primary sends those chunks again)."""
+
+    seq: int
+    offset: int
+    length: int
+
+
+Answer = p.Frame | _FlushDue | _DurableAck
+
+
 def _same_range(frame: p.Data | p.RegionData, entry: _Entry, what: str, said: str) -> None:
     """ProtocolError unless ``frame`` covers the range its ``entry`` announced."""
     if (frame.offset, frame.length) != (entry.offset, entry.length):
@@ -591,7 +607,7 @@ class Receiver:
         The acknowledgements go out together: before each long write (so they
         need not wait for it) and at the end.
         """
-        frames: list[p.Frame] = []
+        frames: list[Answer] = []
         try:
             while True:
                 with self._lock:
@@ -608,8 +624,9 @@ class Receiver:
                 ok = False
                 try:
                     if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
-                        self._send(frames)
-                        frames = []
+                        # (those that wait for a sync go together at the end: one sync)
+                        self._send([f for f in frames if not isinstance(f, _DurableAck)])
+                        frames = [f for f in frames if isinstance(f, _DurableAck)]
                         with contextlib.suppress(NbdMirrorError):
                             self.out.flush()  # what the link holds back for this thread
                     ok = self._apply(entry)
@@ -631,12 +648,15 @@ class Receiver:
         """Apply one entry to the replica; False (logged) when the disk refused it."""
         kind = WRITE if entry.kind == _RECOVER else entry.kind
         data = memoryview(entry.data) if entry.data is not None else None
-        event = WriteEvent(entry.seq, kind, entry.offset, entry.length, data, entry.fua,
-                           entry.may_trim)
+        # An async cycle's chunk: synced with its batch (_DurableAck), and not marked:
+        # the primary sends it again until its ack says it is on disk.
+        chunk = entry.fua and self.mode == ASYNC and entry.kind != _RECOVER
+        event = WriteEvent(entry.seq, kind, entry.offset, entry.length, data,
+                           entry.fua and not chunk, entry.may_trim)
         try:
             if self.faults is not None:
                 self.faults.check(entry.first, entry.stop)
-            self.engine.apply_replica(event)
+            self.engine.apply_replica(event, mark=not chunk)
         except (OSError, NbdMirrorError) as err:
             what = "recovery of" if entry.kind == _RECOVER else f"{entry.kind} {entry.seq} to"
             log.warning("%s %d+%d failed on the secondary's disk: %s", what, entry.offset,
@@ -653,7 +673,7 @@ class Receiver:
             log.error("cannot mark regions %d..%d of a failed write durably: %s", entry.first,
                       entry.stop - 1, err)
 
-    def _finish(self, entry: _Entry, ok: bool) -> list[p.Frame]:
+    def _finish(self, entry: _Entry, ok: bool) -> list[Answer]:
         """Take an applied (or failed) entry out of the order; what to send (lock held)."""
         self._remove(entry)
         if entry.kind == _RECOVER:
@@ -662,7 +682,9 @@ class Receiver:
             self._counts.writes_applied += 1
             self._counts.bytes_applied += entry.length
             self._landed_whole(entry)
-            answer: list[p.Frame] = [p.DataAck(entry.seq)]
+            answer: list[Answer] = [
+                _DurableAck(entry.seq, entry.offset, entry.length)
+                if entry.fua and self.mode == ASYNC else p.DataAck(entry.seq)]
         else:
             self._counts.write_failures += 1
             answer = [p.WriteFailed(entry.seq, entry.offset, entry.length)]
@@ -681,12 +703,19 @@ class Receiver:
         if whole_stop > whole_first:
             self._suspect[whole_first:whole_stop] = False
 
-    def _send(self, frames: Iterable[p.Frame | _FlushDue]) -> None:
+    def _send(self, frames: Iterable[Answer]) -> None:
         """Send answers; on a link that broke meanwhile they are lost, as the link is
         (link_lost() keeps what they concerned marked)."""
+        frames = list(frames)
+        durable: bool | None = None
+        if any(isinstance(f, _DurableAck) for f in frames):
+            durable = self._sync_landed()  # one fdatasync for all of them, outside the lock
         for frame in frames:
             if isinstance(frame, _FlushDue):  # its fdatasync here, outside the lock
                 frame = p.FlushAck(frame.seq, failed=not self._sync_landed())
+            elif isinstance(frame, _DurableAck):
+                frame = (p.DataAck(frame.seq) if durable
+                         else p.WriteFailed(frame.seq, frame.offset, frame.length))
             try:
                 self.out.send_urgent(frame)
             except NbdMirrorError as err:
@@ -721,7 +750,7 @@ class Receiver:
         self._insert(entry)
         return p.ReadRegion(rid, rec.offset, rec.length)
 
-    def _recovery_done(self, entry: _Entry, ok: bool) -> list[p.Frame | _FlushDue]:
+    def _recovery_done(self, entry: _Entry, ok: bool) -> list[Answer]:
         rec = entry.recovery
         assert rec is not None
         rec.request = None
