@@ -26,6 +26,18 @@ def fill(m, seed: int) -> bytes:
     return data
 
 
+def cycle_under_way(m, seed: int, regions: int) -> bytes:
+    """The primary serving async, filled, a cycle slowed by the proxy (20 ms each way)
+    and at least ``regions`` of it conveyed; returns what was written."""
+    m.primary.start(m.peer, "async", "--interval", "0")
+    data = fill(m, seed)
+    m.proxy.delay(0.02)
+    sync(m)
+    wait_until(lambda: m.primary.replication()["cycle"]["conveyed_regions"] >= regions, 30,
+               "part of the cycle to be conveyed", interval=0.01)
+    return data
+
+
 def sync(m, *args: str, check: bool = True):
     return run_cli("sync", m.primary.vol, *args, check=check, timeout=120)
 
@@ -62,12 +74,7 @@ def test_sync_wait_shows_plain_progress_and_gives_up_after_its_timeout(mirror):
 
 def test_a_primary_killed_mid_cycle_resumes_it_without_sending_conveyed_regions_again(mirror):
     m = mirror(proxy=True)
-    m.primary.start(m.peer, "async", "--interval", "0")
-    fill(m, seed=3)
-    m.proxy.delay(0.02)
-    sync(m)
-    wait_until(lambda: m.primary.replication()["cycle"]["conveyed_regions"] >= 64, 30,
-               "part of the cycle to be conveyed", interval=0.01)
+    cycle_under_way(m, seed=3, regions=64)
     before = m.primary.replication()["cycle"]
     m.primary.kill()
     assert (m.primary.vol / "cycle").is_dir()

@@ -40,37 +40,6 @@ def test_the_initial_sync_conveys_what_the_primary_holds(tmp_path):
         assert not (pr.primary.volume.path / "cycle").exists()
 
 
-def test_cycles_while_writers_write_end_identical(tmp_path):
-    with pair(tmp_path, "async") as pr:
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def writer(seed: int) -> None:
-            rnd = random.Random(seed)
-            try:
-                while not stop.is_set():
-                    off = rnd.randrange(0, SIZE - 3 * RS)
-                    pr.primary.pwrite(rnd.randbytes(rnd.randrange(1, 2 * RS)), off)
-            except BaseException as err:  # noqa: BLE001
-                errors.append(err)
-
-        threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        try:
-            for _ in range(4):
-                cycle(pr)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(30)
-        assert not errors, errors[0]
-        n = cycle(pr)
-        mine, theirs = pr.images()
-        assert mine == theirs
-        assert pr.secondary.volume.info.cycle == n
-
-
 def test_a_cycle_holds_the_image_of_its_take_not_later_writes(tmp_path):
     """Writes landing while cycle n is conveyed are not in cycle n (they are in n + 1)."""
     began = threading.Event()

@@ -150,6 +150,7 @@ def test_writes_during_every_phase_of_cycles_reach_the_secondary(tmp_path):
         pr.wait_in_sync()
         assert differing(pr) == []
         assert not np.any(pr.primary.tracker.marks)
+        assert pr.secondary.volume.info.cycle == want
 
 
 # ---------------------------------------------------------------- through the commands
@@ -214,18 +215,13 @@ def test_cli_async_kill_then_semi_async_then_async_sends_no_stale_data(mirror):
     """An async primary killed mid-cycle (a COPIED region in its freeze), served in
     semi-async mode (resync; nothing marked on either side), then async again: no stale
     byte of the old cycle may reach the secondary (the semi-async server drops the cycle)."""
-    from tests.integration.test_async_cli import fill, sync
+    from tests.integration.test_async_cli import cycle_under_way, sync
     from tests.integration.test_replication_cli_faults import REGIONS as CLI_REGIONS
     from tests.integration.test_replication_cli_faults import RS as CLI_RS
     from tests.integration.test_replication_cli_faults import status_json
 
     m = mirror(proxy=True)
-    m.primary.start(m.peer, "async", "--interval", "0")
-    fill(m, seed=11)
-    m.proxy.delay(0.02)
-    sync(m)
-    wait_until(lambda: m.primary.replication()["cycle"]["conveyed_regions"] >= 32, 30,
-               "part of cycle 1 to be conveyed", interval=0.01)
+    cycle_under_way(m, seed=11, regions=32)
     m.proxy.stall()  # the rest of cycle 1 waits
     last = CLI_REGIONS - 1
     h = m.primary.connect()
