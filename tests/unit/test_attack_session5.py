@@ -31,8 +31,8 @@ def test_a_write_applied_before_a_failed_sync_but_noted_after_it_is_not_swept(en
     real_apply, real_flush = engine.apply_replica, engine.flush
     written, release = threading.Event(), threading.Event()
 
-    def apply_then_pause(event) -> None:  # the applier is descheduled after its pwrite
-        real_apply(event)
+    def apply_then_pause(event, mark: bool = True) -> None:  # descheduled after its pwrite
+        real_apply(event, mark)
         written.set()
         assert release.wait(10)
 
