@@ -215,3 +215,31 @@ def test_serve_consistent_refuses_what_has_no_consistent_image(mirror, tmp_path)
     assert res.code == 1 and "no consistent image yet" in res.err, res.err
     res = run_cli("serve", m.secondary.vol, "--consistent", "--mode", "async", check=False)
     assert res.code == 2, res.err
+
+
+def test_restarting_in_another_mode_carries_on_without_a_full_copy(mirror):
+    """semi-async -> async -> semi-async on the same pair: after each switch only what was
+    written meanwhile travels (counted by the primary), never the whole volume."""
+    m = mirror()
+    m.primary.start(m.peer, "semi-async")
+    fill(m, seed=12)
+    m.wait_in_sync()
+    m.primary.stop()
+    wait_until(lambda: m.secondary.replication()["marked_regions"] == 0, 30,
+               "the secondary to sweep what it applied", interval=0.05)
+    m.primary.start(m.peer, "async", "--interval", "0")
+    h = m.primary.connect()
+    h.pwrite(b"A" * 65536 * 4, 0)  # 4 regions written in async mode
+    h.shutdown()
+    sync(m, "--wait")
+    rep = m.primary.replication()
+    assert rep["bytes_conveyed"] <= 4 * 65536, rep  # not the 32 MiB volume again
+    assert m.differing_regions() == []
+    m.primary.stop()
+    m.primary.start(m.peer, "semi-async")
+    h = m.primary.connect()
+    h.pwrite(b"B" * 65536, 65536 * 10)
+    h.flush()
+    h.shutdown()
+    rep = m.wait_in_sync()
+    assert rep["resync"]["regions"] <= 4, rep["resync"]  # nothing left over from async

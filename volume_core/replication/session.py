@@ -10,6 +10,7 @@ regions stay marked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import LinkError, PeerRefused, ProtocolError, UsageError
+from ..errors import LinkError, NbdMirrorError, PeerRefused, ProtocolError, UsageError
 from . import link, tls
 from .mirror import ASYNC, DEFAULT_INTERVAL, AsyncMirror
 from .primary import MODES as REPLICATED_MODES
@@ -64,6 +65,10 @@ class PrimarySession:
         self._stop.set()
         channel = self.channel
         if channel is not None:
+            # A last sweep while the link is up: what both sides hold the same is not
+            # sent again by the next start (in any mode).
+            with contextlib.suppress(NbdMirrorError, OSError):
+                self.replicator.sweep()
             channel.close("the primary is stopping")
         self._thread.join(timeout)
         self.replicator.close()
