@@ -179,10 +179,10 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
         _serve(place, socket, port, address, background, threads, as_json)
         return
     if threads is None:  # an async write waits for nothing remote: as unreplicated
-        waits = extra and mode != "async"
+        waits = extra and mode != session.ASYNC
         threads = server.REPLICATED_THREADS if waits else server.DEFAULT_THREADS
     volume = Volume.open(vol)
-    if mode == "async" and extra:
+    if mode == session.ASYNC and extra:
         CycleFreeze.check(volume)  # a damaged open cycle: refused here, in one line
     _serve(ServerPlace(volume), socket, port, address, background, threads, as_json, extra)
 
@@ -200,7 +200,7 @@ def _replication_keys(replicate_to: str | None, mode: str | None, interval: str 
         return ()
     if mode is None:
         raise click.UsageError("--replicate-to needs --mode sync, semi-async or async")
-    if interval is not None and mode != "async":
+    if interval is not None and mode != session.ASYNC:
         raise click.UsageError("--interval is for --mode async only")
     try:
         session.parse_peer(replicate_to)
@@ -488,13 +488,13 @@ def _consistent_image(volume: Volume) -> str:
     if volume.info.role != "secondary":
         raise NbdMirrorError(f"{volume.path} is not a secondary: --consistent serves the "
                              "image an async secondary keeps of its last cycle")
-    cycles = [(n, info["name"]) for _seq, _path, info in snapshots.snapshot_dirs(volume)
+    images = [(n, info["name"]) for _seq, _path, info in snapshots.snapshot_dirs(volume)
               if (n := snapshots.cycle_number(info["name"])) is not None
               and not info.get("deleting")]
-    if not cycles:
+    if not images:
         raise NbdMirrorError(f"{volume.path} has no consistent image yet: no async cycle "
                              "was committed to it")
-    return max(cycles)[1]
+    return max(images)[1]
 
 
 def _snapshot_place(vol: str, name: str, check_files: bool = True) -> ServerPlace:

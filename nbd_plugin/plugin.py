@@ -113,7 +113,7 @@ def get_ready():
 
             settings = session.Settings.from_config(_config)
             _engine = Engine(volume, durable_marks=_config.get("durable-marks", "1") != "0")
-            if settings is None or settings.mode != "async":
+            if settings is None or settings.mode != session.ASYNC:
                 _drop_open_cycle(volume)
             if settings is not None:
                 _session = session.replicate(_engine, settings)

@@ -33,6 +33,7 @@ import numpy as np
 from . import native
 from .blockio import pread_full, preallocate, pwrite_full
 from .errors import VolumeCorrupt
+from .geometry import RegionGeometry
 from .snapshots import CowStore, Snapshot
 from .volume import Volume, fsync_dir, write_json_atomic
 
@@ -52,8 +53,7 @@ class CycleFreeze:
     live_fd: int
     store_fd: int
     map_fd: int
-    region_size: int
-    size: int
+    geometry: RegionGeometry
     #: the state map (``CowStore`` calls it ``preserved``: non-zero = no copy needed)
     preserved: np.ndarray
     #: regions whose copy is under way (``CowStore``'s claims)
@@ -71,8 +71,7 @@ class CycleFreeze:
         root = volume.path / DIR
         if root.exists():
             raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
-        tmp = volume.path / f".{DIR}-creating"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = _clear_leftover(volume)
         state = np.where(np.asarray(taken) != 0, KEEP, FREE).astype(np.uint8)
         try:
             tmp.mkdir()
@@ -93,7 +92,7 @@ class CycleFreeze:
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
         """The cycle a previous run left open, or None. A damaged one is refused."""
-        shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
+        _clear_leftover(volume)
         found = cls.check(volume)
         if found is None:
             return None
@@ -134,7 +133,7 @@ class CycleFreeze:
         will not mirror async, whose writes would not copy on write (the image would go
         stale). Its regions stay marked in the tracker: they are sent again."""
         root = volume.path / DIR
-        shutil.rmtree(volume.path / f".{DIR}-creating", ignore_errors=True)
+        _clear_leftover(volume)
         if not os.path.lexists(root):
             return False
         if root.is_dir() and not root.is_symlink():
@@ -157,8 +156,8 @@ class CycleFreeze:
         # are not on disk: sync before trusting the map (as the snapshot chain does).
         os.fdatasync(store_fd)
         os.fdatasync(map_fd)
-        return cls(number, root, live_fd, store_fd, map_fd, volume.region_size, volume.size,
-                   state, np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd))
+        return cls(number, root, live_fd, store_fd, map_fd, volume.geometry, state,
+                   np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd))
 
     # -- the host's side --------------------------------------------------------
     def preserve(self, offset: int, length: int) -> None:
@@ -178,9 +177,7 @@ class CycleFreeze:
         KEEP after the read was read before any write to it; one that became
         COPIED meanwhile is read again from the store.
         """
-        rs = self.region_size
-        offset = first * rs
-        buf = bytearray(min(stop * rs, self.size) - offset)
+        buf = bytearray(self.geometry.byte_range(first, stop)[1])
         view = memoryview(buf)
         state = self.preserved[first:stop].copy()
         for fd, want in ((self.store_fd, COPIED), (self.live_fd, KEEP)):
@@ -190,7 +187,7 @@ class CycleFreeze:
         return buf
 
     def _read_runs(self, fd: int, where: np.ndarray, first: int, view: memoryview) -> None:
-        rs = self.region_size
+        rs = self.geometry.region_size
         for start, count in native.scan_runs(where.view(np.uint8)).tolist():
             lo = start * rs
             hi = min((start + count) * rs, len(view))
@@ -216,3 +213,10 @@ class CycleFreeze:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         fsync_dir(self.path.parent)
+
+
+def _clear_leftover(volume: Volume) -> Path:
+    """Remove what a create cut short left (its temporary directory); return its path."""
+    tmp = volume.path / f".{DIR}-creating"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp

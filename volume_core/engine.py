@@ -180,13 +180,17 @@ class Engine:
             self._leave()
 
     # -- replication ---------------------------------------------------------
-    def attach_replicator(self, replicator: Replicator) -> None:
-        """Hand every write from now on to ``replicator`` (writes quiesced meanwhile)."""
+    def check_replicable(self) -> None:
+        """Refuse replication (any mode) of what cannot keep its promises."""
         if not self.tracker.durable:
             raise UsageError("replication needs durable marks: durable-marks=0 is for "
                              "benchmarks only")
         if self.readonly:
             raise ReadOnlyError(f"{self.volume.path} is open read-only: nothing to replicate")
+
+    def attach_replicator(self, replicator: Replicator) -> None:
+        """Hand every write from now on to ``replicator`` (writes quiesced meanwhile)."""
+        self.check_replicable()
         self.tracker.track_pending()
         with self.quiesce():
             if self._region_locks is None:

@@ -9,6 +9,7 @@ attribute instead of calling in here per request.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 
 SECTOR = 512
 MIN_REGION_SIZE = 4 << 10
@@ -74,9 +75,22 @@ class RegionGeometry:
         """Bytes of the volume in ``region``: region_size, less for the short last one."""
         return min(self.region_size, self.size - (region << self.shift))
 
+    def byte_range(self, first: int, stop: int) -> tuple[int, int]:
+        """(offset, length) of regions ``[first, stop)``, the short last one included."""
+        offset = first << self.shift
+        return offset, min(stop << self.shift, self.size) - offset
+
     def bytes_in(self, count: int, includes_last: bool) -> int:
         """Bytes covered by ``count`` regions, ``includes_last`` when the last one is among them."""
         nbytes = count << self.shift
         if count and includes_last:
             nbytes -= (self.regions << self.shift) - self.size
         return nbytes
+
+
+def chunks(runs: Iterable[tuple[int, int]], step: int) -> Iterator[tuple[int, int]]:
+    """Runs of regions (first, count) cut into ``[first, stop)`` pieces of at most
+    ``step`` regions, in order (a resync and an async cycle send a piece a frame)."""
+    for start, count in runs:
+        for first in range(start, start + count, step):
+            yield first, min(start + count, first + step)

@@ -38,9 +38,10 @@ import numpy as np
 
 from .. import native
 from ..cycle_freeze import KEEP, CycleFreeze
-from ..errors import NbdMirrorError, ProtocolError, ReadOnlyError, UsageError
+from ..errors import NbdMirrorError, ProtocolError
+from ..geometry import chunks
 from . import protocol as p
-from .primary import Channel, note_peer, peer_marks_map
+from .primary import Channel, chunk_frame, note_peer, peer_marks_map
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,15 @@ class AsyncMirror:
 
     def __init__(self, engine: Any, *, interval: float = DEFAULT_INTERVAL,
                  ack_timeout: float = 5.0) -> None:
-        if not engine.tracker.durable:
-            raise UsageError("async mirroring needs durable marks: durable-marks=0 is for "
-                             "benchmarks only")
-        if engine.readonly:
-            raise ReadOnlyError(f"{engine.volume.path} is open read-only: nothing to mirror")
+        engine.check_replicable()
         self.engine = engine
         self.interval = interval
         self.ack_timeout = ack_timeout
-        self._rs = engine.volume.region_size
+        self._geometry = engine.volume.geometry
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._channel: Channel | None = None
         self._sent: dict[int, tuple[int, int]] = {}  # seq -> regions, until acknowledged
-        self._inflight = np.zeros(engine.volume.regions, dtype=np.uint8)
         self._next_seq = 0
         self._cycle_acked = 0
         self._wanted = 0  # the highest cycle number ``run_now`` promised
@@ -126,7 +122,6 @@ class AsyncMirror:
         with self._lock:
             self._channel = channel
             self._sent.clear()
-            self._inflight[:] = 0
             self.state = "connected"
             self._due = time.monotonic()  # a cycle at once: the initial sync, or what waited
             self._changed.notify_all()
@@ -143,7 +138,6 @@ class AsyncMirror:
             self.state = "disconnected"
             self.stats["links_lost"] += 1
             self._sent.clear()
-            self._inflight[:] = 0
             self._changed.notify_all()
         log.warning("async: lost the secondary: %s", reason)
 
@@ -195,13 +189,12 @@ class AsyncMirror:
                 if regions is None:
                     continue
                 first, stop = regions
-                self._inflight[first:stop] = 0
                 if not ok:
                     self.stats["chunks_refused"] += 1
                 elif freeze is not None:
                     freeze.conveyed(first, stop)
                     self.engine.tracker.release_part(first, stop)
-                    nbytes = min(stop * self._rs, self.engine.size) - first * self._rs
+                    nbytes = self._geometry.byte_range(first, stop)[1]
                     self.progress["conveyed_regions"] += stop - first
                     self.progress["conveyed_bytes"] += nbytes
                     self.stats["regions_conveyed"] += stop - first
@@ -322,15 +315,13 @@ class AsyncMirror:
         return freeze
 
     def _convey(self, channel: Channel, freeze: CycleFreeze) -> None:
-        """Every region the freeze still holds, a window of chunks at a time."""
-        step = max(1, CYCLE_CHUNK // self._rs)
+        """Every region the freeze still holds, a window of chunks at a time; each pass
+        waits for every ack, and the next sends again what the secondary refused."""
+        step = max(1, CYCLE_CHUNK // self._geometry.region_size)
         for _ in range(MAX_PASSES):
-            with self._lock:
-                todo = freeze.remaining() & (self._inflight == 0)
-            runs = native.scan_runs(todo.view(np.uint8))
-            for start, count in runs.tolist():
-                for first in range(start, start + count, step):
-                    self._send_chunk(channel, freeze, first, min(start + count, first + step))
+            runs = native.scan_runs(freeze.remaining())
+            for first, stop in chunks(runs.tolist(), step):
+                self._send_chunk(channel, freeze, first, stop)
             self._wait(channel, lambda: not self._sent, self.ack_timeout * 4,
                        "the secondary did not acknowledge the cycle's last chunks")
             if not freeze.remaining().any():
@@ -343,19 +334,14 @@ class AsyncMirror:
         self._wait(channel, lambda: len(self._sent) < CYCLE_WINDOW, self.ack_timeout,
                    "the secondary stopped acknowledging chunks")
         buf = freeze.read(first, stop)
-        offset = first * self._rs
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
             seq = self._next_seq
             self._sent[seq] = (first, stop)
-            self._inflight[first:stop] = 1
-        if buf.count(0) == len(buf):
-            channel.send_bulk(p.Zero(seq, offset, len(buf), may_trim=True, fua=True),
-                              timeout=self.ack_timeout)
-        else:
-            channel.send_bulk(p.Write(seq, offset, buf, fua=True), timeout=self.ack_timeout)
+        offset = self._geometry.byte_range(first, stop)[0]
+        channel.send_bulk(chunk_frame(seq, offset, buf, fua=True), timeout=self.ack_timeout)
 
     def _wait(self, channel: Channel, done: Any, timeout: float, what: str) -> None:
         """Until ``done()`` (lock held while asked); _Lost with the channel, and the
@@ -419,7 +405,8 @@ class AsyncMirror:
                     "conveyed_regions": 0, "conveyed_bytes": 0, "started": None}
         regions = int(native.count(freeze.remaining()))
         return {"number": freeze.number, "state": "conveying", "regions": regions,
-                "bytes": min(regions * self._rs, self.engine.size), "conveyed_regions": 0,
+                "bytes": min(regions * self._geometry.region_size, self.engine.size),
+                "conveyed_regions": 0,
                 "conveyed_bytes": 0, "started": time.time()}
 
     def status(self) -> dict[str, Any]:

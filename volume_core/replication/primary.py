@@ -51,6 +51,7 @@ import numpy as np
 
 from .. import native
 from ..errors import NbdMirrorError, ProtocolError
+from ..geometry import chunks
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
 from . import protocol as p
 
@@ -129,6 +130,13 @@ def peer_marks_map(channel: Any, regions: int) -> np.ndarray | None:
     for first, count in np.asarray(runs).tolist():  # a run at a time (link.py bounds them)
         marks[first:first + count] = 1
     return marks
+
+
+def chunk_frame(seq: int, offset: int, buf: bytearray, fua: bool = False) -> p.Write | p.Zero:
+    """A chunk of a volume's contents as a frame: ZERO (no payload) when it is all zeros."""
+    if buf.count(0) == len(buf):
+        return p.Zero(seq, offset, len(buf), may_trim=True, fua=fua)
+    return p.Write(seq, offset, buf, fua=fua)
 
 
 def note_peer(engine: Any, channel: Any) -> bool:
@@ -506,8 +514,7 @@ class PrimaryReplicator:
         with self._lock:
             todo = self._out_of_sync.copy()
         runs = native.scan_runs(todo)
-        size, rs = self.engine.size, self.engine.volume.region_size
-        step = max(1, RESYNC_CHUNK // rs)
+        step = max(1, RESYNC_CHUNK // self.engine.volume.region_size)
         # Each resync has its own progress: one left over from a dropped link may still
         # be finishing and must not write over this one's.
         progress = {"regions": int(runs[:, 1].sum()) if len(runs) else 0, "regions_sent": 0,
@@ -515,23 +522,19 @@ class PrimaryReplicator:
         self.resync = progress
         log.info("resync: %d regions out of sync", progress["regions"])
         try:
-            for start, count in runs.tolist():
-                for first in range(start, start + count, step):
-                    stop = min(start + count, first + step)
-                    if self._channel is not channel:
-                        return
-                    self._resync_chunk(channel, first, stop, size, rs)
-                    progress["regions_sent"] += stop - first
-                    progress["bytes_sent"] += min(stop * rs, size) - first * rs
+            for first, stop in chunks(runs.tolist(), step):
+                if self._channel is not channel:
+                    return
+                self._resync_chunk(channel, first, stop)
+                progress["regions_sent"] += stop - first
+                progress["bytes_sent"] += self._geometry.byte_range(first, stop)[1]
         except (NbdMirrorError, OSError) as err:
             self._drop(channel, f"resync failed: {err}")
         finally:
             progress["running"] = False
 
-    def _resync_chunk(self, channel: Channel, first: int, stop: int, size: int,
-                      rs: int) -> None:
-        offset = first * rs
-        length = min(stop * rs, size) - offset
+    def _resync_chunk(self, channel: Channel, first: int, stop: int) -> None:
+        offset, length = self._geometry.byte_range(first, stop)
         with self._lock:  # host writes must not queue behind the whole window of resync
             while len(self._resync_sent) >= RESYNC_WINDOW and self._channel is channel:
                 self._resync_acked.wait(self.ack_timeout)
@@ -543,11 +546,9 @@ class PrimaryReplicator:
                 self._unapplied[seq] = (first, stop)
                 self._resync_sent[seq] = (first, stop, self._oos_gen[first:stop].copy())
             # bounded: host writes to these regions wait behind this chunk
-            if buf.count(0) == len(buf):
-                channel.send_bulk(p.Zero(seq, offset, length, may_trim=True),
-                                  timeout=self.ack_timeout)
-            else:
-                channel.send_bulk(p.Write(seq, offset, buf), timeout=self.ack_timeout)
+            frame = chunk_frame(seq, offset, buf)
+            channel.send_bulk(frame, timeout=self.ack_timeout)
+            if isinstance(frame, p.Write):
                 self.stats["resync_bytes"] += length
 
         self.engine.read_ordered(offset, length, send)

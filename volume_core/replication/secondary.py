@@ -451,8 +451,8 @@ class Receiver:
         self.cycle_in_progress = frame.seq
 
     def _on_cycle_commit(self, frame: p.CycleCommit) -> None:
-        """Every chunk of cycle ``seq`` was acknowledged (each durable, FUA): record the
-        cycle as held whole, then CYCLE_ACK."""
+        """Every chunk of cycle ``seq`` was acknowledged (each once on disk): keep the
+        image, record the cycle as held whole, then CYCLE_ACK."""
         self._async_only(frame)
         with self._lock:
             if self._by_seq:
@@ -648,9 +648,7 @@ class Receiver:
         """Apply one entry to the replica; False (logged) when the disk refused it."""
         kind = WRITE if entry.kind == _RECOVER else entry.kind
         data = memoryview(entry.data) if entry.data is not None else None
-        # An async cycle's chunk: synced with its batch (_DurableAck), and not marked:
-        # the primary sends it again until its ack says it is on disk.
-        chunk = entry.fua and self.mode == ASYNC and entry.kind != _RECOVER
+        chunk = self._is_chunk(entry)
         event = WriteEvent(entry.seq, kind, entry.offset, entry.length, data,
                            entry.fua and not chunk, entry.may_trim)
         try:
@@ -664,6 +662,12 @@ class Receiver:
             self._keep_marked(entry)
             return False
         return True
+
+    def _is_chunk(self, entry: _Entry) -> bool:
+        """An async cycle's chunk: applied without a sync of its own and acknowledged
+        with its batch (``_DurableAck``), and not marked: the primary sends it again
+        until its ack says it is on disk."""
+        return entry.fua and self.mode == ASYNC and entry.kind != _RECOVER
 
     def _keep_marked(self, entry: _Entry) -> None:
         """A failed apply may have failed before its mark was durable: make sure it is."""
@@ -684,7 +688,7 @@ class Receiver:
             self._landed_whole(entry)
             answer: list[Answer] = [
                 _DurableAck(entry.seq, entry.offset, entry.length)
-                if entry.fua and self.mode == ASYNC else p.DataAck(entry.seq)]
+                if self._is_chunk(entry) else p.DataAck(entry.seq)]
         else:
             self._counts.write_failures += 1
             answer = [p.WriteFailed(entry.seq, entry.offset, entry.length)]
@@ -728,8 +732,7 @@ class Receiver:
         frames: list[p.Frame] = []
         for a in range(first, stop, per):
             b = min(stop, a + per)
-            offset = a * self._rs
-            length = min(b * self._rs, self.engine.size) - offset
+            offset, length = self.engine.volume.geometry.byte_range(a, b)
             rec = _Recovery(a, b, offset, length)
             self._recoveries.append(rec)
             with self.tracker.lock:
