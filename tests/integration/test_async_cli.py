@@ -102,6 +102,8 @@ def test_status_of_both_sides_in_async_mode(mirror):
     assert {"mode", "state", "committed_cycle", "last_consistent_at", "lag_s", "cycle",
             "bytes_conveyed", "marked_regions", "interval"} <= set(rep), rep
     assert rep["bytes_conveyed"] == SIZE and rep["cycle"]["state"] == "idle"
+    last = rep["last_cycle"]
+    assert last["number"] == 1 and last["bytes"] == SIZE and last["seconds"] > 0, last
     text = run_cli("status", m.secondary.vol).out
     assert "(async)" in text and "committed: cycle 1" in text, text
 

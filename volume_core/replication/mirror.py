@@ -89,6 +89,9 @@ class AsyncMirror:
         self.stats = {"cycles": 0, "bytes_conveyed": 0, "regions_conveyed": 0,
                       "chunks_refused": 0, "links_lost": 0}
         self.progress = self._progress(None)
+        #: the last committed cycle: number, seconds from its take (or resume) to its
+        #: commit, and the regions and bytes conveyed in that run
+        self.last_cycle: dict[str, Any] | None = None
         # A cycle a previous run left open: resumed first, its hook on before any write.
         self._freeze = CycleFreeze.open(engine.volume, engine.fd)
         self._taken: np.ndarray | None = None
@@ -274,6 +277,8 @@ class AsyncMirror:
 
     def _cycle(self, channel: Channel, forced: bool) -> bool:
         """Take (or resume), convey, commit; False when there was nothing to do."""
+        began = time.monotonic()
+        conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
         freeze = self._freeze
         with self._lock:
             new_peer, self._new_peer = self._new_peer, False
@@ -295,6 +300,11 @@ class AsyncMirror:
         self._wait(channel, lambda: self._cycle_acked >= freeze.number, COMMIT_TIMEOUT,
                    f"the secondary did not commit cycle {freeze.number}")
         self._finish(freeze)
+        with self._lock:
+            self.last_cycle = {
+                "number": freeze.number, "seconds": round(time.monotonic() - began, 6),
+                "regions": self.stats["regions_conveyed"] - conveyed[0],
+                "bytes": self.stats["bytes_conveyed"] - conveyed[1]}
         return True
 
     def _take(self) -> CycleFreeze:
@@ -414,6 +424,7 @@ class AsyncMirror:
             progress = dict(self.progress)
             state = self.state
             committed, at = self.committed, self.last_consistent_at
+            last = self.last_cycle
         marked = self.engine.tracker.count()
         if state == "connected":
             if progress["state"] != "idle":
@@ -425,4 +436,5 @@ class AsyncMirror:
         return {"mode": ASYNC, "state": state, "interval": self.interval,
                 "committed_cycle": committed, "last_consistent_at": at,
                 "lag_s": None if at is None else round(time.time() - at, 3),
-                "marked_regions": marked, "cycle": progress, **self.stats}
+                "marked_regions": marked, "cycle": progress, "last_cycle": last,
+                **self.stats}
