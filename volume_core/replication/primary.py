@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import native
+from ..blockio import all_zero
 from ..errors import NbdMirrorError, ProtocolError
 from ..geometry import chunks
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
@@ -134,7 +135,7 @@ def peer_marks_map(channel: Any, regions: int) -> np.ndarray | None:
 
 def chunk_frame(seq: int, offset: int, buf: bytearray, fua: bool = False) -> p.Write | p.Zero:
     """A chunk of a volume's contents as a frame: ZERO (no payload) when it is all zeros."""
-    if buf.count(0) == len(buf):
+    if all_zero(buf):
         return p.Zero(seq, offset, len(buf), may_trim=True, fua=fua)
     return p.Write(seq, offset, buf, fua=fua)
 
