@@ -4,14 +4,21 @@ SIGKILL). The volumes and helpers are test_replication_cli_faults's (``mirror``)
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import NBDMIRROR, run_cli, wait_until
 from tests.integration.test_replication_cli_faults import SIZE, fio_verified_randwrite
+from volume_core.server_files import pid_alive
+from volume_core.volume import Volume
 
 pytestmark = pytest.mark.integration
 
@@ -166,64 +173,193 @@ def test_a_cycle_left_open_is_dropped_by_a_server_in_another_mode(mirror):
     assert "left open; dropped" in m.primary.log.read_text()  # said at start, on stderr
 
 
-def test_serve_consistent_exports_the_last_committed_cycle_while_the_next_arrives(mirror):
+@pytest.fixture
+def consistent() -> Iterator:
+    """``consistent(VOL, *args, check=True)``: ``serve VOL --consistent --background --json``;
+    every export it started is stopped (killed if need be) after the test."""
+    started: list[Path] = []
+
+    def start(vol: Path, *args: str, check: bool = True):
+        res = run_cli("serve", vol, "--consistent", "--background", "--json", *args,
+                      check=check)
+        if res.code == 0:
+            started.append(vol)
+        return res
+
+    yield start
+    for vol in started:
+        run_cli("stop", vol, "--consistent", "--force", check=False, timeout=60)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((vol / "consistent" / "nbdkit.pid").read_text()), signal.SIGKILL)
+
+
+def read_all(h) -> bytes:
+    return b"".join(h.pread(1 << 20, off) for off in range(0, SIZE, 1 << 20))
+
+
+def connect(sock: Path):
     import nbd
 
+    h = nbd.NBD()
+    h.connect_unix(str(sock))
+    return h
+
+
+def images(vol: Path) -> dict[str, bool]:
+    """The secondary's consistent images (name: held by a reader)."""
+    found = run_cli("snapshot", "list", vol, "--json").json()["snapshots"]
+    return {s["name"]: s["served"] for s in found if s["internal"]}
+
+
+def test_each_consistent_connection_reads_the_newest_image_and_keeps_it_while_connected(
+        mirror, consistent):
     m = mirror(proxy=True)
     m.primary.start(m.peer, "async", "--interval", "0")
     first = fill(m, seed=6)
     sync(m, "--wait")
-    sock = m.where / "consistent.sock"
-    out = run_cli("serve", m.secondary.vol, "--consistent", "--socket", sock, "--background",
-                  "--json").json()
-    try:
-        second = random.Random(7).randbytes(SIZE)
-        src = m.where / "second.img"
-        src.write_bytes(second)
-        subprocess.run(["nbdcopy", str(src),
-                        f"nbd+unix:///?socket={m.primary.vol / 'nbd.sock'}"],
-                       check=True, timeout=60)
-        m.proxy.delay(0.01)
-        sync(m)  # cycle 2 arrives while a reader reads cycle 1
-        h = nbd.NBD()
-        h.connect_unix(str(sock))
-        assert h.is_read_only()
-        got = b"".join(h.pread(1 << 20, off) for off in range(0, SIZE, 1 << 20))
-        assert got == first
-        m.proxy.delay(0)
-        sync(m, "--wait")
-        got = b"".join(h.pread(1 << 20, off) for off in range(0, SIZE, 1 << 20))
-        assert got == first  # the same point in time, for as long as it is connected
-        h.shutdown()
-        assert m.differing_regions() == []
-    finally:
-        run_cli("snapshot", "stop", m.secondary.vol, "cycle-1", "--force", check=False)
-    assert out["snapshot"] == "cycle-1"
-    # a new export shows the newest cycle
-    newest = m.primary.replication()["committed_cycle"]
-    out = run_cli("serve", m.secondary.vol, "--consistent", "--socket", sock, "--background",
-                  "--json").json()
-    run_cli("snapshot", "stop", m.secondary.vol, out["snapshot"])
-    assert out["snapshot"] == f"cycle-{newest}" and newest >= 2
+    out = consistent(m.secondary.vol).json()
+    sock = m.secondary.vol / "consistent" / "nbd.sock"
+    assert out["consistent"] and out["snapshot"] is None, out
+    assert out["listen"] == f"unix:{sock.absolute()}", out
+    early = connect(sock)
+    assert early.is_read_only()
+    assert read_all(early) == first
+
+    second = fill(m, seed=7)
+    m.proxy.delay(0.01)
+    assert sync(m, "--json").json()["cycle"] == 2  # its data lands in the live replica...
+    wait_until(lambda: m.primary.replication()["cycle"]["conveyed_regions"] >= 64, 30,
+               "part of cycle 2 to be conveyed", interval=0.01)
+    assert read_all(early) == first  # ...not in the image
+    during = connect(sock)  # the newest committed is still cycle 1
+    assert read_all(during) == first
+    during.shutdown()
+    m.proxy.delay(0)
+    wait_until(lambda: m.primary.replication()["committed_cycle"] == 2, 30, "cycle 2",
+               interval=0.02)
+    assert m.differing_regions() == []
+    late = connect(sock)
+    assert read_all(late) == second  # a connection after the commit: the new image
+    assert read_all(early) == first  # the same point in time for as long as it is connected
+    assert images(m.secondary.vol) == {"cycle-1": True, "cycle-2": True}, "cycle-1 is held"
+
+    # Let go of cycle 1: it goes at the next commit; cycle 2 stays while `late` holds it.
+    early.shutdown()
+    wait_until(lambda: not images(m.secondary.vol)["cycle-1"], 10,
+               "the export to close its view of cycle 1", interval=0.02)
+    sync(m, "--wait")
+    assert images(m.secondary.vol) == {"cycle-2": True, "cycle-3": False}
+    assert read_all(late) == second
+    late.shutdown()
+    wait_until(lambda: not images(m.secondary.vol)["cycle-2"], 10,
+               "the export to close its view of cycle 2", interval=0.02)
+    third = fill(m, seed=8)
+    sync(m, "--wait")
+    assert images(m.secondary.vol) == {"cycle-4": False}
+    newest = connect(sock)
+    assert read_all(newest) == third
+    newest.shutdown()
+
+    log = (m.secondary.vol / "consistent" / "server.log").read_text()
+    assert "a connection opened consistent image cycle-1" in log, log
+    assert "a connection opened consistent image cycle-4" in log, log
+    text = run_cli("status", m.secondary.vol).out
+    assert f"consistent:  image served on unix:{sock.absolute()} by pid {out['pid']}" in text
+    assert run_cli("status", m.secondary.vol, "--json").json()["consistent_export"] == {
+        "listen": f"unix:{sock.absolute()}", "pid": out["pid"]}
+    # The receiver runs beside it, in VOL/: the export stops alone, and leaves nothing behind.
+    res = run_cli("stop", m.secondary.vol, "--consistent", "--json").json()
+    assert res == {"volume": str(m.secondary.vol.absolute()), "consistent": True,
+                   "pid": out["pid"]}
+    assert not pid_alive(out["pid"])
+    left = {p.name for p in (m.secondary.vol / "consistent").iterdir()}
+    assert left <= {"server.log", "lock"}, left
+    assert m.secondary.alive() and m.secondary.replication()["state"] == "connected"
+    assert run_cli("status", m.secondary.vol, "--json").json()["consistent_export"] is None
+    res = run_cli("stop", m.secondary.vol, "--consistent", check=False)
+    assert res.code == 1 and res.err.strip().splitlines() == [
+        f"Error: the consistent image of {m.secondary.vol} is not being served"], res.err
+
+
+def test_a_second_consistent_export_of_a_volume_is_refused_in_one_line(mirror, consistent):
+    m = mirror()
+    m.primary.start(m.peer, "async", "--interval", "0")
+    fill(m, seed=9)
+    sync(m, "--wait")
+    out = consistent(m.secondary.vol, "--socket", m.where / "one.sock").json()
+    for args in ((), ("--socket", m.where / "two.sock")):
+        res = consistent(m.secondary.vol, *args, check=False)
+        assert res.code == 1, res
+        assert res.err.strip().splitlines() == [
+            f"Error: the consistent image of {m.secondary.vol} is already being served on "
+            f"unix:{m.where / 'one.sock'} (pid {out['pid']})"], res.err
+    assert not (m.where / "two.sock").exists()
+    h = connect(m.where / "one.sock")  # the first one serves on, untouched
+    assert h.get_size() == SIZE
+    res = run_cli("stop", m.secondary.vol, "--consistent", check=False)
+    assert res.code == 1 and "1 NBD client is connected to the consistent image" in res.err
+    h.shutdown()
+    run_cli("stop", m.secondary.vol, "--consistent")
+    assert not (m.where / "one.sock").exists()
 
 
 def test_serve_consistent_refuses_what_has_no_consistent_image(mirror, tmp_path):
     run_cli("create", tmp_path / "plain", "--size", "4M")
     res = run_cli("serve", tmp_path / "plain", "--consistent", check=False)
-    assert res.code == 1 and "is not a secondary" in res.err, res.err
+    assert res.code == 1 and res.err.strip().splitlines() == [
+        f"Error: {tmp_path / 'plain'} is not a secondary: --consistent serves the image an "
+        "async secondary keeps of its last cycle"], res.err
+    assert not (tmp_path / "plain" / "consistent").exists()
     m = mirror()
     m.primary.start(m.peer, "semi-async")  # paired: a secondary, with no cycle
-    res = run_cli("serve", m.secondary.vol, "--consistent", check=False)
-    assert res.code == 1 and "no consistent image yet" in res.err, res.err
+    res = run_cli("serve", m.secondary.vol, "--consistent", "--background", check=False)
+    assert res.code == 1 and res.err.strip().splitlines() == [
+        f"Error: {m.secondary.vol} has no consistent image yet: no async cycle was committed "
+        "to it"], res.err
+    assert not (m.secondary.vol / "consistent").exists()
     res = run_cli("serve", m.secondary.vol, "--consistent", "--mode", "async", check=False)
     assert res.code == 2, res.err
 
 
-def test_restarting_in_another_mode_carries_on_without_a_full_copy(mirror):
-    """semi-async -> async -> semi-async on the same pair: after each switch only what was
-    written meanwhile travels (counted by the primary), never the whole volume."""
+def test_a_consistent_connection_before_the_first_cycle_fails_with_the_reason_logged(mirror):
+    """nbdkit started by hand (the CLI refuses with no image): the export runs, and each
+    connection fails until a cycle is committed, saying why in its log."""
+    import nbd
+
+    from cli import server
+    from volume_core.server_files import ServerPlace
+
     m = mirror()
-    m.primary.start(m.peer, "semi-async")
+    m.primary.start(m.peer, "semi-async")  # paired: a secondary, with no cycle
+    volume = Volume.open(m.secondary.vol)
+    assert volume.info.role == "secondary" and volume.info.cycle == 0
+    place = ServerPlace(volume, consistent=True)
+    sock = m.where / "c.sock"
+    state = server.serve_background(place, server.Endpoint(socket=sock))
+    try:
+        with pytest.raises(nbd.Error):
+            connect(sock)
+        log = place.log_file
+        wait_until(lambda: "has no consistent image yet" in log.read_text(), 10,
+                   "the reason in the log", interval=0.02)
+        m.primary.stop()
+        m.primary.start(m.peer, "async", "--interval", "0")
+        fill(m, seed=10)
+        sync(m, "--wait")
+        h = connect(sock)
+        assert read_all(h) == (m.primary.vol / "data.img").read_bytes()
+        h.shutdown()
+    finally:
+        server.stop(place, force=True)
+    assert not pid_alive(state["pid"])
+
+
+@pytest.mark.parametrize("other", ["semi-async", "sync"])
+def test_restarting_in_another_mode_carries_on_without_a_full_copy(mirror, other):
+    """semi-async (or sync) -> async -> back on the same pair: after each switch only
+    what was written meanwhile travels (counted by the primary), never the whole volume."""
+    m = mirror()
+    m.primary.start(m.peer, other)
     fill(m, seed=12)
     m.wait_in_sync()
     m.primary.stop()
@@ -238,7 +374,7 @@ def test_restarting_in_another_mode_carries_on_without_a_full_copy(mirror):
     assert rep["bytes_conveyed"] <= 4 * 65536, rep  # not the 32 MiB volume again
     assert m.differing_regions() == []
     m.primary.stop()
-    m.primary.start(m.peer, "semi-async")
+    m.primary.start(m.peer, other)
     h = m.primary.connect()
     h.pwrite(b"B" * 65536, 65536 * 10)
     h.flush()
