@@ -60,6 +60,30 @@ def preallocate(fd: int, length: int) -> None:
         pass
 
 
+def next_data(fd: int, offset: int) -> int | None:
+    """Where the file's next data at or after ``offset`` starts (SEEK_DATA), or None
+    when there is none up to its end. A file system that cannot tell says ``offset``
+    (all data). Moves the descriptor's file position: for pread/pwrite users only."""
+    return _seek(fd, offset, os.SEEK_DATA, None)
+
+
+def next_hole(fd: int, offset: int) -> int:
+    """Where the file's next hole at or after ``offset`` starts (SEEK_HOLE; its end
+    counts as one). A file system that cannot tell says the end; past the end, offset."""
+    return _seek(fd, offset, os.SEEK_HOLE, offset)
+
+
+def _seek(fd: int, offset: int, whence: int, past_end: int | None) -> int | None:
+    try:
+        return os.lseek(fd, offset, whence)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            return past_end
+        if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return offset if whence == os.SEEK_DATA else os.fstat(fd).st_size
+        raise
+
+
 #: compared against, a piece at a time (memcmp: stops at the first non-zero byte)
 _ZEROS = bytes(1 << 20)
 

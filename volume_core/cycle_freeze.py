@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import native
-from .blockio import pread_full, preallocate, pwrite_full
+from .blockio import next_data, next_hole, pread_full, preallocate, pwrite_full
 from .errors import VolumeCorrupt
 from .geometry import RegionGeometry
 from .snapshots import CowStore, Snapshot
@@ -185,6 +185,28 @@ class CycleFreeze:
         moved = (state == KEEP) & (self.preserved[first:stop] == COPIED)
         self._read_runs(self.store_fd, moved, first, view)
         return buf
+
+    def hole_end(self, first: int, stop: int) -> int:
+        """How far from ``first`` (at most ``stop``) the frozen image is a hole of the
+        live file: regions KEEP before and after SEEK_DATA looked (as ``read`` does: a
+        write lands only after its region became COPIED), so they read as zeros
+        without reading them. ``first`` when it is not one."""
+        rs = self.geometry.region_size
+        before = self.preserved[first:stop] == KEEP
+        data = next_data(self.live_fd, first * rs)
+        end = stop if data is None else min(stop, data // rs)
+        if end <= first:
+            return first
+        kept = before[:end - first] & (self.preserved[first:end] == KEEP)
+        return first + (end - first if kept.all() else int(np.argmin(kept)))
+
+    def data_end(self, first: int, stop: int) -> int:
+        """Where (at most ``stop``, at least ``first + 1``) the data of the live volume
+        from region ``first`` on next gives way to a hole: a chunk read from ``first``
+        need not go further (what follows is for ``hole_end``)."""
+        rs = self.geometry.region_size
+        hole = next_hole(self.live_fd, first * rs)
+        return max(first + 1, min(stop, -(-hole // rs)))
 
     def _read_runs(self, fd: int, where: np.ndarray, first: int, view: memoryview) -> None:
         rs = self.geometry.region_size

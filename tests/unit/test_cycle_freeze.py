@@ -195,3 +195,57 @@ def test_an_open_cycle_numbered_out_of_step_with_the_committed_one_is_refused(fr
     vol.update_info(cycle=committed)  # 3 is neither the next (1, 6) nor the last (0, 5)
     with pytest.raises(VolumeCorrupt, match="cycle 3, but cycle"):
         CycleFreeze.open(vol, engine.fd)
+
+
+@pytest.fixture
+def holey(tmp_path):
+    """An engine over a sparse volume with data in regions 10-11 and 200 only."""
+    vol = Volume.create(tmp_path / "v", SIZE, RS)
+    with open(vol.data_path, "r+b") as f:
+        for region in (10, 11, 200):
+            f.seek(region * RS)
+            f.write(b"D" * RS)
+    engine = Engine(vol)
+    yield vol, engine
+    engine.close()
+
+
+def test_holes_of_the_live_volume_are_found_and_data_ends_at_the_next_hole(holey):
+    vol, engine = holey
+    freeze, _ = freeze_with_hook(vol, engine, np.ones(REGIONS, dtype=np.uint8))
+    assert freeze.hole_end(0, REGIONS) == 10
+    assert freeze.hole_end(0, 4) == 4
+    assert freeze.hole_end(10, REGIONS) == 10  # data there
+    assert freeze.data_end(10, REGIONS) == 12
+    assert freeze.data_end(10, 11) == 11
+    assert freeze.hole_end(12, REGIONS) == 200
+    assert freeze.hole_end(201, REGIONS) == REGIONS
+    freeze.preserved[50] = FREE  # conveyed: not part of a hole to send
+    assert freeze.hole_end(12, REGIONS) == 50
+
+
+def test_a_zero_write_landing_while_a_hole_is_looked_for_is_not_taken_for_a_hole(
+        holey, monkeypatch):
+    """Region 10 holds data at the take. A host write zeroes it (a hole now) after the
+    conveyor looked at its state and before SEEK_DATA: the frozen image still holds the
+    data, so the region must not be sent as part of a hole."""
+    import volume_core.cycle_freeze as cf
+
+    vol, engine = holey
+    freeze, _ = freeze_with_hook(vol, engine, np.ones(REGIONS, dtype=np.uint8))
+    real = cf.next_data
+    raced = []
+
+    def next_data(fd, offset):
+        if not raced:
+            raced.append(offset)
+            writer = threading.Thread(target=engine.trim, args=(2 * RS, 10 * RS))
+            writer.start()
+            writer.join(10)
+        return real(fd, offset)
+
+    monkeypatch.setattr(cf, "next_data", next_data)
+    assert freeze.hole_end(0, REGIONS) == 10
+    assert raced and freeze.preserved[10] == COPIED
+    assert real(engine.fd, 0) is None or real(engine.fd, 0) >= 200 * RS  # live: a hole
+    assert bytes(freeze.read(10, 12)) == b"D" * 2 * RS

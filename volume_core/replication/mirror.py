@@ -8,8 +8,9 @@ thread, while a channel to the secondary is up:
               (``swap_and_reset``) and frozen (``CycleFreeze``: a region still to
               convey is copied before a host write lands on it)
     convey    the frozen regions, 1 MiB chunks, as WRITE (or ZERO, for an all-zero
-              chunk) with FUA: the secondary's DATA_ACK means the chunk is durable
-              there; the region is then FREE (never copied again). At most
+              chunk; a hole of the live volume goes unread, up to 1 GiB a frame)
+              with FUA: the secondary's DATA_ACK means the chunk is durable there;
+              the region is then FREE (never copied again). At most
               ``CYCLE_WINDOW`` chunks unacknowledged. WRITE_FAILED: sent again.
     commit    CYCLE_COMMIT(n) -> the secondary records cycle n -> CYCLE_ACK(n)
     finish    the freeze is dropped, the taken marks released; volume.json
@@ -29,9 +30,12 @@ cycle's (``retake``) and which the next cycle's, and sends nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +43,6 @@ import numpy as np
 from .. import native
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
-from ..geometry import chunks
 from . import protocol as p
 from .primary import Channel, chunk_frame, note_peer, peer_marks_map
 
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 ASYNC = "async"
 #: bytes per chunk of a cycle
 CYCLE_CHUNK = 1 << 20
+#: bytes of a hole of the live volume sent as one ZERO frame, at most
+ZERO_SPAN = 1 << 30
 #: chunks sent and not yet acknowledged, at most (the secondary syncs them as a batch)
 CYCLE_WINDOW = 16
 #: seconds between cycles, unless told
@@ -56,6 +61,15 @@ DEFAULT_INTERVAL = 30.0
 COMMIT_TIMEOUT = 60.0
 #: passes over a cycle's regions in which the secondary refuses a chunk every time
 MAX_PASSES = 5
+
+
+def _zero_frame(seq: int, offset: int, length: int) -> p.Zero:
+    return p.Zero(seq, offset, length, may_trim=True, fua=True)
+
+
+def _data_frame(freeze: CycleFreeze, first: int, stop: int, seq: int, offset: int,
+                length: int) -> p.Write | p.Zero:
+    return chunk_frame(seq, offset, freeze.read(first, stop), fua=True)
 
 
 class _Lost(Exception):
@@ -326,12 +340,25 @@ class AsyncMirror:
 
     def _convey(self, channel: Channel, freeze: CycleFreeze) -> None:
         """Every region the freeze still holds, a window of chunks at a time; each pass
-        waits for every ack, and the next sends again what the secondary refused."""
+        waits for every ack, and the next sends again what the secondary refused.
+
+        A stretch that is a hole of the live volume goes as one ZERO frame of up to
+        ``ZERO_SPAN`` bytes, unread: a sparse volume syncs in proportion to its data.
+        """
         step = max(1, CYCLE_CHUNK // self._geometry.region_size)
+        span = max(step, ZERO_SPAN // self._geometry.region_size)
         for _ in range(MAX_PASSES):
-            runs = native.scan_runs(freeze.remaining())
-            for first, stop in chunks(runs.tolist(), step):
-                self._send_chunk(channel, freeze, first, stop)
+            for first, count in native.scan_runs(freeze.remaining()).tolist():
+                at, stop = first, first + count
+                while at < stop:
+                    end = freeze.hole_end(at, min(stop, at + span))
+                    if end > at:
+                        frame: Callable[..., p.Frame] = _zero_frame
+                    else:
+                        end = freeze.data_end(at, min(stop, at + step))
+                        frame = functools.partial(_data_frame, freeze, at, end)
+                    self._send(channel, at, end, frame)
+                    at = end
             self._wait(channel, lambda: not self._sent, self.ack_timeout * 4,
                        "the secondary did not acknowledge the cycle's last chunks")
             if not freeze.remaining().any():
@@ -339,19 +366,21 @@ class AsyncMirror:
         raise NbdMirrorError(f"the secondary refused chunks of cycle {freeze.number} "
                              f"{MAX_PASSES} times")
 
-    def _send_chunk(self, channel: Channel, freeze: CycleFreeze, first: int,
-                    stop: int) -> None:
+    def _send(self, channel: Channel, first: int, stop: int,
+              frame: Callable[..., p.Frame]) -> None:
+        """Regions [first, stop) as ``frame(seq, offset, length)``, once the window has
+        room; acknowledged in ``_acked``."""
         self._wait(channel, lambda: len(self._sent) < CYCLE_WINDOW, self.ack_timeout,
                    "the secondary stopped acknowledging chunks")
-        buf = freeze.read(first, stop)
+        offset, length = self._geometry.byte_range(first, stop)
+        made = frame(0, offset, length)  # read before the seq is taken: reads may fail
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
-            seq = self._next_seq
-            self._sent[seq] = (first, stop)
-        offset = self._geometry.byte_range(first, stop)[0]
-        channel.send_bulk(chunk_frame(seq, offset, buf, fua=True), timeout=self.ack_timeout)
+            self._sent[self._next_seq] = (first, stop)
+            made = dataclasses.replace(made, seq=self._next_seq)
+        channel.send_bulk(made, timeout=self.ack_timeout)
 
     def _wait(self, channel: Channel, done: Any, timeout: float, what: str) -> None:
         """Until ``done()`` (lock held while asked); _Lost with the channel, and the
