@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,19 @@ class CycleFreeze:
     copying: np.ndarray
     #: the copy-on-write machinery (the snapshots'), for this freeze alone
     cow: CowStore
+    #: Unix time of the take: the point in time the cycle's image holds
+    taken_at: float = 0.0
 
     # The copy is made durable exactly as a snapshot's: store synced, then map bytes.
     record_preserved = Snapshot.record_preserved
 
     @classmethod
-    def create(cls, volume: Volume, live_fd: int, number: int,
-               taken: np.ndarray) -> CycleFreeze:
-        """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced)."""
+    def create(cls, volume: Volume, live_fd: int, number: int, taken: np.ndarray,
+               taken_at: float | None = None) -> CycleFreeze:
+        """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced), the
+        volume as it is at ``taken_at`` (Unix time; now by default)."""
+        # whole microseconds: what CYCLE_COMMIT carries, so both sides record one value
+        taken_at = round((time.time() if taken_at is None else taken_at) * 1e6) / 1e6
         root = volume.path / DIR
         if root.exists():
             raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
@@ -81,13 +87,13 @@ class CycleFreeze:
                 preallocate(f.fileno(), volume.regions)  # copies then never fail to record
                 pwrite_full(f.fileno(), state, 0)
                 os.fdatasync(f.fileno())
-            write_json_atomic(tmp / INFO, {"number": number})
+            write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at})
             os.rename(tmp, root)
             fsync_dir(volume.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls._open(volume, live_fd, root, number, state)
+        return cls._open(volume, live_fd, root, number, taken_at, state)
 
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
@@ -96,13 +102,14 @@ class CycleFreeze:
         found = cls.check(volume)
         if found is None:
             return None
-        number, state = found
-        return cls._open(volume, live_fd, volume.path / DIR, number, state)
+        number, taken_at, state = found
+        return cls._open(volume, live_fd, volume.path / DIR, number, taken_at, state)
 
     @staticmethod
-    def check(volume: Volume) -> tuple[int, np.ndarray] | None:
-        """The number and state map of a cycle left open, or None; VolumeCorrupt, naming
-        it, for a damaged one (for a command to refuse before it starts a server)."""
+    def check(volume: Volume) -> tuple[int, float, np.ndarray] | None:
+        """The number, time of the take and state map of a cycle left open, or None;
+        VolumeCorrupt, naming it, for a damaged one (for a command to refuse before it
+        starts a server)."""
         root = volume.path / DIR
         if not os.path.lexists(root):
             return None
@@ -113,6 +120,10 @@ class CycleFreeze:
             number = info["number"]
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise ValueError(f"cycle number {number!r}")
+            taken_at = info.get("taken_at", 0.0)  # absent: made before it was recorded
+            if (not isinstance(taken_at, (int, float)) or isinstance(taken_at, bool)
+                    or not 0 <= taken_at < 1e11):
+                raise ValueError(f"time of the take {taken_at!r}")
             committed = volume.info.cycle  # open: the next, or the last not yet closed
             if not committed <= number <= committed + 1:
                 raise ValueError(f"cycle {number}, but cycle {committed} was committed")
@@ -125,7 +136,7 @@ class CycleFreeze:
                 raise ValueError(f"{STORE}: not {volume.size} bytes")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
-        return number, state
+        return number, float(taken_at), state
 
     @staticmethod
     def discard(volume: Volume) -> bool:
@@ -144,7 +155,7 @@ class CycleFreeze:
         return True
 
     @classmethod
-    def _open(cls, volume: Volume, live_fd: int, root: Path, number: int,
+    def _open(cls, volume: Volume, live_fd: int, root: Path, number: int, taken_at: float,
               state: np.ndarray) -> CycleFreeze:
         store_fd = os.open(root / STORE, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -157,7 +168,7 @@ class CycleFreeze:
         os.fdatasync(store_fd)
         os.fdatasync(map_fd)
         return cls(number, root, live_fd, store_fd, map_fd, volume.geometry, state,
-                   np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd))
+                   np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd), taken_at)
 
     # -- the host's side --------------------------------------------------------
     def preserve(self, offset: int, length: int) -> None:

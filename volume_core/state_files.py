@@ -79,6 +79,9 @@ VOLUME_FIELDS: dict[str, Check] = {
                         f"must be an integer from 0 to {MAX_SEQ}"),
     "cycle": (lambda v: _is_int(v) and 0 <= v <= MAX_SEQ,
               f"must be an integer from 0 to {MAX_SEQ}"),
+    "cycle_at": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and 0 <= v < 1e11),
+                 "must be null or a Unix time in seconds"),
 }
 _VOLUME_REQUIRED = ("uuid", "size", "region_size")
 

@@ -88,6 +88,9 @@ class VolumeInfo:
     #: async mirroring: the last cycle committed (a primary: conveyed and acknowledged;
     #: a secondary: held whole); 0 before the first
     cycle: int = 0
+    #: the point in time that cycle holds: Unix time of its take on the primary (the
+    #: primary's clock), None before the first
+    cycle_at: float | None = None
 
     @property
     def regions(self) -> int:

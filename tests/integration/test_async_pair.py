@@ -114,11 +114,14 @@ def test_a_restarted_primary_resumes_its_open_cycle(tmp_path):
         wait_until(lambda: sum(got) >= stop_after, 30, "part of the initial sync")
         volumes = (pr.primary.volume, pr.secondary.volume)
         first_run = pr.replicator
+        taken_at = first_run._freeze.taken_at
     conveyed = first_run.stats["regions_conveyed"]  # every ack it took, until it stopped
     assert (volumes[0].path / "cycle").exists()  # left open by the stop
     with pair(tmp_path, "async", volumes=volumes) as pr:
         wait_until(lambda: pr.replicator.committed >= 1, 30, "the resumed cycle")
         assert pr.images() == (data, data)
+        # its point in time is still the first run's take
+        assert pr.replicator.last_consistent_at == taken_at == volumes[1].info.cycle_at
         # the resumed cycle sent only what the first run had not had acknowledged
         assert pr.replicator.stats["regions_conveyed"] == SIZE // RS - conveyed
         # Nothing was written after the take: what stays marked for the next cycle is
@@ -299,3 +302,29 @@ def test_a_sparse_volume_syncs_in_proportion_to_its_data(tmp_path):
                 f.seek(offset)
                 assert f.read(len(buf)) == buf
         assert os.stat(svol.data_path).st_blocks * 512 < 16 << 20  # still sparse
+
+
+def test_the_point_in_time_of_a_commit_is_its_take_on_both_sides(tmp_path):
+    """last_consistent_at (and volume.json cycle_at) is when the cycle's marks were taken,
+    not when it committed: a commit held up 0.5 s does not make the image look newer."""
+    import time
+
+    def wrap(handle):
+        def slow_commit(frame):
+            if isinstance(frame, p.CycleCommit):
+                time.sleep(0.5)  # the secondary's commit is slow; nothing to wait for
+            handle(frame)
+        return slow_commit
+
+    with pair(tmp_path, "async", wrap=wrap) as pr:
+        pr.primary.pwrite(b"x" * RS, 0)
+        asked = time.time()
+        cycle(pr)
+        done = time.time()
+        at = pr.replicator.status()["last_consistent_at"]
+        assert asked <= at <= done - 0.4, (asked, at, done)
+        theirs = pr.receiver.status()
+        assert abs(theirs["last_consistent_at"] - at) < 1e-5, (theirs, at)
+        assert theirs["lag_s"] >= 0.4 and theirs["cycle_in_progress"] is None
+        assert pr.secondary.volume.info.cycle_at == theirs["last_consistent_at"]
+        assert pr.primary.volume.info.cycle_at == at

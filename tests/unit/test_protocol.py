@@ -107,6 +107,7 @@ SAMPLES = [
     Error(""),
     CycleBegin(1),
     CycleCommit(1),
+    CycleCommit(7, 1_764_000_000_123_456),
     CycleAck(1),
 ]
 

@@ -99,7 +99,8 @@ class AsyncMirror:
         self._stopping = False
         self.state = "disconnected"
         self.committed = int(engine.volume.info.cycle)
-        self.last_consistent_at: float | None = None  # wall clock of the last commit
+        #: the point in time the secondary holds (Unix time of the committed cycle's take)
+        self.last_consistent_at: float | None = engine.volume.info.cycle_at
         self.stats = {"cycles": 0, "bytes_conveyed": 0, "regions_conveyed": 0,
                       "chunks_refused": 0, "links_lost": 0}
         self.progress = self._progress(None)
@@ -310,15 +311,17 @@ class AsyncMirror:
         channel.send_urgent(p.CycleBegin(freeze.number))
         self._convey(channel, freeze)
         self.progress["state"] = "committing"
-        channel.send_urgent(p.CycleCommit(freeze.number))
+        channel.send_urgent(p.CycleCommit(freeze.number, round(freeze.taken_at * 1e6)))
         self._wait(channel, lambda: self._cycle_acked >= freeze.number, COMMIT_TIMEOUT,
                    f"the secondary did not commit cycle {freeze.number}")
         self._finish(freeze)
         with self._lock:
+            seconds = time.monotonic() - began
+            nbytes = self.stats["bytes_conveyed"] - conveyed[1]
             self.last_cycle = {
-                "number": freeze.number, "seconds": round(time.monotonic() - began, 6),
-                "regions": self.stats["regions_conveyed"] - conveyed[0],
-                "bytes": self.stats["bytes_conveyed"] - conveyed[1]}
+                "number": freeze.number, "seconds": round(seconds, 6),
+                "regions": self.stats["regions_conveyed"] - conveyed[0], "bytes": nbytes,
+                "rate_bps": round(nbytes / seconds) if seconds > 0 else None}
         return True
 
     def _take(self) -> CycleFreeze:
@@ -403,13 +406,13 @@ class AsyncMirror:
         committed, which commits again (the secondary takes a repeated commit),
         never a later cycle under a number already used.
         """
-        self.engine.volume.update_info(cycle=freeze.number)
+        self.engine.volume.update_info(cycle=freeze.number, cycle_at=freeze.taken_at or None)
         try:
             self._close_cycle(freeze)
         finally:  # committed either way: a cycle left open is closed again later
             with self._lock:
                 self.committed = freeze.number
-                self.last_consistent_at = time.time()
+                self.last_consistent_at = freeze.taken_at or None
                 self.stats["cycles"] += 1
 
     def _close_cycle(self, freeze: CycleFreeze) -> None:
@@ -455,6 +458,9 @@ class AsyncMirror:
             committed, at = self.committed, self.last_consistent_at
             last = self.last_cycle
         marked = self.engine.tracker.count()
+        elapsed = time.time() - progress["started"] if progress["started"] else 0
+        progress["rate_bps"] = (round(progress["conveyed_bytes"] / elapsed)
+                                if progress["state"] != "idle" and elapsed > 0 else None)
         if state == "connected":
             if progress["state"] != "idle":
                 state = "cycling"

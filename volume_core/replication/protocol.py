@@ -64,7 +64,9 @@ before the decoder waits for (or buffers) a payload that is not coming.
     0x42  ERROR         P S   payload: UTF-8 reason (<= 4 KiB); the sender
                               then drops the connection
     0x50  CYCLE_BEGIN   P     seq = cycle number (async mirror)
-    0x51  CYCLE_COMMIT  P     seq = cycle number: the cycle's image is complete  CYCLE_ACK
+    0x51  CYCLE_COMMIT  P     seq = cycle number: the cycle's image is complete; CYCLE_ACK
+                              offset = its point in time (the take), in
+                              microseconds since the Unix epoch (0: unknown)
     0x52  CYCLE_ACK     S     seq = cycle number, consistent on the secondary
     ====  ============  ====  ================================================  ==========
 
@@ -648,10 +650,21 @@ class CycleBegin(_SeqFrame):
 
 
 @_frozen
-class CycleCommit(_SeqFrame):
-    """Async mirror: every region of cycle ``seq`` was sent."""
+class CycleCommit(Frame):
+    """Async mirror: every region of cycle ``seq`` was sent; ``taken_us``: the time of its
+    take on the primary (microseconds since the Unix epoch, 0 when unknown)."""
 
     CODE: ClassVar[int] = 0x51
+    seq: int
+    taken_us: int = 0
+
+    def _pack(self) -> _Parts:
+        return 0, self.seq, self.taken_us, 0, b""
+
+    @classmethod
+    def _unpack(cls, flags: int, seq: int, offset: int, length: int,
+                payload: Buffer) -> CycleCommit:
+        return cls(seq, offset)
 
 
 @_frozen
@@ -674,6 +687,7 @@ class _Payload(enum.Enum):
 class _Range(enum.Enum):
     NONE = "none"  # offset == 0 and length == 0
     COUNT = "count"  # offset == 0, length >= 1 is a count
+    TIME = "time"  # offset is a time (any value), length == 0
     VOLUME = "volume"  # 0 < length, offset + length <= volume size
     REGIONS = "regions"  # VOLUME, and whole regions (the short last one included)
 
@@ -724,7 +738,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(Pong, "PONG", _Payload.NONE, _Range.NONE, _PS),
     _Spec(Error, "ERROR", _Payload.SMALL, _Range.NONE, _PS, phase=_Phase.ANY),
     _Spec(CycleBegin, "CYCLE_BEGIN", _Payload.NONE, _Range.NONE, _P),
-    _Spec(CycleCommit, "CYCLE_COMMIT", _Payload.NONE, _Range.NONE, _P),
+    _Spec(CycleCommit, "CYCLE_COMMIT", _Payload.NONE, _Range.TIME, _P),
     _Spec(CycleAck, "CYCLE_ACK", _Payload.NONE, _Range.NONE, _S),
 )
 #: frame types with no sequence number (their seq field must be 0)
@@ -756,6 +770,9 @@ def _check_header(spec: _Spec, flags: int, offset: int, length: int, payload_len
     if rng is _Range.NONE:
         if offset or length:
             raise ProtocolError(f"{name} frame has a nonzero offset or length")
+    elif rng is _Range.TIME:
+        if length:
+            raise ProtocolError(f"{name} frame has a nonzero length")
     elif rng is _Range.COUNT:
         if offset or not length:
             raise ProtocolError(f"{name} frame must have offset 0 and a count of at least 1")

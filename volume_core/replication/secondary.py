@@ -341,6 +341,8 @@ class Receiver:
         self._counts = _Counters()
         self._last_frame: float | None = None
         self.cycle_in_progress: int | None = None  # async: the cycle arriving
+        #: async: (clock, bytes applied) when the arriving cycle began (its throughput)
+        self._cycle_from: tuple[float, int] | None = None
 
     # -- frames in -----------------------------------------------------------
     def handle(self, frame: p.Frame) -> None:
@@ -449,6 +451,7 @@ class Receiver:
     def _on_cycle_begin(self, frame: p.CycleBegin) -> None:
         self._async_only(frame)
         self.cycle_in_progress = frame.seq
+        self._cycle_from = (self.clock(), self._counts.bytes_applied)
 
     def _on_cycle_commit(self, frame: p.CycleCommit) -> None:
         """Every chunk of cycle ``seq`` was acknowledged (each once on disk): keep the
@@ -463,10 +466,11 @@ class Receiver:
                                 f"{self.engine.volume.info.cycle} was committed already")
         self._hold_image(frame.seq)
         try:
-            self.engine.volume.update_info(cycle=frame.seq)
+            self.engine.volume.update_info(cycle=frame.seq,
+                                           cycle_at=frame.taken_us / 1e6 or None)
         except OSError as err:
             raise VolumeError(f"cannot record cycle {frame.seq} as committed: {err}") from err
-        self.cycle_in_progress = None
+        self.cycle_in_progress = self._cycle_from = None
         self.out.send_urgent(p.CycleAck(frame.seq))
         self._drop_older_images(frame.seq)
 
@@ -929,6 +933,13 @@ class Receiver:
             counts = dataclasses.asdict(self._counts)
             suspect = int(np.count_nonzero(self._suspect))
             last = self._last_frame
+            arriving = self._cycle_from
+        info = self.engine.volume.info
+        received = rate = None
+        if arriving is not None:
+            received = counts["bytes_applied"] - arriving[1]
+            elapsed = self.clock() - arriving[0]
+            rate = round(received / elapsed) if elapsed > 0 else None
         return {
             "mode": self.mode,
             "pending_regions": _union_count(pending),
@@ -939,8 +950,12 @@ class Receiver:
             "marked_regions": self.tracker.count(),
             **counts,
             "last_frame_age": None if last is None else round(self.clock() - last, 3),
-            "committed_cycle": self.engine.volume.info.cycle,
+            "committed_cycle": info.cycle,
+            "last_consistent_at": info.cycle_at,
+            "lag_s": None if info.cycle_at is None else round(time.time() - info.cycle_at, 3),
             "cycle_in_progress": self.cycle_in_progress,
+            "cycle_bytes_received": received,
+            "cycle_rate_bps": rate,
         }
 
 
