@@ -62,7 +62,8 @@ def _endpoint_key(text: str | None) -> str | None:
 
 
 def attached_to(place: ServerPlace) -> list[dict]:
-    """The recorded attachments of the export of ``place`` (a volume or a snapshot).
+    """The recorded attachments of the export of ``place`` (a volume, a snapshot, or the
+    consistent images).
 
     An attachment matches by the export it reaches: the address the running
     server listens on, or the place's default socket (a server that died may
@@ -76,7 +77,7 @@ def attached_to(place: ServerPlace) -> list[dict]:
     mine = str(place.volume.path.absolute())
     return [rec for rec in attachments()
             if _endpoint_key(rec.get("endpoint")) in keys
-            or (place.snapshot is None and rec.get("volume") == mine
+            or (place.live and rec.get("volume") == mine
                 and rec.get("snapshot") is None)]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from volume_core import consistent as consistent_images
 from volume_core import operations, snapshots
 from volume_core.cycle_freeze import CycleFreeze
 from volume_core.errors import NbdMirrorError, ServerError, UsageError
@@ -153,11 +154,11 @@ def info(vol: str, as_json: bool) -> None:
               help="This primary's certificate (when the secondary asks for one).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key.")
 @click.option("--consistent", is_flag=True,
-              help="On an async secondary: serve its last consistent image (the newest "
-                   "committed cycle) read-only, also while the next cycle arrives; it stays "
-                   "that image for as long as this server runs (default socket: "
-                   "VOL/snapshots/cycle-N/nbd.sock; stop with 'nbdmirror snapshot stop VOL "
-                   "cycle-N').")
+              help="On an async secondary: serve its consistent image read-only, also while "
+                   "the next cycle arrives. Each new connection sees the newest committed "
+                   "cycle and keeps that point in time until it disconnects; one server per "
+                   "volume, beside 'nbdmirror receive' (default socket: "
+                   "VOL/consistent/nbd.sock; stop with 'nbdmirror stop VOL --consistent').")
 @threads_option
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
@@ -175,8 +176,10 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
         if extra:
             raise click.UsageError("--consistent serves a secondary's image: it takes no "
                                    "replication options")
-        place = _snapshot_place(vol, _consistent_image(Volume.open(vol)))
-        _serve(place, socket, port, address, background, threads, as_json)
+        volume = Volume.open(vol)
+        consistent_images.newest_image(volume)  # none yet, or no secondary: refused here
+        _serve(ServerPlace(volume, consistent=True), socket, port, address, background,
+               threads, as_json)
         return
     if threads is None:  # an async write waits for nothing remote: as unreplicated
         waits = extra and mode != session.ASYNC
@@ -232,11 +235,15 @@ def _serve(place: ServerPlace, socket: str | None, port: int | None, address: st
         server.serve_foreground(place, endpoint, extra=extra, threads=threads)
         return
     state = server.serve_background(place, endpoint, extra=extra, threads=threads)
-    stop_cmd = (f"nbdmirror stop {place.volume.path}" if place.snapshot is None
-                else f"nbdmirror snapshot stop {place.volume.path} {place.snapshot}")
+    if place.snapshot is not None:
+        stop_cmd = f"nbdmirror snapshot stop {place.volume.path} {place.snapshot}"
+    else:
+        stop_cmd = f"nbdmirror stop {place.volume.path}"
+        if place.consistent:
+            stop_cmd += " --consistent"
     emit({"volume": str(place.volume.path.absolute()), "snapshot": place.snapshot,
-          "listen": str(endpoint), "uri": endpoint.uri, "pid": state.get("pid"),
-          "threads": threads}, as_json,
+          "consistent": place.consistent, "listen": str(endpoint), "uri": endpoint.uri,
+          "pid": state.get("pid"), "threads": threads}, as_json,
          [f"serving {place.what} on {endpoint} (pid {state.get('pid')}); stop with: {stop_cmd}"])
 
 
@@ -244,20 +251,23 @@ def _serve(place: ServerPlace, socket: str | None, port: int | None, address: st
 @click.argument("vol", type=click.Path())
 @click.option("--force", is_flag=True, help="Stop even while a block device is attached or "
               "NBD clients are connected: they are cut off, the volume still closes cleanly.")
+@click.option("--consistent", is_flag=True, help="Stop the export of a secondary's "
+              "consistent image ('serve --consistent'), not its receiver.")
 @json_option
-def stop(vol: str, force: bool, as_json: bool) -> None:
+def stop(vol: str, force: bool, consistent: bool, as_json: bool) -> None:
     """Stop the server of volume VOL (background or foreground).
 
     Refused while a block device is attached to it or NBD clients are
     connected, naming them. Exits 1 if the server had to be killed.
     """
     volume = Volume.open(vol, check_files=False)  # a server can be stopped whatever its files
-    place = ServerPlace(volume)
+    place = ServerPlace(volume, consistent=consistent)
     if not force:
         devices.ensure_not_attached(place, " (or use --force)")
     pid = server.stop(place, force=force)
-    emit({"volume": str(volume.path.absolute()), "pid": pid}, as_json,
-         [f"stopped the server of {vol} (pid {pid})"])
+    what = "the export of the consistent image" if consistent else "the server"
+    emit({"volume": str(volume.path.absolute()), "consistent": consistent, "pid": pid},
+         as_json, [f"stopped {what} of {vol} (pid {pid})"])
 
 
 @cli.command()
@@ -267,6 +277,9 @@ def status(vol: str, as_json: bool) -> None:
     """Live state of the running server of VOL: requests, bytes, marked regions."""
     volume = Volume.open(vol, check_files=False)
     st = operations.call(volume, "status")
+    export = ServerPlace(volume, consistent=True).read_state()
+    st["consistent_export"] = None if export is None else {
+        "listen": export.get("listen"), "pid": export.get("pid")}
     s = st["stats"]
     human = [
         f"volume:      {st['volume']} ({st['role']}, generation {st['generation']})",
@@ -280,6 +293,9 @@ def status(vol: str, as_json: bool) -> None:
         f"trims/zero:  {s['trims']} / {s['zeroes']}; flushes {s['flushes']}",
         f"log:         {st.get('log') or '?'}",
     ] + _replication_lines(st.get("replication"))
+    if export is not None:
+        human.append(f"consistent:  image served on {export.get('listen') or '?'} by pid "
+                     f"{export.get('pid')} (each connection: the newest cycle at its start)")
     emit(st, as_json, human)
 
 
@@ -346,17 +362,23 @@ def _async_lines(rep: dict) -> list[str]:
     every = f"every {rep['interval']:g}s" if rep["interval"] else "on request"
     lines = [
         f"replication: async to {rep['peer']}: {rep['state']} (cycles {every})",
-        f"  committed: cycle {rep['committed_cycle']}"
-        + ("" if lag is None else f", {lag:.1f}s ago")
+        f"  committed: cycle {rep['committed_cycle']}" + _as_of(lag)
         + f"; marked for the next: {rep['marked_regions']} regions",
     ]
     if cyc.get("number") is not None and cyc["state"] != "idle":
+        rate = cyc.get("rate_bps")
         lines.append(f"  cycle {cyc['number']} {cyc['state']}: {cyc['conveyed_regions']} of "
                      f"{cyc['regions']} regions ({format_size(cyc['conveyed_bytes'])} of "
-                     f"{format_size(cyc['bytes'])})")
+                     f"{format_size(cyc['bytes'])}"
+                     + ("" if rate is None else f", {format_size(rate)}/s") + ")")
     if rep.get("last_error"):
         lines.append(f"  last error: {rep['last_error']}")
     return lines
+
+
+def _as_of(lag: float | None) -> str:
+    """How old the point in time of a committed cycle is (the recovery point lag)."""
+    return "" if lag is None else f", the volume as of {lag:.1f}s ago"
 
 
 def _receiving_lines(rep: dict) -> list[str]:
@@ -372,8 +394,11 @@ def _receiving_lines(rep: dict) -> list[str]:
     ]
     if rep.get("mode") == "async":
         arriving = rep.get("cycle_in_progress")
+        rate = rep.get("cycle_rate_bps")
         lines.append(f"  committed: cycle {rep.get('committed_cycle', 0)}"
-                     + (f"; cycle {arriving} arriving" if arriving else ""))
+                     + _as_of(rep.get("lag_s"))
+                     + (f"; cycle {arriving} arriving" if arriving else "")
+                     + ("" if not arriving or rate is None else f" at {format_size(rate)}/s"))
     if rep.get("last_refusal"):
         lines.append(f"  last refused: {rep['last_refusal']}")
     return lines
@@ -481,20 +506,6 @@ def snapshot_delete(vol: str, name: str, as_json: bool) -> None:
     operations.run(volume, "snapshot-delete", name=name)
     emit({"volume": str(volume.path.absolute()), "deleted": name}, as_json,
          [f"deleted snapshot {name} of {vol}"])
-
-
-def _consistent_image(volume: Volume) -> str:
-    """The snapshot holding an async secondary's last consistent image."""
-    if volume.info.role != "secondary":
-        raise NbdMirrorError(f"{volume.path} is not a secondary: --consistent serves the "
-                             "image an async secondary keeps of its last cycle")
-    images = [(n, info["name"]) for _seq, _path, info in snapshots.snapshot_dirs(volume)
-              if (n := snapshots.cycle_number(info["name"])) is not None
-              and not info.get("deleting")]
-    if not images:
-        raise NbdMirrorError(f"{volume.path} has no consistent image yet: no async cycle "
-                             "was committed to it")
-    return max(images)[1]
 
 
 def _snapshot_place(vol: str, name: str, check_files: bool = True) -> ServerPlace:

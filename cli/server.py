@@ -1,4 +1,5 @@
-"""Starting, finding and stopping the nbdkit processes that serve volumes and snapshots."""
+"""Starting, finding and stopping the nbdkit processes that serve volumes, snapshots and a
+secondary's consistent images."""
 
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def choose_endpoint(place: ServerPlace, socket_path: str | None, port: int | Non
     if len(os.fsencode(str(path))) > _SUN_PATH_MAX:  # sun_path limit: a short path under /run
         short = RUN_DIR / "sockets"
         short.mkdir(parents=True, exist_ok=True)
-        suffix = f"-{place.snapshot}" if place.snapshot else ""
+        # a snapshot's name never starts with '-': "--consistent" is no snapshot's suffix
+        suffix = (f"-{place.snapshot}" if place.snapshot
+                  else "--consistent" if place.consistent else "")
         path = short / f"{place.volume.info.uuid}{suffix}.sock"
     return Endpoint(socket=path)
 
@@ -118,7 +121,7 @@ def nbdkit_command(place: ServerPlace, endpoint: Endpoint, *, foreground: bool,
     if foreground:
         cmd.append("-f")
     cmd += ["-P", str(place.pid_file.absolute()), "--log=stderr", "-t", str(threads)]
-    if place.snapshot is not None:
+    if not place.live:
         cmd.append("--readonly")
     if endpoint.socket is not None:
         cmd += ["-U", str(endpoint.socket)]
@@ -128,6 +131,8 @@ def nbdkit_command(place: ServerPlace, endpoint: Endpoint, *, foreground: bool,
             f"listen={endpoint}"]
     if place.snapshot is not None:
         cmd.append(f"snapshot={place.snapshot}")
+    if place.consistent:
+        cmd.append("consistent=1")
     return cmd + list(extra)
 
 
@@ -165,6 +170,7 @@ def clear_stale_socket(path: Path) -> None:
 
 def _prepare(place: ServerPlace, endpoint: Endpoint) -> None:
     ensure_not_served(place)
+    place.make_dir()
     for path in (place.pid_file, place.state_file, place.log_file):
         # nbdkit and the server open these by name: a FIFO there would hang them
         with contextlib.suppress(FileNotFoundError):
@@ -241,10 +247,10 @@ def _kill_unready(place: ServerPlace) -> None:
 
 
 def _ready(place: ServerPlace) -> bool:
-    """A snapshot export is ready once it recorded itself; a volume once it answers admin."""
+    """A read-only export is ready once it recorded itself; a volume once it answers admin."""
     if place.read_state() is None:
         return False
-    if place.snapshot is not None:
+    if not place.live:
         return True
     try:
         admin.call(admin_socket(place.volume), "status", timeout=2)

@@ -1,10 +1,13 @@
 """nbdkit Python plugin: maps NBD callbacks onto volume_core.
 
-    nbdkit python nbd_plugin/plugin.py volume=VOL [snapshot=NAME] [listen=WHERE]
+    nbdkit python nbd_plugin/plugin.py volume=VOL [snapshot=NAME | consistent=1] [listen=WHERE]
 
 Config keys:
   volume=PATH       the volume directory (required)
   snapshot=NAME     serve that snapshot, read-only, instead of the live volume
+  consistent=1      serve an async secondary's consistent images, read-only: each
+                    connection the newest at its start, held until it hangs up
+                    (volume_core.consistent)
   listen=WHERE      how nbdkit was told to listen (unix:PATH or tcp:HOST:PORT); recorded
                     in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
@@ -34,13 +37,14 @@ from pathlib import Path
 import nbdkit
 
 API_VERSION = 2
-_KEYS = ("volume", "snapshot", "listen", "durable-marks", "replicate-to", "mode",
-         "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout", "interval")
+_KEYS = ("volume", "snapshot", "consistent", "listen", "durable-marks", "replicate-to",
+         "mode", "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout", "interval")
 
 _FUA = nbdkit.FLAG_FUA
 _config: dict[str, str] = {}
 _engine = None  # volume_core.engine.Engine, or a SnapshotView for snapshot exports
-_pread = _pwrite = None  # bound methods of _engine: one lookup less per request
+_images = None  # volume_core.consistent.ConsistentExport: a SnapshotView per connection
+_readonly = False  # a snapshot or the consistent images: no writes, no admin socket
 _place = None
 _admin = None
 _log_path: Path | None = None  # absolute: the server may run in another directory
@@ -89,21 +93,32 @@ def config(key, value):
 
 
 def config_complete():
+    global _readonly
     if "volume" not in _config:
         raise RuntimeError("missing volume=PATH")
+    if "consistent" in _config:
+        if _config["consistent"] != "1":
+            raise RuntimeError("consistent=1 is the only value of consistent")
+        if "snapshot" in _config or "replicate-to" in _config:
+            raise RuntimeError("consistent=1 takes neither snapshot= nor replication keys")
+    _readonly = "snapshot" in _config or "consistent" in _config
 
 
 def get_ready():
     # Open (and lock) before nbdkit forks into the background, so that a failure is
     # reported to the command that started it.
-    global _engine, _place, _pread, _pwrite, _log_path, _session
+    global _engine, _images, _place, _log_path, _session
     from volume_core.errors import NbdMirrorError
     from volume_core.server_files import ServerPlace
     from volume_core.volume import Volume
 
     try:
         volume = Volume.open(_config["volume"])
-        if "snapshot" in _config:
+        if "consistent" in _config:
+            from volume_core.consistent import ConsistentExport
+
+            _images = ConsistentExport(volume)
+        elif "snapshot" in _config:
             from volume_core.snapshot_view import SnapshotView
 
             _engine = SnapshotView(volume, _config["snapshot"])
@@ -117,12 +132,10 @@ def get_ready():
                 _drop_open_cycle(volume)
             if settings is not None:
                 _session = session.replicate(_engine, settings)
-        _place = ServerPlace(volume, _config.get("snapshot"))
+        _place = ServerPlace(volume, _config.get("snapshot"), consistent=_images is not None)
     except NbdMirrorError as err:
         raise RuntimeError(str(err)) from None
     _log_path = _place.log_file.absolute()
-    _pread = _engine.pread
-    _pwrite = getattr(_engine, "pwrite", None)
 
 
 def after_fork():
@@ -132,7 +145,7 @@ def after_fork():
     from volume_core import server_files, server_log
 
     _log_reader = server_log.capture_stderr(_log_path, server_log.cap_from_env())
-    if "snapshot" not in _config:
+    if not _readonly:
         from volume_core import operations
         from volume_core.admin import AdminServer
 
@@ -152,6 +165,7 @@ def after_fork():
         "listen": _config.get("listen", ""),
         "volume": str(_place.volume.path.absolute()),
         "snapshot": _config.get("snapshot"),
+        "consistent": _images is not None,
         "uuid": _place.volume.info.uuid,
         "log": str(_log_path),
     })
@@ -181,6 +195,8 @@ def _session_ops() -> dict:
 
 def _what() -> str:
     volume = _place.volume.path.absolute()
+    if _images is not None:
+        return f"the consistent image of {volume}"
     return f"snapshot {_place.snapshot!r} of {volume}" if _place.snapshot else str(volume)
 
 
@@ -189,9 +205,10 @@ def cleanup():
         _session.close()
     if _admin is not None:
         _admin.close()
-    if _engine is not None:
+    served = _engine if _images is None else _images
+    if served is not None:
         _place.clear_state()
-        _engine.close()
+        served.close()
         log.info("stopped serving %s: closed cleanly", _what())
     from volume_core import server_log
 
@@ -199,15 +216,33 @@ def cleanup():
 
 
 def open(readonly):
-    return 1
+    """The handle every request of the connection reads: the engine or snapshot everyone
+    shares, or, for consistent images, the newest at this moment, held until close()."""
+    if _images is None:
+        return _engine
+    from volume_core.errors import NbdMirrorError
+
+    try:
+        view = _images.open()
+    except NbdMirrorError as err:  # no image yet, a damaged one: the connection is refused
+        log.error("a new connection was refused: %s", err)
+        raise RuntimeError(str(err)) from None
+    log.info("a connection opened consistent image %s", view.name)
+    return view
+
+
+def close(h):
+    if h is not _engine:
+        log.info("a connection closed consistent image %s", h.name)
+        h.close()
 
 
 def get_size(h):
-    return _engine.size
+    return h.size
 
 
 def can_write(h):
-    return "snapshot" not in _config
+    return not _readonly
 
 
 def can_flush(h):
@@ -215,11 +250,11 @@ def can_flush(h):
 
 
 def can_trim(h):
-    return "snapshot" not in _config
+    return not _readonly
 
 
 def can_zero(h):
-    return "snapshot" not in _config
+    return not _readonly
 
 
 def can_fua(h):
@@ -232,7 +267,7 @@ def can_multi_conn(h):
 
 
 def can_extents(h):
-    return "snapshot" not in _config
+    return not _readonly
 
 
 def block_size(h):
@@ -241,44 +276,44 @@ def block_size(h):
 
 def pread(h, buf, offset, flags):
     try:
-        _pread(buf, offset)
+        h.pread(buf, offset)
     except Exception as err:
         _fail(err, "pread", offset, len(buf))
 
 
 def pwrite(h, buf, offset, flags):
     try:
-        _pwrite(buf, offset, flags & _FUA)
+        h.pwrite(buf, offset, flags & _FUA)
     except Exception as err:
         _fail(err, "pwrite", offset, len(buf))
 
 
 def flush(h, flags):
-    if "snapshot" in _config:
+    if _readonly:
         return
     try:
-        _engine.flush()
+        h.flush()
     except Exception as err:
         _fail(err, "flush")
 
 
 def trim(h, count, offset, flags):
     try:
-        _engine.trim(count, offset, flags & nbdkit.FLAG_FUA)
+        h.trim(count, offset, flags & nbdkit.FLAG_FUA)
     except Exception as err:
         _fail(err, "trim", offset, count)
 
 
 def zero(h, count, offset, flags):
     try:
-        _engine.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), flags & nbdkit.FLAG_FUA)
+        h.zero(count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM), flags & nbdkit.FLAG_FUA)
     except Exception as err:
         _fail(err, "zero", offset, count)
 
 
 def extents(h, count, offset, flags):
     try:
-        found = _engine.extents(count, offset)
+        found = h.extents(count, offset)
     except Exception as err:
         _fail(err, "extents", offset, count)
     if flags & nbdkit.FLAG_REQ_ONE:

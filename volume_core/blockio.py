@@ -73,6 +73,20 @@ def next_hole(fd: int, offset: int) -> int:
     return _seek(fd, offset, os.SEEK_HOLE, offset)
 
 
+def hole_end(fd: int, region_size: int, first: int, stop: int) -> int:
+    """How far from region ``first`` (at most ``stop``) the file is a hole: regions
+    [first, result) hold no data (``first``: region ``first`` holds some)."""
+    data = next_data(fd, first * region_size)
+    return stop if data is None else max(first, min(stop, data // region_size))
+
+
+def data_end(fd: int, region_size: int, first: int, stop: int) -> int:
+    """Where (at most ``stop``, at least ``first + 1``) the data from region ``first`` on
+    gives way to a hole: a read from ``first`` need not go further."""
+    hole = next_hole(fd, first * region_size)
+    return max(first + 1, min(stop, -(-hole // region_size)))
+
+
 def _seek(fd: int, offset: int, whence: int, past_end: int | None) -> int | None:
     try:
         return os.lseek(fd, offset, whence)

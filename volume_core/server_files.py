@@ -1,13 +1,15 @@
 """Where a server keeps its runtime files, and whether one is running.
 
 A server of a volume keeps them in ``VOL/``; a server of a snapshot export in
-``VOL/snapshots/NAME/``. It writes ``server.json`` once it accepts
-connections. A SIGKILLed server leaves that file behind, and its pid may be
-reused by any process; so the file is believed only while the place's lock is
-held *and* the recorded pid is proven to be this place's server: alive, started
-at the recorded time (``/proc/PID/stat`` field 22) and running nbdkit with this
-volume (and snapshot) on its command line. Nothing may signal a pid that is not
-proven so.
+``VOL/snapshots/NAME/``; the export of an async secondary's consistent images
+(``serve --consistent``, volume_core.consistent) in ``VOL/consistent/``. It
+writes ``server.json`` once it accepts connections. A SIGKILLed server leaves
+that file behind, and its pid may be reused by any process; so the file is
+believed only while the place's lock is held *and* the recorded pid is proven
+to be this place's server: alive, started at the recorded time
+(``/proc/PID/stat`` field 22) and running nbdkit with this volume (and
+snapshot, or ``consistent=1``) on its command line. Nothing may signal a pid
+that is not proven so.
 
 A secondary's receiving process (``nbdmirror receive``) keeps the same files
 in ``VOL/``, so ``status`` and ``stop`` treat it like a server; its
@@ -37,6 +39,9 @@ NBD_SOCKET = "nbd.sock"
 RECEIVER_MODULE = "volume_core.replication.receiver"
 #: server.json's ``kind`` of a receiving process (an nbdkit server records none)
 RECEIVER_KIND = "receiver"
+#: where the export of a secondary's consistent images keeps its runtime files: apart from
+#: ``VOL/``'s, which belong to the receiver of the same volume
+CONSISTENT_DIR = "consistent"
 
 
 def admin_socket(volume: Volume) -> Path:
@@ -44,12 +49,25 @@ def admin_socket(volume: Volume) -> Path:
 
 
 class ServerPlace:
-    """The runtime files of one server: of a volume, or of one of its snapshots."""
+    """The runtime files of one server: of a volume, of one of its snapshots, or of its
+    consistent images (``consistent``: an async secondary's, newest per connection)."""
 
-    def __init__(self, volume: Volume, snapshot: str | None = None):
+    def __init__(self, volume: Volume, snapshot: str | None = None, *,
+                 consistent: bool = False):
+        if snapshot is not None and consistent:
+            raise ValueError("a place serves a snapshot or the consistent images, not both")
         self.volume = volume
         self.snapshot = snapshot
-        self.dir = volume.path if snapshot is None else volume.snapshot_dir / snapshot
+        self.consistent = consistent
+        if consistent:
+            self.dir = volume.path / CONSISTENT_DIR
+        else:
+            self.dir = volume.path if snapshot is None else volume.snapshot_dir / snapshot
+
+    @property
+    def live(self) -> bool:
+        """True for the place of the volume itself: its writable engine, its admin socket."""
+        return self.snapshot is None and not self.consistent
 
     @property
     def pid_file(self) -> Path:
@@ -69,15 +87,24 @@ class ServerPlace:
 
     @property
     def what(self) -> str:
+        if self.consistent:
+            return f"the consistent image of {self.volume.path}"
         if self.snapshot is None:
             return str(self.volume.path)
         return f"snapshot {self.snapshot!r} of {self.volume.path}"
 
     def held(self) -> bool:
         """True while a server (or another tool) holds the lock of this place."""
-        if self.snapshot is None:
+        if self.live:
             return self.volume.is_locked_elsewhere()
+        # a snapshot's lock file, shared by its exports; the consistent export's own one
         return snapshots.is_served(self.dir)
+
+    def make_dir(self) -> None:
+        """Make the directory of the consistent export (a volume's and a snapshot's exist
+        with them: never made here, or a deleted snapshot would come back empty)."""
+        if self.consistent:
+            self.dir.mkdir(exist_ok=True)
 
     def write_state(self, state: dict[str, Any]) -> None:
         """Record the running server, with what proves later that its pid is still it."""
@@ -129,7 +156,7 @@ class ServerPlace:
     def is_server_command(self, args: list[str]) -> bool:
         """True when ``args`` (a command line) is nbdkit serving this very place, or the
         replication receiver of this volume (``python -m RECEIVER_MODULE VOL ...``)."""
-        if self.snapshot is None and args[1:3] == ["-m", RECEIVER_MODULE] and len(args) > 3:
+        if self.live and args[1:3] == ["-m", RECEIVER_MODULE] and len(args) > 3:
             return os.path.realpath(args[3]) == os.path.realpath(self.volume.path)
         if not args or Path(args[0]).name != "nbdkit":
             return False
@@ -137,7 +164,8 @@ class ServerPlace:
         volume = values.get("volume")
         if volume is None or os.path.realpath(volume) != os.path.realpath(self.volume.path):
             return False
-        return values.get("snapshot") == self.snapshot
+        return (values.get("snapshot") == self.snapshot
+                and (values.get("consistent") == "1") == self.consistent)
 
     def read_state(self) -> dict[str, Any] | None:
         """The running server's state, or None unless a proven server holds this place."""

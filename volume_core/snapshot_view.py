@@ -85,7 +85,10 @@ class SnapshotView:
             raise SnapshotError(f"no snapshot named {name!r} in {volume.path}")
         self.path = path
         # A shared lock: several exports may serve it, delete must wait for all of them.
-        self._lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # deleted since we looked
+            raise SnapshotError(f"no snapshot named {name!r} in {volume.path}") from None
         if not try_flock(self._lock_fd, fcntl.LOCK_SH) or found[name].get("deleting"):
             os.close(self._lock_fd)
             raise SnapshotError(f"snapshot {name!r} is being deleted")
@@ -105,8 +108,12 @@ class SnapshotView:
         self._lock = threading.Lock()  # members, _loaded_seq, _readers, _retired
         self._readers = 0
         self._retired: list[_Member] = []
-        with self._lock:
-            self._reload_locked()
+        try:
+            with self._lock:
+                self._reload_locked()  # "no longer exists" if deleted before we held it
+        except BaseException:
+            self.close()
+            raise
 
     def _reload_locked(self) -> None:
         """Load the chain as it is now (lock held); keep members still in it open."""

@@ -99,26 +99,32 @@ def test_a_cut_mid_cycle_resumes_without_sending_conveyed_chunks_again(tmp_path)
 def test_a_restarted_primary_resumes_its_open_cycle(tmp_path):
     stop_after = (SIZE // RS) // 4
     got: list[int] = []
+    armed = threading.Event()
 
     def wrap(handle):
         def stalling(frame):
-            if isinstance(frame, (p.Write, p.Zero)):
+            if isinstance(frame, (p.Write, p.Zero)) and armed.is_set():
                 if sum(got) >= stop_after:
                     return  # never answered: the cycle stays open
                 got.append(frame.length // RS)
             handle(frame)
         return stalling
 
+    first = random.Random(4).randbytes(SIZE)
     data = random.Random(5).randbytes(SIZE)
-    with pair(tmp_path, "async", wrap=wrap, prefill=data, ack_timeout=30) as pr:
-        wait_until(lambda: sum(got) >= stop_after, 30, "part of the initial sync")
+    with pair(tmp_path, "async", wrap=wrap, prefill=first, ack_timeout=30) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync")
+        armed.set()
+        pr.primary.pwrite(data, 0)
+        pr.replicator.run_now()
+        wait_until(lambda: sum(got) >= stop_after, 30, "part of cycle 2")
         volumes = (pr.primary.volume, pr.secondary.volume)
         first_run = pr.replicator
         taken_at = first_run._freeze.taken_at
-    conveyed = first_run.stats["regions_conveyed"]  # every ack it took, until it stopped
+    conveyed = first_run.stats["regions_conveyed"] - SIZE // RS  # of cycle 2, until it stopped
     assert (volumes[0].path / "cycle").exists()  # left open by the stop
     with pair(tmp_path, "async", volumes=volumes) as pr:
-        wait_until(lambda: pr.replicator.committed >= 1, 30, "the resumed cycle")
+        wait_until(lambda: pr.replicator.committed >= 2, 30, "the resumed cycle")
         assert pr.images() == (data, data)
         # its point in time is still the first run's take
         assert pr.replicator.last_consistent_at == taken_at == volumes[1].info.cycle_at

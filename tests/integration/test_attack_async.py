@@ -46,12 +46,24 @@ def test_an_open_cycle_dropped_by_a_semi_async_server_leaves_no_stale_data(tmp_p
     the open cycle goes, its regions stay marked; the semi-async resync and a later async
     server then leave both sides identical. (PrimaryReplicator / session.replicate do not
     drop the cycle themselves: only the plugin does.)"""
+    first = random.Random(0).randbytes(SIZE)
     old = random.Random(1).randbytes(SIZE)
     new = random.Random(2).randbytes(RS)
-    # 1. async: cycle 1 is taken (everything marked) and stays open; region 3 is written
-    #    after the take, so its old bytes are copied into the freeze (COPIED).
-    with pair(tmp_path, "async", wrap=drop_chunks, prefill=old, ack_timeout=30) as pr:
-        wait_until(lambda: pr.replicator._freeze is not None, 20, "cycle 1 to be taken")
+    dropping = threading.Event()
+
+    def wrap(handle):
+        dropped = drop_chunks(handle)
+        return lambda frame: (dropped if dropping.is_set() else handle)(frame)
+
+    # 1. async: after the initial sync, cycle 2 is taken (everything marked) and stays
+    #    open; region 3 is written after the take, so its old bytes are copied into the
+    #    freeze (COPIED).
+    with pair(tmp_path, "async", wrap=wrap, prefill=first, ack_timeout=30) as pr:
+        wait_until(lambda: pr.replicator.committed >= 1, 20, "the initial sync")
+        dropping.set()
+        pr.primary.pwrite(old, 0)
+        pr.replicator.run_now()
+        wait_until(lambda: pr.replicator._freeze is not None, 20, "cycle 2 to be taken")
         pr.primary.pwrite(new, 3 * RS)
         assert pr.replicator._freeze.preserved[3] == COPIED
         volumes = (pr.primary.volume, pr.secondary.volume)
@@ -222,7 +234,7 @@ def test_cli_async_kill_then_semi_async_then_async_sends_no_stale_data(mirror):
 
     m = mirror(proxy=True)
     cycle_under_way(m, seed=11, regions=32)
-    m.proxy.stall()  # the rest of cycle 1 waits
+    m.proxy.stall()  # the rest of cycle 2 waits
     last = CLI_REGIONS - 1
     h = m.primary.connect()
     try:

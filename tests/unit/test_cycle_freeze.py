@@ -229,11 +229,11 @@ def test_a_zero_write_landing_while_a_hole_is_looked_for_is_not_taken_for_a_hole
     """Region 10 holds data at the take. A host write zeroes it (a hole now) after the
     conveyor looked at its state and before SEEK_DATA: the frozen image still holds the
     data, so the region must not be sent as part of a hole."""
-    import volume_core.cycle_freeze as cf
+    import volume_core.blockio as bio
 
     vol, engine = holey
     freeze, _ = freeze_with_hook(vol, engine, np.ones(REGIONS, dtype=np.uint8))
-    real = cf.next_data
+    real = bio.next_data
     raced = []
 
     def next_data(fd, offset):
@@ -244,8 +244,29 @@ def test_a_zero_write_landing_while_a_hole_is_looked_for_is_not_taken_for_a_hole
             writer.join(10)
         return real(fd, offset)
 
-    monkeypatch.setattr(cf, "next_data", next_data)
+    monkeypatch.setattr(bio, "next_data", next_data)
     assert freeze.hole_end(0, REGIONS) == 10
     assert raced and freeze.preserved[10] == COPIED
     assert real(engine.fd, 0) is None or real(engine.fd, 0) >= 200 * RS  # live: a hole
     assert bytes(freeze.read(10, 12)) == b"D" * 2 * RS
+
+
+@pytest.mark.parametrize("max_runs", [0, 1 << 20], ids=["whole-map", "run-by-run"])
+def test_a_prepared_freeze_records_exactly_the_taken_regions(fresh, monkeypatch, max_runs):
+    """prepare() writes a map of FREE before writes pause; create() then writes KEEP for
+    the taken runs (one by one, or the whole map when they are many): on disk and in
+    memory the same, and a restart reads it back."""
+    import volume_core.cycle_freeze as cf
+
+    vol, engine, _ = fresh
+    monkeypatch.setattr(cf, "MAX_RUN_WRITES", max_runs)
+    taken = (np.random.default_rng(7).random(REGIONS) < 0.3).astype(np.uint8)
+    prepared = CycleFreeze.prepare(vol)
+    freeze = CycleFreeze.create(vol, engine.fd, 1, taken, prepared=prepared)
+    want = np.where(taken != 0, KEEP, FREE)
+    on_disk = np.fromfile(vol.path / "cycle" / "state.map", dtype=np.uint8)
+    assert (on_disk == want).all() and (freeze.preserved == want).all()
+    freeze.close()
+    again = CycleFreeze.open(vol, engine.fd)
+    assert again is not None and (again.preserved == want).all()
+    again.close()

@@ -43,6 +43,7 @@ import numpy as np
 from .. import native
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
+from ..live_pass import LivePass
 from . import protocol as p
 from .primary import Channel, chunk_frame, note_peer, peer_marks_map
 
@@ -67,9 +68,9 @@ def _zero_frame(seq: int, offset: int, length: int) -> p.Zero:
     return p.Zero(seq, offset, length, may_trim=True, fua=True)
 
 
-def _data_frame(freeze: CycleFreeze, first: int, stop: int, seq: int, offset: int,
+def _data_frame(image: CycleFreeze | LivePass, first: int, stop: int, seq: int, offset: int,
                 length: int) -> p.Write | p.Zero:
-    return chunk_frame(seq, offset, freeze.read(first, stop), fua=True)
+    return chunk_frame(seq, offset, image.read(first, stop), fua=True)
 
 
 class _Lost(Exception):
@@ -107,6 +108,11 @@ class AsyncMirror:
         #: the last committed cycle: number, seconds from its take (or resume) to its
         #: commit, and the regions and bytes conveyed in that run
         self.last_cycle: dict[str, Any] | None = None
+        #: the last initial sync (a ``LivePass``) of this run: seconds, regions, bytes,
+        #: skipped_regions (written meanwhile: the first cycle carried them), rate_bps
+        self.initial_sync: dict[str, Any] | None = None
+        self._pass: LivePass | None = None  # an initial sync under way (resumed after a cut)
+        self._image: CycleFreeze | LivePass | None = None  # what acks are credited to
         # A cycle a previous run left open: resumed first, its hook on before any write.
         self._freeze = CycleFreeze.open(engine.volume, engine.fd)
         self._taken: np.ndarray | None = None
@@ -121,17 +127,22 @@ class AsyncMirror:
             engine.pre_write.append(self._freeze.preserve)
             log.info("async: cycle %d was left open; it resumes once the secondary is "
                      "connected", self._freeze.number)
+        # No consistent image on the secondary yet: the first pass reads the live volume.
+        self._need_pass = self._freeze is None and self.committed == 0
         # Started with the first channel: nbdkit forks after building this object.
         self._thread = threading.Thread(target=self._run, daemon=True, name="async-cycles")
 
     # -- link events (PrimarySession) --------------------------------------------------
     def connected(self, channel: Channel) -> None:
-        if note_peer(self.engine, channel) and self._freeze is not None:
-            # Another secondary: the open cycle's conveyed regions are not there, so it
-            # must not commit there. Every region is marked already (note_peer): the
-            # cycle thread drops the open cycle and takes everything afresh.
-            log.warning("async: a new secondary in the middle of cycle %d: starting "
-                        "again with everything", self._freeze.number)
+        if note_peer(self.engine, channel):
+            # Another secondary: an open cycle's (or pass's) conveyed regions are not
+            # there, so it must not commit there. Every region is marked already
+            # (note_peer): the cycle thread drops what is open and starts afresh with an
+            # initial sync.
+            if self._freeze is not None or self._pass is not None:
+                log.warning("async: a new secondary in the middle of %s: starting again "
+                            "with everything", "the initial sync" if self._pass else
+                            f"cycle {self._freeze.number}")  # type: ignore[union-attr]
             with self._lock:
                 self._new_peer = True
         theirs = peer_marks_map(channel, self.engine.volume.regions)
@@ -201,7 +212,7 @@ class AsyncMirror:
 
     def _acked(self, seq: int, count: int, ok: bool) -> None:
         with self._lock:
-            freeze = self._freeze
+            image = self._image
             for s in range(seq, seq + count):
                 regions = self._sent.pop(s, None)
                 if regions is None:
@@ -209,8 +220,8 @@ class AsyncMirror:
                 first, stop = regions
                 if not ok:
                     self.stats["chunks_refused"] += 1
-                elif freeze is not None:
-                    freeze.conveyed(first, stop)
+                elif image is not None:
+                    image.conveyed(first, stop)
                     self.engine.tracker.release_part(first, stop)
                     nbytes = self._geometry.byte_range(first, stop)[1]
                     self.progress["conveyed_regions"] += stop - first
@@ -297,9 +308,19 @@ class AsyncMirror:
         freeze = self._freeze
         with self._lock:
             new_peer, self._new_peer = self._new_peer, False
-        if freeze is not None and new_peer:  # its conveyed regions are not there
-            self._close_cycle(freeze)
-            freeze = None
+        if new_peer:  # what it conveyed is not there
+            self._need_pass = True
+            if freeze is not None:
+                self._close_cycle(freeze)
+                freeze = None
+            if self._pass is not None:
+                self._end_pass(self._pass)
+        if freeze is None and self._need_pass and (
+                self._pass is not None or self.engine.tracker.count()):
+            self._initial_pass(channel)
+            forced = True  # the first consistent image, at once, written to meanwhile or not
+            began = time.monotonic()
+            conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
         if freeze is None:
             if not forced and not self.engine.tracker.count():
                 return False
@@ -307,9 +328,9 @@ class AsyncMirror:
                 self.progress = self._progress(None) | {"state": "taking"}
                 self._taking = self.committed + 1  # run_now() promises the next one
             freeze = self._take()
-        self.progress = self._progress(freeze)
+        self.progress = self._progress(freeze, freeze.number)
         channel.send_urgent(p.CycleBegin(freeze.number))
-        self._convey(channel, freeze)
+        self._convey(channel, freeze, f"cycle {freeze.number}")
         self.progress["state"] = "committing"
         channel.send_urgent(p.CycleCommit(freeze.number, round(freeze.taken_at * 1e6)))
         self._wait(channel, lambda: self._cycle_acked >= freeze.number, COMMIT_TIMEOUT,
@@ -324,13 +345,48 @@ class AsyncMirror:
                 "rate_bps": round(nbytes / seconds) if seconds > 0 else None}
         return True
 
+    def _initial_pass(self, channel: Channel) -> None:
+        """Convey what the marks hold from the live volume (``LivePass``); writes landing
+        meanwhile mark their regions for the first cycle, which follows at once."""
+        engine = self.engine
+        lp = self._pass
+        if lp is None:
+            with engine.quiesce():  # no write marked before the take lands after it
+                lp = self._pass = LivePass(engine, engine.tracker.swap_and_reset())
+            log.info("async: initial sync of %d regions", int(native.count(lp.pending)))
+        began = time.monotonic()
+        conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
+        with self._lock:
+            self.progress = self._progress(lp, self.committed + 1, "initial-sync")
+        self._convey(channel, lp, "the initial sync")
+        self._end_pass(lp)
+        self._need_pass = False
+        seconds = time.monotonic() - began
+        nbytes = self.stats["bytes_conveyed"] - conveyed[1]
+        with self._lock:
+            self.initial_sync = {
+                "seconds": round(seconds, 6),
+                "regions": self.stats["regions_conveyed"] - conveyed[0], "bytes": nbytes,
+                "skipped_regions": lp.skipped,
+                "rate_bps": round(nbytes / seconds) if seconds > 0 else None}
+        log.info("async: initial sync done (%d regions written meanwhile go with the first "
+                 "cycle)", lp.skipped)
+
+    def _end_pass(self, lp: LivePass) -> None:
+        """The pass is over (done, or given up for a new secondary): its take goes; what
+        it did not convey is still marked, or was marked again."""
+        self.engine.tracker.release(lp.taken)
+        self._pass = None
+
     def _take(self) -> CycleFreeze:
         engine = self.engine
         number = self.committed + 1
+        prepared = CycleFreeze.prepare(engine.volume)  # before writes pause
         with engine.quiesce():
             taken = engine.tracker.swap_and_reset()
             try:
-                freeze = CycleFreeze.create(engine.volume, engine.fd, number, taken)
+                freeze = CycleFreeze.create(engine.volume, engine.fd, number, taken,
+                                            prepared=prepared)
             except BaseException:
                 engine.tracker.merge(taken)  # give the take back
                 engine.tracker.release(taken)
@@ -341,8 +397,8 @@ class AsyncMirror:
         log.info("async: cycle %d takes %d regions", number, int(native.count(taken)))
         return freeze
 
-    def _convey(self, channel: Channel, freeze: CycleFreeze) -> None:
-        """Every region the freeze still holds, a window of chunks at a time; each pass
+    def _convey(self, channel: Channel, image: CycleFreeze | LivePass, what: str) -> None:
+        """Every region the image still holds, a window of chunks at a time; each pass
         waits for every ack, and the next sends again what the secondary refused.
 
         A stretch that is a hole of the live volume goes as one ZERO frame of up to
@@ -350,24 +406,36 @@ class AsyncMirror:
         """
         step = max(1, CYCLE_CHUNK // self._geometry.region_size)
         span = max(step, ZERO_SPAN // self._geometry.region_size)
+        with self._lock:
+            self._image = image
         for _ in range(MAX_PASSES):
-            for first, count in native.scan_runs(freeze.remaining()).tolist():
+            for first, count in native.scan_runs(image.remaining()).tolist():
                 at, stop = first, first + count
                 while at < stop:
-                    end = freeze.hole_end(at, min(stop, at + span))
+                    end = image.skip_end(at, stop)
+                    if end > at:
+                        self._skipped(at, end)
+                        at = end
+                        continue
+                    end = image.hole_end(at, min(stop, at + span))
                     if end > at:
                         frame: Callable[..., p.Frame] = _zero_frame
                     else:
-                        end = freeze.data_end(at, min(stop, at + step))
-                        frame = functools.partial(_data_frame, freeze, at, end)
+                        end = image.data_end(at, min(stop, at + step))
+                        frame = functools.partial(_data_frame, image, at, end)
                     self._send(channel, at, end, frame)
                     at = end
             self._wait(channel, lambda: not self._sent, self.ack_timeout * 4,
-                       "the secondary did not acknowledge the cycle's last chunks")
-            if not freeze.remaining().any():
+                       f"the secondary did not acknowledge the last chunks of {what}")
+            if not image.remaining().any():
                 return
-        raise NbdMirrorError(f"the secondary refused chunks of cycle {freeze.number} "
-                             f"{MAX_PASSES} times")
+        raise NbdMirrorError(f"the secondary refused chunks of {what} {MAX_PASSES} times")
+
+    def _skipped(self, first: int, stop: int) -> None:
+        """Regions [first, stop) leave this pass unsent (the next cycle carries them)."""
+        with self._lock:
+            self.progress["regions"] -= stop - first
+            self.progress["bytes"] -= self._geometry.byte_range(first, stop)[1]
 
     def _send(self, channel: Channel, first: int, stop: int,
               frame: Callable[..., p.Frame]) -> None:
@@ -412,6 +480,7 @@ class AsyncMirror:
         finally:  # committed either way: a cycle left open is closed again later
             with self._lock:
                 self.committed = freeze.number
+                self._need_pass = False  # the secondary holds a consistent image
                 self.last_consistent_at = freeze.taken_at or None
                 self.stats["cycles"] += 1
 
@@ -441,12 +510,13 @@ class AsyncMirror:
             self.disconnected(reason, channel)
 
     # -- status -------------------------------------------------------------------
-    def _progress(self, freeze: CycleFreeze | None) -> dict[str, Any]:
-        if freeze is None:
+    def _progress(self, image: CycleFreeze | LivePass | None, number: int | None = None,
+                  state: str = "conveying") -> dict[str, Any]:
+        if image is None:
             return {"number": None, "state": "idle", "regions": 0, "bytes": 0,
                     "conveyed_regions": 0, "conveyed_bytes": 0, "started": None}
-        regions = int(native.count(freeze.remaining()))
-        return {"number": freeze.number, "state": "conveying", "regions": regions,
+        regions = int(native.count(image.remaining()))
+        return {"number": number, "state": state, "regions": regions,
                 "bytes": min(regions * self._geometry.region_size, self.engine.size),
                 "conveyed_regions": 0,
                 "conveyed_bytes": 0, "started": time.time()}
@@ -456,7 +526,7 @@ class AsyncMirror:
             progress = dict(self.progress)
             state = self.state
             committed, at = self.committed, self.last_consistent_at
-            last = self.last_cycle
+            last, initial = self.last_cycle, self.initial_sync
         marked = self.engine.tracker.count()
         elapsed = time.time() - progress["started"] if progress["started"] else 0
         progress["rate_bps"] = (round(progress["conveyed_bytes"] / elapsed)
@@ -472,4 +542,5 @@ class AsyncMirror:
                 "committed_cycle": committed, "last_consistent_at": at,
                 "lag_s": None if at is None else round(time.time() - at, 3),
                 "marked_regions": marked, "cycle": progress, "last_cycle": last,
+                "initial_sync": initial,
                 **self.stats}

@@ -1,0 +1,71 @@
+"""The initial sync's source: the live volume itself, no copy on write.
+
+docs/ASYNC.md has the design. Before the first consistent image exists on a
+secondary there is nothing to keep consistent, so the first pass over the
+regions (every region ever written, or all of them for a new secondary) reads
+the live volume while host writes go on: no frozen image, no copies, no store
+growing with what the host writes meanwhile. A write landing during the pass
+marks its region in the tracker as always; such a region is skipped when the
+pass reaches it, and if it was already conveyed it stays marked: the first
+cycle after the pass (a frozen one) carries it. That cycle's commit is the
+first consistent image.
+
+The pass has the interface of a ``CycleFreeze`` as the conveyor sees it:
+``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read``,
+``conveyed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import blockio
+from .geometry import RegionGeometry
+
+
+class LivePass:
+    """Conveys the regions of ``taken`` from the live volume (see the module docstring)."""
+
+    number = None  # not a cycle: nothing commits at its end
+
+    def __init__(self, engine: Any, taken: np.ndarray) -> None:
+        self.tracker = engine.tracker
+        self.fd: int = engine.fd
+        self.geometry: RegionGeometry = engine.volume.geometry
+        #: the take (released when the pass ends or is given up)
+        self.taken = taken
+        #: 1 = still to convey in this pass
+        self.pending = (np.asarray(taken) != 0).view(np.uint8).copy()
+        self.skipped = 0  # regions written during the pass before it reached them
+
+    def remaining(self) -> np.ndarray:
+        return self.pending
+
+    def skip_end(self, first: int, stop: int) -> int:
+        """Past the regions from ``first`` (before ``stop``) written since the take: they
+        are marked for the next cycle, which carries them; not sent now."""
+        marked = self.tracker.marks[first:stop] != 0
+        n = len(marked) if marked.all() else int(np.argmin(marked))
+        if n:
+            self.pending[first:first + n] = 0
+            self.skipped += n
+        return first + n
+
+    def hole_end(self, first: int, stop: int) -> int:
+        """How far from ``first`` the live volume is a hole (zeros, not read). A write
+        landing there meanwhile marks its region: the next cycle carries it."""
+        return blockio.hole_end(self.fd, self.geometry.region_size, first, stop)
+
+    def data_end(self, first: int, stop: int) -> int:
+        return blockio.data_end(self.fd, self.geometry.region_size, first, stop)
+
+    def read(self, first: int, stop: int) -> bytearray:
+        offset, length = self.geometry.byte_range(first, stop)
+        buf = bytearray(length)
+        blockio.pread_full(self.fd, buf, offset)
+        return buf
+
+    def conveyed(self, first: int, stop: int) -> None:
+        self.pending[first:stop] = 0
