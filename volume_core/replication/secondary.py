@@ -492,6 +492,8 @@ class Receiver:
         for snap in list(self.engine.snapshots.chain):
             older = snapshots.cycle_number(snap.name)
             if older is not None and older < number:
+                if snapshots.is_served(self.engine.volume.snapshot_dir / snap.name):
+                    continue  # held by a reader: not worth delete's wait for its lock
                 try:
                     self.engine.delete_snapshot(snap.name, internal=True)
                 except (OSError, NbdMirrorError) as err:
