@@ -276,6 +276,17 @@ class Engine:
                 with self._lock:
                     regions.let_go(first, stop)
 
+    def preserve_ahead(self, spans: list[tuple[int, int]]) -> None:
+        """Copy on write now, in one group commit, for writes about to land in ``spans``
+        ((offset, length) each): a single writer landing many writes (a secondary's
+        applier) then pays one store and map sync for all, not one per write."""
+        self._enter()
+        try:
+            if self.snapshots.preserve in self.pre_write:
+                self.snapshots.preserve_ahead(spans)
+        finally:
+            self._leave()
+
     def apply_replica(self, event: WriteEvent, mark: bool = True) -> None:
         """Apply a write received from the primary (a replica engine only).
 

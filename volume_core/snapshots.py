@@ -249,37 +249,52 @@ class CowStore:
                 return
         elif snap.preserved[first:stop].all():
             return
+        self.preserve_spans(snap, [(first, stop)])
+
+    def preserve_spans(self, snap: Snapshot, spans: list[tuple[int, int]]) -> None:
+        """``preserve`` for several writes' regions ([first, stop) each) at once: their
+        copies share one commit (a single writer about to land many writes)."""
         while True:
+            claimed: list[np.ndarray] = []
+            waiting = False
             with self._cow:
-                seg = snap.preserved[first:stop]
-                if seg.all():
-                    return
-                busy = snap.copying[first:stop]
-                need = (seg == 0) & (busy == 0)
-                if not need.any():
-                    self._cow.wait()  # others are copying the rest
+                for first, stop in spans:
+                    seg = snap.preserved[first:stop]
+                    if seg.all():
+                        continue
+                    busy = snap.copying[first:stop]
+                    need = (seg == 0) & (busy == 0)
+                    if not need.any():
+                        waiting = True  # others are copying the rest
+                        continue
+                    busy[need] = 1
+                    runs = native.scan_runs(need.view(np.uint8))
+                    runs[:, 0] += first
+                    claimed.append(runs)
+                if not claimed:
+                    if not waiting:
+                        return
+                    self._cow.wait()
                     continue
-                busy[need] = 1
                 failures = self._failures
-            runs = native.scan_runs(need.view(np.uint8))
-            runs[:, 0] += first
             try:
-                native.copy_runs(self.live_fd, snap.store_fd, runs, self.volume.region_size,
-                                 self.volume.size)
+                for runs in claimed:
+                    native.copy_runs(self.live_fd, snap.store_fd, runs,
+                                     self.volume.region_size, self.volume.size)
             except BaseException:
-                self._unclaim(snap, [runs])
+                self._unclaim(snap, claimed)
                 raise
             with self._cow:
                 if failures != self._failures:
                     # A store sync failed while we copied: our bytes may have been dropped
                     # with its write-back. Copy again (after letting others see the claim go).
-                    self._release_claims(snap, [runs])
+                    self._release_claims(snap, claimed)
                     continue
-                self._batch.append(runs)
+                self._batch.extend(claimed)
                 self._batch_seq += 1
                 seq = self._batch_seq
             # Returns once our copies are committed, or once a failed sync dropped them (then
-            # they are unclaimed, and the loop copies again).
+            # they are unclaimed, and the loop copies again); then what others were copying.
             self._commit(snap, seq)
 
     def _commit(self, snap: Snapshot, seq: int) -> None:
@@ -374,6 +389,15 @@ class SnapshotChain:
         chain = self.chain
         if chain:
             self.cow.preserve(chain[-1], offset, length)
+
+    def preserve_ahead(self, spans: list[tuple[int, int]]) -> None:
+        """Copy now, in one commit, what writes about to land in ``spans`` (byte offset,
+        length) will need copied: their own ``preserve`` then finds nothing to do."""
+        chain = self.chain
+        if chain and spans:
+            shift = self.cow.shift
+            self.cow.preserve_spans(chain[-1], [(off >> shift, ((off + n - 1) >> shift) + 1)
+                                                for off, n in spans if n])
 
     @property
     def copies(self) -> int:

@@ -217,3 +217,32 @@ def test_a_failed_copy_record_leaves_the_region_unpreserved_and_the_write_retrie
     check(vol, e2, {"s": b"a" * SIZE, "live": b"a" * 2 * RS + b"b" * RS + b"a" * (SIZE - 3 * RS)},
           ["s"])
     e2.close()
+
+
+def test_copies_made_ahead_for_many_writes_share_one_commit(tmp_path, monkeypatch):
+    """Engine.preserve_ahead (a secondary's applier, before a batch of chunks): the
+    regions of every span are copied with one store sync and one map sync; the writes
+    then copy nothing, and the snapshot still reads as it was."""
+    import volume_core.snapshots as snapshots
+
+    vol = Volume.create(tmp_path / "v", SIZE, RS)
+    e = Engine(vol)
+    before = np.random.default_rng(3).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    e.pwrite(before, 0)
+    e.create_snapshot("s")
+    spans = [(r * RS, RS) for r in (1, 5, 6, 20, 40)] + [(50 * RS + 10, 3 * RS)]
+    syncs = []
+    real = snapshots.os.fdatasync
+    monkeypatch.setattr(snapshots.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    e.preserve_ahead(spans)
+    assert len(syncs) == 2, syncs  # the store, then the map: once for all six spans
+    assert e.snapshots.copies == 1 + 3 + 1 + 1 + 3
+    for off, n in spans:
+        e.pwrite(b"n" * n, off)
+    assert e.snapshots.copies == 9 and len(syncs) == 2  # nothing copied twice
+    view = SnapshotView(vol, "s")
+    try:
+        assert read_all(view) == before
+    finally:
+        view.close()
+    e.close()

@@ -94,6 +94,8 @@ MODES: Final = (SYNC, SEMI_ASYNC, ASYNC)
 REQUEST_ID_BASE: Final = 1 << 63
 #: flush held-back acks before applying a write at least this long
 FLUSH_BEFORE: Final = 64 << 10
+#: async chunks already here whose copies on write are made with the one being applied
+PRESERVE_AHEAD: Final = 32
 _KINDS = {p.WriteKind.WRITE: WRITE, p.WriteKind.TRIM: TRIM, p.WriteKind.ZERO: ZERO}
 _RECOVER = "recover"
 
@@ -635,6 +637,8 @@ class Receiver:
                         frames = [f for f in frames if isinstance(f, _DurableAck)]
                         with contextlib.suppress(NbdMirrorError):
                             self.out.flush()  # what the link holds back for this thread
+                    if self._is_chunk(entry):
+                        self._preserve_ahead(entry)
                     ok = self._apply(entry)
                 finally:
                     with self._lock:
@@ -649,6 +653,20 @@ class Receiver:
                         self._progress.notify_all()
         finally:
             self._send(frames)
+
+    def _preserve_ahead(self, entry: _Entry) -> None:
+        """Before an async chunk lands: the copies on write into the held consistent image
+        for it and the chunks already here behind it, in one commit (one store and map
+        sync for the lot instead of one per chunk). Copying early is always right: a
+        region not yet copied still holds the image's bytes. A failure here is left to
+        each write's own copy, which reports it."""
+        with self._lock:
+            spans = [(e.offset, e.length) for e in self._order
+                     if e.ready and not e.applying and self._is_chunk(e)][:PRESERVE_AHEAD]
+        try:
+            self.engine.preserve_ahead([(entry.offset, entry.length), *spans])
+        except (OSError, NbdMirrorError) as err:
+            log.debug("copying ahead for the held image failed: %s", err)
 
     def _apply(self, entry: _Entry) -> bool:
         """Apply one entry to the replica; False (logged) when the disk refused it."""
