@@ -11,7 +11,8 @@ thread, while a channel to the secondary is up:
               chunk; a hole of the live volume goes unread, up to 1 GiB a frame)
               with FUA: the secondary's DATA_ACK means the chunk is durable there;
               the region is then FREE (never copied again). At most
-              ``CYCLE_WINDOW`` chunks unacknowledged. WRITE_FAILED: sent again.
+              ``CYCLE_WINDOW`` bytes of data (``CYCLE_WINDOW_CHUNKS`` chunks)
+              unacknowledged. WRITE_FAILED: sent again.
     commit    CYCLE_COMMIT(n) -> the secondary records cycle n -> CYCLE_ACK(n)
     finish    the freeze is dropped, the taken marks released; volume.json
               ``cycle`` = n
@@ -55,7 +56,10 @@ CYCLE_CHUNK = 1 << 20
 #: bytes of a hole of the live volume sent as one ZERO frame, at most
 ZERO_SPAN = 1 << 30
 #: chunks sent and not yet acknowledged, at most (the secondary syncs them as a batch)
-CYCLE_WINDOW = 16
+CYCLE_WINDOW = 16 << 20
+#: ...and chunks (the secondary syncs what it holds as one batch: scattered small chunks
+#: must not make every batch small)
+CYCLE_WINDOW_CHUNKS = 256
 #: seconds between cycles, unless told
 DEFAULT_INTERVAL = 30.0
 #: how long the secondary may take to commit a cycle
@@ -92,7 +96,8 @@ class AsyncMirror:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._channel: Channel | None = None
-        self._sent: dict[int, tuple[int, int]] = {}  # seq -> regions, until acknowledged
+        self._sent: dict[int, tuple[int, int, int]] = {}  # seq -> regions, data bytes
+        self._inflight = 0  # data bytes in ``_sent``
         self._next_seq = 0
         self._cycle_acked = 0
         self._wanted = 0  # the highest cycle number ``run_now`` promised
@@ -151,6 +156,7 @@ class AsyncMirror:
         with self._lock:
             self._channel = channel
             self._sent.clear()
+            self._inflight = 0
             self.state = "connected"
             self._due = time.monotonic()  # a cycle at once: the initial sync, or what waited
             self._changed.notify_all()
@@ -167,6 +173,7 @@ class AsyncMirror:
             self.state = "disconnected"
             self.stats["links_lost"] += 1
             self._sent.clear()
+            self._inflight = 0
             self._changed.notify_all()
         log.warning("async: lost the secondary: %s", reason)
 
@@ -214,10 +221,11 @@ class AsyncMirror:
         with self._lock:
             image = self._image
             for s in range(seq, seq + count):
-                regions = self._sent.pop(s, None)
-                if regions is None:
+                sent = self._sent.pop(s, None)
+                if sent is None:
                     continue
-                first, stop = regions
+                first, stop, payload = sent
+                self._inflight -= payload
                 if not ok:
                     self.stats["chunks_refused"] += 1
                 elif image is not None:
@@ -441,15 +449,18 @@ class AsyncMirror:
               frame: Callable[..., p.Frame]) -> None:
         """Regions [first, stop) as ``frame(seq, offset, length)``, once the window has
         room; acknowledged in ``_acked``."""
-        self._wait(channel, lambda: len(self._sent) < CYCLE_WINDOW, self.ack_timeout,
-                   "the secondary stopped acknowledging chunks")
+        self._wait(channel, lambda: (self._inflight < CYCLE_WINDOW
+                                     and len(self._sent) < CYCLE_WINDOW_CHUNKS),
+                   self.ack_timeout, "the secondary stopped acknowledging chunks")
         offset, length = self._geometry.byte_range(first, stop)
         made = frame(0, offset, length)  # read before the seq is taken: reads may fail
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
-            self._sent[self._next_seq] = (first, stop)
+            payload = len(made.data) if isinstance(made, p.Write) else 0
+            self._sent[self._next_seq] = (first, stop, payload)
+            self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
         channel.send_bulk(made, timeout=self.ack_timeout)
 
