@@ -1,7 +1,7 @@
 """Benchmark nbdmirror against a bare Python plugin, nbdkit's file plugin and raw file I/O.
 
-    scripts/bench [--topics base,snapshots,threads,replication] [--size 1G] [--repeat N]
-                  [--quick] [--json]
+    scripts/bench [--topics base,snapshots,threads,replication,async] [--size 1G]
+                  [--async-size 2G] [--repeat N] [--quick] [--json]
 
 Topics (--topics, default base,snapshots), each a scripts/bench_<topic>.py module:
 
@@ -17,6 +17,12 @@ Topics (--topics, default base,snapshots), each a scripts/bench_<topic>.py modul
              1 MiB write latency; a resync (--resync-size) alone and sharing the link with
              host writes; the replication goals; both volumes compared after each mode
              (needs root: ip netns, tc)
+  async      async mirroring on loopback (serve --mode async --interval 0), one pair of
+             --async-size volumes: the initial sync against nbdcopy between two nbdkit
+             file exports, a delta cycle after 1% of the regions changed (bytes conveyed
+             checked), fio 1M and 4K writes under back-to-back cycles against the same
+             volume served plain, the C and numpy bitmap scan of a 16M-entry map; goals;
+             both volumes compared (run alone, --size defaults to --async-size)
 
 Targets, each on a fresh sparse backing file of --size bytes under --workdir:
 
@@ -48,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_async
 import bench_base
 import bench_replication
 import bench_snapshots
@@ -61,7 +68,7 @@ from benchlib.targets import ALL_TARGETS, default_threads
 
 #: name -> module with TITLE, measure(ctx) -> section, render(section) -> str
 TOPICS = {"base": bench_base, "snapshots": bench_snapshots, "threads": bench_threads,
-          "replication": bench_replication}
+          "replication": bench_replication, "async": bench_async}
 DEFAULT_TOPICS = ("base", "snapshots")
 DEFAULT_WORKDIR = Path("/var/tmp/nbdmirror-bench")
 
@@ -108,6 +115,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resync-size", type=parse_size,
                    help="replication topic: bytes written while the secondary is down, "
                    "then resynced (default --size)")
+    p.add_argument("--async-size", type=parse_size,
+                   help="async topic: size of the mirrored volume (default 2G; 256M with "
+                   "--quick); when async is the only topic it is also --size's default")
     p.add_argument("--fresh-randwrite", action="store_true",
                    help="base: also measure randwrite on a never-written backing file")
     p.add_argument("--profile", action="store_true",
@@ -121,10 +131,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="skip the snapshots topic")
     p.add_argument("--json", action="store_true", help="print the JSON results to stdout")
     args = p.parse_args(argv)
+    args.async_size = args.async_size or (256 * MIB if args.quick else 2 << 30)
+    topics = args.topics or ("threads" if args.threads_sweep else ",".join(DEFAULT_TOPICS))
+    if args.size is None and [t.strip() for t in topics.split(",") if t.strip()] == ["async"]:
+        args.size = args.async_size  # one random source file for the run, not two
     args.size = args.size or (128 * MIB if args.quick else 1 << 30)
     args.runtime = args.runtime if args.runtime is not None else (4 if args.quick else 15)
     args.ramp = args.ramp if args.ramp is not None else (0 if args.quick else 2)
-    topics = args.topics or ("threads" if args.threads_sweep else ",".join(DEFAULT_TOPICS))
     args.topics = [t.strip() for t in topics.split(",") if t.strip()]
     if not args.snapshots and "snapshots" in args.topics:
         args.topics.remove("snapshots")
@@ -218,6 +231,11 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
     # a primary and a secondary volume
     need_min = (5 if "replication" in args.topics else 3) * args.size + 256 * MIB
     need_all = (2 + backing_files(args)) * args.size + 256 * MIB
+    if "async" in args.topics:
+        # its own source (unless --size is --async-size), a primary, a secondary, the
+        # nbdcopy destination, and a cycle's copies on both sides
+        mine = (4 + (args.async_size != args.size)) * args.async_size + 256 * MIB
+        need_min, need_all = max(need_min, 2 * args.size + mine), need_all + mine
     if free < need_min:
         raise BenchError(f"{run_dir}: {free // MIB} MiB free, need about {need_min // MIB} MiB")
     # Backing files normally stay until the end of the run: on this kind of thin-provisioned
@@ -246,8 +264,9 @@ def bench_all(args: argparse.Namespace, run_dir: Path) -> dict:
                   can_drop_caches=os.geteuid() == 0, notes=notes)
     if not bench.can_drop_caches:
         bench.notes.append("not root: page caches were not dropped; reads may be warm")
-    progress(f"making the {fmt_size(args.size)} scratch file for priming writes")
-    bench.prime()
+    if set(args.topics) - {"async"}:  # the async topic primes its own files
+        progress(f"making the {fmt_size(args.size)} scratch file for priming writes")
+        bench.prime()
     threads = args.server_threads or default_threads()
     ctx = Context(args=args, bench=bench, run_dir=run_dir, threads=threads,
                   delete_after=delete_after, stamp=timestamp())

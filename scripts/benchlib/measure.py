@@ -33,6 +33,28 @@ def make_source(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def read_once(path: Path) -> float:
+    """Read a whole file (``cat FILE > /dev/null``): its pages in the page cache. Returns
+    the seconds taken."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * MIB)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def write_zeros(path: Path, size: int) -> float:
+    """Write ``size`` bytes of zeros over the start of an existing file, in place, and
+    fdatasync it (``dd if=/dev/zero conv=fdatasync,notrunc``): every block allocated and
+    every page of the page cache touched once. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    block = 4 * MIB if size % (4 * MIB) == 0 else MIB
+    run(["dd", "if=/dev/zero", f"of={path}", f"bs={block}", f"count={size // block}",
+         "conv=fdatasync,notrunc", "status=none"], f"writing zeros over {path.name}")
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Bench:
     size: int
@@ -58,10 +80,7 @@ class Bench:
             progress(f"warning: cannot drop caches ({err.strerror}); reads may hit the cache")
 
     def warm_source(self) -> None:
-        with open(self.source, "rb", buffering=0) as f:
-            buf = bytearray(8 * MIB)
-            while f.readinto(buf):
-                pass
+        read_once(self.source)
 
     def prime(self, copies: int = 1) -> float:
         """Write --size bytes (``copies`` times, one after the other) into a scratch file

@@ -2,13 +2,16 @@
 
 ``replicated_pair`` creates two volumes of one size, starts ``nbdmirror receive`` on
 one and ``nbdmirror serve --replicate-to`` on the other (mode "none": a plain serve,
-no secondary), on loopback or across a shaped link (netns.py), and waits, by polling
-the primary's status, until it says in-sync. Everything it started is stopped on the
-way out, in order (primary, secondary, proxy), including on Ctrl-C.
+no secondary; "async": ``--mode async --interval N``), on loopback or across a shaped
+link (netns.py), and waits, by polling the primary's status, until it says in-sync.
+Everything it started is stopped on the way out, in order (primary, secondary, proxy),
+including on Ctrl-C.
 
 ``Pair.check_identical`` stops both cleanly and compares their data files.
 ``fio_write`` runs one fio write job against the primary; ``ResyncWatch`` follows a
-resync through the primary's status while something else runs.
+resync through the primary's status while something else runs. Async mode:
+``Pair.cycle_now``/``wait_committed``/``sync_wait`` start a cycle and follow it to its
+commit, ``BackToBackCycles`` runs cycles one after the other while something else runs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -31,6 +35,9 @@ from .netns import SECONDARY_ADDR, Helper, Namespaces
 from .procs import BenchError, kill_pid, progress, run, shielded, tool, wait_until
 
 MODES = ("none", "semi-async", "sync")
+#: async mirroring: cycles (the bench's async topic; not one of the replication topic's modes)
+ASYNC = "async"
+PAIR_MODES = (*MODES, ASYNC)
 #: the secondary's port inside its own namespace (nothing else listens there)
 NETNS_PORT = 7000
 #: how often the primary's status is asked while waiting or watching a resync
@@ -43,16 +50,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def admin_status(volume: Path, timeout: float = 10.0) -> dict:
-    """``nbdmirror status VOL --json`` without starting a process: the admin socket."""
+def admin_call(volume: Path, op: str, timeout: float = 10.0):
+    """One operation on the running server's admin socket (what the CLI does, without
+    starting a process); BenchError if it fails."""
     from volume_core import admin
     from volume_core.errors import NbdMirrorError
     from volume_core.server_files import ADMIN_SOCKET
 
     try:
-        return admin.call(volume / ADMIN_SOCKET, "status", timeout=timeout)
+        return admin.call(volume / ADMIN_SOCKET, op, timeout=timeout)
     except NbdMirrorError as err:
-        raise BenchError(f"status of {volume.name}: {err}") from None
+        raise BenchError(f"{op} of {volume.name}: {err}") from None
+
+
+def admin_status(volume: Path, timeout: float = 10.0) -> dict:
+    """``nbdmirror status VOL --json`` without starting a process: the admin socket."""
+    return admin_call(volume, "status", timeout)
 
 
 @dataclass
@@ -70,6 +83,9 @@ class Pair:
     proxy: Helper | None = None
     listen: str = ""  # where the secondary listens
     dial: str = ""  # where the primary connects (the proxy, on the slow link)
+    interval: float | None = None  # async: serve --interval (None: serve's default)
+    serve_began: float | None = None  # time.monotonic() when the last serve was started
+    served_at: float | None = None  # ... and when it returned (the export accepting)
 
     @property
     def uri(self) -> str:
@@ -105,13 +121,18 @@ class Pair:
         self.receiver_pid = None
 
     # -- the primary ---------------------------------------------------------------
-    def serve(self, threads: int | None) -> None:
+    def serve(self, threads: int | None, replicate: bool = True) -> None:
+        """``serve --background`` on the primary; ``replicate=False``: a plain serve
+        whatever the pair's mode (to fill or measure the volume without a secondary)."""
         cmd = [*self._prefix("primary"), tool("nbdmirror"), "serve", str(self.primary),
                "--background", "--socket", str(self.sock), "--json"]
-        if self.mode != "none":
+        if self.mode != "none" and replicate:
             cmd += ["--replicate-to", self.dial, "--mode", self.mode]
+            if self.mode == ASYNC and self.interval is not None:
+                cmd += ["--interval", f"{self.interval:g}"]
         if threads is not None:
             cmd += ["--threads", str(threads)]
+        self.serve_began = time.monotonic()
         try:
             # A session of its own, as the receiver has: nbdkit stays in the process group
             # of whoever ran serve --background, and Ctrl-C would reach it before our stop.
@@ -121,6 +142,7 @@ class Pair:
                 self.primary_pid = int((self.primary / "nbdkit.pid").read_text())
         out = json.loads(proc.stdout)
         self.primary_pid, self.threads = out["pid"], out["threads"]
+        self.served_at = time.monotonic()
 
     def stop_primary(self) -> None:
         if self.primary_pid is None:
@@ -153,6 +175,50 @@ class Pair:
                              f"{last.get('last_error')!r}; logs: {self.primary}/server.log, "
                              f"{self.secondary}/server.log)")
         return time.monotonic() - t0
+
+    # -- async cycles -----------------------------------------------------------------
+    def cycle_now(self) -> int:
+        """The admin socket's ``cycle-now`` (what ``nbdmirror sync`` asks): the number of
+        the cycle that commits everything written before it."""
+        return int(admin_call(self.primary, "cycle-now"))
+
+    def wait_committed(self, number: int, timeout: float, what: str,
+                       abort: threading.Event | None = None) -> dict:
+        """Poll the primary until cycle ``number`` is committed (and, once the server
+        reports it, ``last_cycle`` is that cycle's or a later one's); its replication
+        status. BenchError if ``abort`` is set meanwhile."""
+        last: dict = {}
+
+        def done() -> bool:
+            nonlocal last
+            if abort is not None and abort.is_set():
+                raise BenchError(f"{self.label}: {what}: abandoned")
+            last = self.link()
+            if last.get("committed_cycle", 0) < number:
+                return False
+            # the server sets last_cycle just after the commit: one poll may see neither
+            return "last_cycle" not in last or (last["last_cycle"] or {}).get(
+                "number", 0) >= number
+
+        if not wait_until(done, timeout, POLL):
+            raise BenchError(f"{self.label}: {what}: cycle {number} not committed after "
+                             f"{timeout:g}s (state {last.get('state')!r}, committed "
+                             f"{last.get('committed_cycle')}, cycle {last.get('cycle')}, last "
+                             f"error {last.get('last_error')!r}; logs: "
+                             f"{self.primary}/server.log, {self.secondary}/server.log)")
+        return last
+
+    def sync_wait(self, timeout: float, what: str) -> dict:
+        """``nbdmirror sync PRI --wait --json``, timed: its JSON plus ``wall_s`` and the
+        primary's replication status once the cycle it named is committed."""
+        t0 = time.monotonic()
+        proc = run([tool("nbdmirror"), "sync", str(self.primary), "--wait", "--json",
+                    "--timeout", f"{timeout:g}"], f"{self.label}: {what}",
+                   timeout=timeout + 30)
+        wall = time.monotonic() - t0
+        out = json.loads(proc.stdout)
+        rep = self.wait_committed(int(out["cycle"]), 10, what)
+        return {"sync": out, "wall_s": round(wall, 3), "link": rep}
 
     def keepalive_rtt(self, timeout: float = 3.0) -> float | None:
         """The secondary's last PING round trip in ms (it pings after 1 s of quiet)."""
@@ -213,21 +279,31 @@ def _stop(volume: Path, pid: int, what: str) -> None:
 def replicated_pair(run_dir: Path, label: str, size: int, mode: str, *,
                     threads: int | None = None, ns: Namespaces | None = None,
                     delete_after: bool = True, keep_on_error: bool = False,
-                    sync_timeout: float = 120) -> Iterator[Pair]:
+                    sync_timeout: float = 120, interval: float | None = None,
+                    prepare: Callable[[Pair], None] | None = None,
+                    wait: bool = True) -> Iterator[Pair]:
     """Fresh volumes, secondary (unless mode none), proxy (on a shaped link), primary;
     yields once the primary says in-sync. The volumes are deleted afterwards if
-    ``delete_after``, unless something failed and ``keep_on_error``."""
-    if mode not in MODES:
+    ``delete_after``, unless something failed and ``keep_on_error``.
+
+    ``interval``: async mode's ``serve --interval``. ``prepare(pair)``: runs once the
+    volumes exist, before the secondary starts (e.g. fills the primary through
+    ``pair.serve(threads, replicate=False)``; whatever it starts it must stop, or leave
+    to the pair's own stop on the way out). ``wait=False``: yield as soon as the primary
+    is served (``pair.served_at``), for a caller who times the first sync itself."""
+    if mode not in PAIR_MODES:
         raise BenchError(f"unknown replication mode {mode!r}")
     primary = run_dir / f"{label}.pri"
     secondary = None if mode == "none" else run_dir / f"{label}.sec"
     pair = Pair(label=label, mode=mode, primary=primary, secondary=secondary,
-                sock=run_dir / f"{label}.sock", ns=ns, run_dir=run_dir)
+                sock=run_dir / f"{label}.sock", ns=ns, run_dir=run_dir, interval=interval)
     nbdmirror = tool("nbdmirror")
     try:
         for vol in filter(None, (primary, secondary)):
             shutil.rmtree(vol, ignore_errors=True)
             run([nbdmirror, "create", str(vol), "--size", str(size)], f"{label}: create")
+        if prepare is not None:
+            prepare(pair)
         if secondary is not None:
             if ns is None:
                 pair.listen = pair.dial = f"127.0.0.1:{free_port()}"
@@ -239,7 +315,7 @@ def replicated_pair(run_dir: Path, label: str, size: int, mode: str, *,
                                       run_dir / f"{label}.proxy.log")
                 pair.dial = f"127.0.0.1:{pair.proxy.port}"
         pair.serve(threads)
-        if secondary is not None:
+        if secondary is not None and wait:
             pair.wait_state("in-sync", sync_timeout, "waiting for the first in-sync")
         yield pair
     except BaseException:
@@ -459,3 +535,90 @@ class ResyncWatch:
         if "s" in out:
             out["mibs"] = round((rs.get("bytes_sent") or 0) / MIB / out["s"], 1)
         return out
+
+
+class BackToBackCycles:
+    """Async: a cycle asked for (``cycle-now``) whenever the previous one has committed,
+    on a thread, from ``__enter__`` until ``stop()`` (which lets the cycle under way
+    commit, so every cycle asked for is counted whole).
+
+    ``cycles``: one dict per cycle: ``number``, ``asked`` and ``seen`` (time.monotonic()
+    of the request and of the poll that saw it committed), and the server's own
+    ``seconds`` (take to commit), ``bytes`` and ``regions`` from ``last_cycle``, or None
+    where the server does not report it (then ``bytes`` is the difference of
+    ``bytes_conveyed``). ``error``: what stopped the thread early, if anything.
+    """
+
+    def __init__(self, pair: Pair, commit_timeout: float = 120) -> None:
+        self.pair = pair
+        self.commit_timeout = commit_timeout
+        self.cycles: list[dict] = []
+        self.error: str | None = None
+        self._quit = threading.Event()
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cycles")
+
+    def __enter__(self) -> BackToBackCycles:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.stop()
+        else:  # on the way out (Ctrl-C, a failure): not waiting for any commit
+            self._abort.set()
+            self._quit.set()
+            self._thread.join(5)
+
+    def stop(self) -> None:
+        self._quit.set()
+        self._thread.join(self.commit_timeout + 30)
+        if self._thread.is_alive():
+            self._abort.set()
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            conveyed = self.pair.link().get("bytes_conveyed", 0)
+            while not self._quit.is_set():
+                asked = time.monotonic()
+                number = self.pair.cycle_now()
+                rep = self.pair.wait_committed(number, self.commit_timeout,
+                                               "back-to-back cycles", abort=self._abort)
+                seen = time.monotonic()
+                last = rep.get("last_cycle") or {}
+                mine = last.get("number") == number
+                self.cycles.append({
+                    "number": number, "asked": asked, "seen": seen,
+                    "seconds": last.get("seconds") if mine else None,
+                    "bytes": last.get("bytes") if mine else rep.get("bytes_conveyed", 0)
+                    - conveyed,
+                    "regions": last.get("regions") if mine else None})
+                conveyed = rep.get("bytes_conveyed", 0)
+        except BenchError as err:
+            self.error = str(err)
+
+    def summary(self, start: float, end: float) -> dict:
+        """The cycles that overlapped [start, end] (time.monotonic()): how many, and for
+        what fraction of that time one was under way. A cycle runs from ``seen -
+        seconds`` (server-measured) to ``seen``, or, where the server does not say, from
+        ``asked`` to ``seen`` (wall: up to a poll longer)."""
+        busy, n, server_timed, nbytes = 0.0, 0, True, 0
+        for c in self.cycles:
+            if c["seconds"] is not None:
+                a, b = max(c["asked"], c["seen"] - c["seconds"]), c["seen"]
+            else:
+                a, b = c["asked"], c["seen"]
+                server_timed = False
+            overlap = min(b, end) - max(a, start)
+            if overlap > 0:
+                busy += overlap
+                n += 1
+                nbytes += c["bytes"] or 0
+        span = max(end - start, 1e-9)
+        return {"cycles": n, "busy_fraction": round(busy / span, 3),
+                "busy_from": "server last_cycle.seconds" if server_timed
+                else "wall time between cycle-now and the commit seen",
+                "bytes_conveyed": nbytes,
+                "cycle_s_median": round(statistics.median(
+                    [c["seen"] - c["asked"] for c in self.cycles]), 3) if self.cycles else None}

@@ -51,18 +51,25 @@ def default_threads() -> int:
 
 @contextlib.contextmanager
 def serve_nbdkit(name: str, workdir: Path, size: int, plugin_args: list[str], *,
-                 threads: int, delete_after: bool = False) -> Iterator[Served]:
-    """nbdkit -f -t THREADS on a fresh sparse file; stopped (and its socket removed) on exit."""
-    backing = workdir / f"{name}.img"
+                 threads: int, delete_after: bool = False, backing: Path | None = None,
+                 readonly: bool = False) -> Iterator[Served]:
+    """nbdkit -f -t THREADS on a fresh sparse file; stopped (and its socket removed) on exit.
+
+    ``backing``: export this existing file as it is instead (never truncated; deleted
+    afterwards only if ``delete_after``). ``readonly``: nbdkit -r."""
     sock = workdir / f"{name}.sock"
     log = workdir / f"{name}.log"
-    for p in (backing, sock):
-        p.unlink(missing_ok=True)
-    with open(backing, "wb") as f:
-        f.truncate(size)
+    sock.unlink(missing_ok=True)
+    if backing is None:
+        backing = workdir / f"{name}.img"
+        backing.unlink(missing_ok=True)
+        with open(backing, "wb") as f:
+            f.truncate(size)
+    elif not backing.is_file():
+        raise BenchError(f"{name}: {backing} is not a file")
     args = plugin_args[:-1] + [plugin_args[-1].format(file=backing)]
     cmd = [tool("nbdkit"), "-f", "--exit-with-parent", "-t", str(threads), "-U", str(sock),
-           *args]
+           *(["-r"] if readonly else []), *args]
     uri = f"nbd+unix:///?socket={sock}"
     with open(log, "wb") as logf:
         # Own session: Ctrl-C reaches us, and we stop the server in order.
