@@ -12,11 +12,19 @@ for what the cycle still needs. One byte per region in ``state.map``:
     FREE    not in the cycle, or conveyed
 
 ``CowStore`` treats any non-zero byte as "no copy needed" and writes COPIED
-(1) once a copy is durable, so the freeze is a copy-on-write target like a
-snapshot. FREE is written lazily (no fdatasync): a FREE lost in a crash only
-sends a region again. Everything lives in ``VOL/cycle/``, created whole (a
-temporary directory renamed into place), so a primary that restarts mid-cycle
-finds it and resumes (``open``).
+(1) once a copy is made, so the freeze is a copy-on-write target like a
+snapshot. Everything lives in ``VOL/cycle/``, created whole (a temporary
+directory renamed into place), so a primary that restarts mid-cycle finds it
+and resumes (``open``).
+
+Unlike a snapshot's, a freeze's copies are not synced (no fdatasync on the
+host's write path): the freeze is only a buffer for one transfer, and the
+page cache survives anything but a reboot. ``cycle.json`` records the boot
+it was made in (``/proc/sys/kernel/random/boot_id``); after a reboot ``open``
+discards it. Nothing is lost then: every region it had not conveyed is
+still marked durably (the take is released only at the commit), and those
+it conveyed are on the secondary; the next take (the same cycle number: it
+was never committed) carries them again with what was written since.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,8 +45,10 @@ from . import native
 from .blockio import data_end, hole_end, pread_full, preallocate, pwrite_full
 from .errors import VolumeCorrupt
 from .geometry import RegionGeometry
-from .snapshots import CowStore, Snapshot
+from .snapshots import CowStore
 from .volume import Volume, fsync_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 KEEP, COPIED, FREE = 0, 1, 2
 #: runs of taken regions written one by one into a prepared state map, at most (more:
@@ -75,8 +86,12 @@ class CycleFreeze:
     #: Unix time of the take: the point in time the cycle's image holds
     taken_at: float = 0.0
 
-    # The copy is made durable exactly as a snapshot's: store synced, then map bytes.
-    record_preserved = Snapshot.record_preserved
+    def record_preserved(self, batch: list[np.ndarray]) -> None:
+        """Copies made (``CowStore``): their map bytes, unsynced (see the module
+        docstring: a freeze is trusted only in the boot that made it)."""
+        for runs in batch:
+            for start, count in runs.tolist():
+                pwrite_full(self.map_fd, b"\x01" * count, start)
 
     @staticmethod
     def prepare(volume: Volume) -> Prepared:
@@ -126,7 +141,8 @@ class CycleFreeze:
                         state[first:first + count] = KEEP
                         pwrite_full(f.fileno(), state[first:first + count], first)
                 os.fdatasync(f.fileno())
-            write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at})
+            write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
+                                           "boot_id": boot_id()})
             os.rename(tmp, root)
             fsync_dir(volume.path)
         except BaseException:
@@ -140,6 +156,12 @@ class CycleFreeze:
         _clear_leftover(volume)
         found = cls.check(volume)
         if found is None:
+            return None
+        made_in = json.loads((volume.path / DIR / INFO).read_text()).get("boot_id")
+        if made_in is not None and made_in != boot_id():
+            log.warning("the open cycle in %s was made before a reboot: its unsynced "
+                        "copies cannot be trusted, so it is taken again", volume.path)
+            cls.discard(volume)
             return None
         number, taken_at, state = found
         return cls._open(volume, live_fd, volume.path / DIR, number, taken_at, state)
@@ -159,6 +181,9 @@ class CycleFreeze:
             number = info["number"]
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise ValueError(f"cycle number {number!r}")
+            made_in = info.get("boot_id")
+            if made_in is not None and not isinstance(made_in, str):
+                raise ValueError(f"boot id {made_in!r}")
             taken_at = info.get("taken_at", 0.0)  # absent: made before it was recorded
             if (not isinstance(taken_at, (int, float)) or isinstance(taken_at, bool)
                     or not 0 <= taken_at < 1e11):
@@ -285,6 +310,14 @@ class CycleFreeze:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         fsync_dir(self.path.parent)
+
+
+def boot_id() -> str:
+    """This boot of the machine (a reboot changes it; the page cache does not outlive it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _clear_leftover(volume: Volume) -> Path:

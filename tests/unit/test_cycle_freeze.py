@@ -270,3 +270,29 @@ def test_a_prepared_freeze_records_exactly_the_taken_regions(fresh, monkeypatch,
     again = CycleFreeze.open(vol, engine.fd)
     assert again is not None and (again.preserved == want).all()
     again.close()
+
+
+def test_a_cycle_left_open_before_a_reboot_is_taken_again_not_resumed(fresh):
+    """Its copies were never synced: after a reboot (another boot id) the freeze is
+    dropped, and its regions, still marked durably, go with the next take; in the same
+    boot (a killed process: the page cache survives) it resumes."""
+    import json
+
+    vol, engine, _ = fresh
+    taken = np.zeros(REGIONS, dtype=np.uint8)
+    taken[3:9] = 1
+    engine.tracker.mark(3 * RS, 6 * RS)
+    CycleFreeze.create(vol, engine.fd, 1, engine.tracker.swap_and_reset()).close()
+    again = CycleFreeze.open(vol, engine.fd)  # same boot: resumed
+    assert again is not None and (again.remaining()[3:9] == 1).all()
+    again.close()
+    info = vol.path / "cycle" / "cycle.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"boot_id": "another-boot"}))
+    assert CycleFreeze.open(vol, engine.fd) is None
+    assert not (vol.path / "cycle").exists()
+    engine.close()
+    reopened = Engine(Volume.open(vol.path))  # the marks, as a restarted server loads them
+    try:
+        assert (reopened.tracker.marks[3:9] == 1).all()
+    finally:
+        reopened.close()
