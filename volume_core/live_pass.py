@@ -59,7 +59,11 @@ class LivePass:
         return blockio.hole_end(self.fd, self.geometry.region_size, first, stop)
 
     def data_end(self, first: int, stop: int) -> int:
-        return blockio.data_end(self.fd, self.geometry.region_size, first, stop)
+        """Where a chunk read from ``first`` ends: at the next hole, or at the next region
+        written since the take (the next cycle carries it; ``skip_end`` passes it)."""
+        end = blockio.data_end(self.fd, self.geometry.region_size, first, stop)
+        marked = self.tracker.marks[first + 1:end] != 0
+        return first + 1 + int(np.argmax(marked)) if marked.any() else end
 
     def read(self, first: int, stop: int) -> bytearray:
         offset, length = self.geometry.byte_range(first, stop)

@@ -888,3 +888,12 @@ def test_coarsened_runs_cover_every_region_in_at_most_the_limit(gaps_counts, lim
     assert {r for a, n in runs for r in range(a, a + n)} <= covered
     assert all(n >= 1 for _, n in out)
     assert all(a2 > a1 + n1 - 1 for (a1, n1), (a2, _) in zip(out, out[1:], strict=False))
+
+
+def test_a_cycle_commit_with_an_impossible_time_does_not_decode():
+    from volume_core.replication.protocol import MAX_TIME_US
+
+    with pytest.raises(ProtocolError, match="impossible time"):
+        decode_all(raw(CycleCommit.CODE, seq=3, offset=MAX_TIME_US))
+    assert decode_all(raw(CycleCommit.CODE, seq=3, offset=MAX_TIME_US - 1)) == [
+        CycleCommit(3, MAX_TIME_US - 1)]

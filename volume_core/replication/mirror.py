@@ -139,7 +139,10 @@ class AsyncMirror:
 
     # -- link events (PrimarySession) --------------------------------------------------
     def connected(self, channel: Channel) -> None:
-        if note_peer(self.engine, channel):
+        new = note_peer(self.engine, channel)
+        if new:
+            # its image is not ours: no point in time is held there until a commit
+            self.engine.volume.update_info(cycle_at=None)
             # Another secondary: an open cycle's (or pass's) conveyed regions are not
             # there, so it must not commit there. Every region is marked already
             # (note_peer): the cycle thread drops what is open and starts afresh with an
@@ -150,6 +153,7 @@ class AsyncMirror:
                             f"cycle {self._freeze.number}")  # type: ignore[union-attr]
             with self._lock:
                 self._new_peer = True
+                self.last_consistent_at = None
         theirs = peer_marks_map(channel, self.engine.volume.regions)
         if theirs is not None:  # left by another mode: the next cycle carries them
             self.engine.tracker.mark_map(theirs)
@@ -159,6 +163,11 @@ class AsyncMirror:
             self._inflight = 0
             self.state = "connected"
             self._due = time.monotonic()  # a cycle at once: the initial sync, or what waited
+            if self.committed == 0 and not new:
+                # A secondary we sent to (an earlier run's pass, another mode) holds no
+                # consistent image of ours: one at once (a first pairing waits for the
+                # first writes: their pass is the initial sync).
+                self._wanted = max(self._wanted, 1)
             self._changed.notify_all()
         if self._thread.ident is None:
             self._thread.start()
@@ -319,10 +328,10 @@ class AsyncMirror:
         if new_peer:  # what it conveyed is not there
             self._need_pass = True
             if freeze is not None:
-                self._close_cycle(freeze)
+                self._close_cycle(freeze, give_back=True)
                 freeze = None
             if self._pass is not None:
-                self._end_pass(self._pass)
+                self._end_pass(self._pass, give_back=True)
         if freeze is None and self._need_pass and (
                 self._pass is not None or self.engine.tracker.count()):
             self._initial_pass(channel)
@@ -367,6 +376,8 @@ class AsyncMirror:
         with self._lock:
             self.progress = self._progress(lp, self.committed + 1, "initial-sync")
         self._convey(channel, lp, "the initial sync")
+        with self._lock:  # the first consistent image follows, whatever fails meanwhile
+            self._wanted = max(self._wanted, self.committed + 1)
         self._end_pass(lp)
         self._need_pass = False
         seconds = time.monotonic() - began
@@ -380,9 +391,12 @@ class AsyncMirror:
         log.info("async: initial sync done (%d regions written meanwhile go with the first "
                  "cycle)", lp.skipped)
 
-    def _end_pass(self, lp: LivePass) -> None:
-        """The pass is over (done, or given up for a new secondary): its take goes; what
-        it did not convey is still marked, or was marked again."""
+    def _end_pass(self, lp: LivePass, give_back: bool = False) -> None:
+        """The pass is over: its take goes; what it did not convey is still marked, or was
+        marked again. ``give_back`` (given up for a new secondary): all of it is marked
+        again first."""
+        if give_back:
+            self.engine.tracker.merge(lp.taken)
         self.engine.tracker.release(lp.taken)
         self._pass = None
 
@@ -468,13 +482,14 @@ class AsyncMirror:
         """Until ``done()`` (lock held while asked); _Lost with the channel, and the
         channel dropped when nothing changes for ``timeout`` seconds."""
         with self._lock:
-            while not done():
+            while True:
+                # first: a channel lost meanwhile cleared what done() looks at
                 if self._channel is not channel or self._stopping:
                     raise _Lost
+                if done():
+                    return
                 if not self._changed.wait(timeout) and not done():
                     break
-            else:
-                return
         self._drop(channel, f"{what} within {timeout:g}s")
         raise _Lost
 
@@ -495,8 +510,10 @@ class AsyncMirror:
                 self.last_consistent_at = freeze.taken_at or None
                 self.stats["cycles"] += 1
 
-    def _close_cycle(self, freeze: CycleFreeze) -> None:
+    def _close_cycle(self, freeze: CycleFreeze, give_back: bool = False) -> None:
         """Stop copying on write for ``freeze``, release its take, remove its files.
+        ``give_back``: its regions are marked again first (a new secondary has none of
+        them; and the take may hold marks ``note_peer`` set for it).
 
         If the hook cannot be taken off (writes would not quiesce), nothing
         changes: the cycle is still open and is closed again later.
@@ -507,6 +524,8 @@ class AsyncMirror:
                 engine.pre_write.remove(freeze.preserve)
         try:
             if self._taken is not None:
+                if give_back:
+                    engine.tracker.merge(self._taken)
                 engine.tracker.release(self._taken)
             freeze.drop()
         finally:
@@ -536,7 +555,7 @@ class AsyncMirror:
         with self._lock:
             progress = dict(self.progress)
             state = self.state
-            committed, at = self.committed, self.last_consistent_at
+            committed, at, owed = self.committed, self.last_consistent_at, self._wanted
             last, initial = self.last_cycle, self.initial_sync
         marked = self.engine.tracker.count()
         elapsed = time.time() - progress["started"] if progress["started"] else 0
@@ -545,7 +564,7 @@ class AsyncMirror:
         if state == "connected":
             if progress["state"] != "idle":
                 state = "cycling"
-            elif marked == 0 and self._freeze is None:
+            elif marked == 0 and self._freeze is None and committed >= owed:
                 state = "in-sync"
             else:
                 state = "waiting"

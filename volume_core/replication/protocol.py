@@ -118,6 +118,8 @@ MAX_DATA: Final = 32 << 20
 #: The largest payload before the handshake completes, and of any non-data frame.
 MAX_SMALL_PAYLOAD: Final = 16 << 10
 MAX_REASON: Final = 4096
+#: a time a frame carries (microseconds since the Unix epoch) is below this (year 5138)
+MAX_TIME_US: Final = 10**17
 #: Runs in one MARKED_RUNS frame, and in one handshake (a sender joins runs to fit).
 RUNS_PER_FRAME: Final = MAX_SMALL_PAYLOAD // _RUN.size
 MAX_MARKED_RUNS: Final = 64 * RUNS_PER_FRAME
@@ -687,7 +689,7 @@ class _Payload(enum.Enum):
 class _Range(enum.Enum):
     NONE = "none"  # offset == 0 and length == 0
     COUNT = "count"  # offset == 0, length >= 1 is a count
-    TIME = "time"  # offset is a time (any value), length == 0
+    TIME = "time"  # offset is a time (below MAX_TIME_US), length == 0
     VOLUME = "volume"  # 0 < length, offset + length <= volume size
     REGIONS = "regions"  # VOLUME, and whole regions (the short last one included)
 
@@ -773,6 +775,9 @@ def _check_header(spec: _Spec, flags: int, offset: int, length: int, payload_len
     elif rng is _Range.TIME:
         if length:
             raise ProtocolError(f"{name} frame has a nonzero length")
+        if offset >= MAX_TIME_US:
+            raise ProtocolError(f"{name} frame carries an impossible time ({offset} us "
+                                "since 1970)")
     elif rng is _Range.COUNT:
         if offset or not length:
             raise ProtocolError(f"{name} frame must have offset 0 and a count of at least 1")

@@ -463,6 +463,9 @@ class Receiver:
             if self._by_seq:
                 raise ProtocolError(f"CYCLE_COMMIT {frame.seq} with {len(self._by_seq)} "
                                     "of its chunks not acknowledged yet")
+        if not 0 <= frame.taken_us < p.MAX_TIME_US:  # (the decoder refuses it already)
+            raise ProtocolError(f"CYCLE_COMMIT {frame.seq} carries an impossible time "
+                                f"({frame.taken_us} us since 1970)")
         if frame.seq < self.engine.volume.info.cycle:
             raise ProtocolError(f"CYCLE_COMMIT {frame.seq}: cycle "
                                 f"{self.engine.volume.info.cycle} was committed already")
