@@ -194,10 +194,7 @@ def _session_ops() -> dict:
 
 
 def _what() -> str:
-    volume = _place.volume.path.absolute()
-    if _images is not None:
-        return f"the consistent image of {volume}"
-    return f"snapshot {_place.snapshot!r} of {volume}" if _place.snapshot else str(volume)
+    return _place.describe(_place.volume.path.absolute())
 
 
 def cleanup():

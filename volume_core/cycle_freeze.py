@@ -44,8 +44,9 @@ import numpy as np
 from . import native
 from .blockio import data_end, hole_end, pread_full, preallocate, pwrite_full
 from .errors import VolumeCorrupt
-from .geometry import RegionGeometry
+from .geometry import RegionGeometry, leading
 from .snapshots import CowStore
+from .state_files import is_unix_time
 from .volume import Volume, fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,15 @@ DIR = "cycle"
 STORE = "store.img"
 STATE = "state.map"
 INFO = "cycle.json"
+
+
+class LeftOpen(NamedTuple):
+    """A cycle a previous run left open, as ``check`` read it."""
+
+    number: int
+    taken_at: float
+    boot_id: str | None  # the boot that made it (None: made before it was recorded)
+    state: np.ndarray
 
 
 class Prepared(NamedTuple):
@@ -157,20 +167,18 @@ class CycleFreeze:
         found = cls.check(volume)
         if found is None:
             return None
-        made_in = json.loads((volume.path / DIR / INFO).read_text()).get("boot_id")
-        if made_in is not None and made_in != boot_id():
+        if found.boot_id is not None and found.boot_id != boot_id():
             log.warning("the open cycle in %s was made before a reboot: its unsynced "
                         "copies cannot be trusted, so it is taken again", volume.path)
             cls.discard(volume)
             return None
-        number, taken_at, state = found
-        return cls._open(volume, live_fd, volume.path / DIR, number, taken_at, state)
+        return cls._open(volume, live_fd, volume.path / DIR, found.number, found.taken_at,
+                         found.state)
 
     @staticmethod
-    def check(volume: Volume) -> tuple[int, float, np.ndarray] | None:
-        """The number, time of the take and state map of a cycle left open, or None;
-        VolumeCorrupt, naming it, for a damaged one (for a command to refuse before it
-        starts a server)."""
+    def check(volume: Volume) -> LeftOpen | None:
+        """The cycle left open, or None; VolumeCorrupt, naming it, for a damaged one (for
+        a command to refuse before it starts a server)."""
         root = volume.path / DIR
         if not os.path.lexists(root):
             return None
@@ -185,8 +193,7 @@ class CycleFreeze:
             if made_in is not None and not isinstance(made_in, str):
                 raise ValueError(f"boot id {made_in!r}")
             taken_at = info.get("taken_at", 0.0)  # absent: made before it was recorded
-            if (not isinstance(taken_at, (int, float)) or isinstance(taken_at, bool)
-                    or not 0 <= taken_at < 1e11):
+            if not is_unix_time(taken_at):
                 raise ValueError(f"time of the take {taken_at!r}")
             committed = volume.info.cycle  # open: the next, or the last not yet closed
             if not committed <= number <= committed + 1:
@@ -200,7 +207,7 @@ class CycleFreeze:
                 raise ValueError(f"{STORE}: not {volume.size} bytes")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
-        return number, float(taken_at), state
+        return LeftOpen(number, float(taken_at), made_in, state)
 
     @staticmethod
     def discard(volume: Volume) -> bool:
@@ -274,8 +281,7 @@ class CycleFreeze:
         end = hole_end(self.live_fd, self.geometry.region_size, first, stop)
         if end <= first:
             return first
-        kept = before[:end - first] & (self.preserved[first:end] == KEEP)
-        return first + (end - first if kept.all() else int(np.argmin(kept)))
+        return first + leading(before[:end - first] & (self.preserved[first:end] == KEEP))
 
     def data_end(self, first: int, stop: int) -> int:
         """Where (at most ``stop``, at least ``first + 1``) the data of the live volume

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+
 SECTOR = 512
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 16 << 20
@@ -86,6 +88,12 @@ class RegionGeometry:
         if count and includes_last:
             nbytes -= (self.regions << self.shift) - self.size
         return nbytes
+
+
+def leading(mask: np.ndarray) -> int:
+    """How many entries at the start of a boolean map are True (its first run's length,
+    0 when it starts False)."""
+    return len(mask) if mask.all() else int(np.argmin(mask))
 
 
 def chunks(runs: Iterable[tuple[int, int]], step: int) -> Iterator[tuple[int, int]]:

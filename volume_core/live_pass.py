@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import blockio
-from .geometry import RegionGeometry
+from .geometry import RegionGeometry, leading
 
 
 class LivePass:
@@ -46,8 +46,7 @@ class LivePass:
     def skip_end(self, first: int, stop: int) -> int:
         """Past the regions from ``first`` (before ``stop``) written since the take: they
         are marked for the next cycle, which carries them; not sent now."""
-        marked = self.tracker.marks[first:stop] != 0
-        n = len(marked) if marked.all() else int(np.argmin(marked))
+        n = leading(self.tracker.marks[first:stop] != 0)
         if n:
             self.pending[first:first + n] = 0
             self.skipped += n
@@ -62,8 +61,7 @@ class LivePass:
         """Where a chunk read from ``first`` ends: at the next hole, or at the next region
         written since the take (the next cycle carries it; ``skip_end`` passes it)."""
         end = blockio.data_end(self.fd, self.geometry.region_size, first, stop)
-        marked = self.tracker.marks[first + 1:end] != 0
-        return first + 1 + int(np.argmax(marked)) if marked.any() else end
+        return first + 1 + leading(self.tracker.marks[first + 1:end] == 0)
 
     def read(self, first: int, stop: int) -> bytearray:
         offset, length = self.geometry.byte_range(first, stop)

@@ -259,6 +259,12 @@ class RegionTracker:
         with self._lock:
             native.merge_or(self.marks, other)
 
+    def give_back(self, taken: np.ndarray) -> int:
+        """A take whose regions were not all conveyed (a failed or abandoned cycle): mark
+        them all again, then release it."""
+        self.merge(taken)
+        return self.release(taken)
+
     def release(self, taken: np.ndarray) -> int:
         """Clear on disk the regions of ``taken`` not marked again since; return how many.
 

@@ -87,11 +87,15 @@ class ServerPlace:
 
     @property
     def what(self) -> str:
+        return self.describe(self.volume.path)
+
+    def describe(self, volume_path: Path) -> str:
+        """What this place serves, naming the volume by ``volume_path``."""
         if self.consistent:
-            return f"the consistent image of {self.volume.path}"
+            return f"the consistent image of {volume_path}"
         if self.snapshot is None:
-            return str(self.volume.path)
-        return f"snapshot {self.snapshot!r} of {self.volume.path}"
+            return str(volume_path)
+        return f"snapshot {self.snapshot!r} of {volume_path}"
 
     def held(self) -> bool:
         """True while a server (or another tool) holds the lock of this place."""

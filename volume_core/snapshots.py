@@ -395,9 +395,8 @@ class SnapshotChain:
         length) will need copied: their own ``preserve`` then finds nothing to do."""
         chain = self.chain
         if chain and spans:
-            shift = self.cow.shift
-            self.cow.preserve_spans(chain[-1], [(off >> shift, ((off + n - 1) >> shift) + 1)
-                                                for off, n in spans if n])
+            span = self.volume.geometry.span
+            self.cow.preserve_spans(chain[-1], [span(off, n) for off, n in spans if n])
 
     @property
     def copies(self) -> int:

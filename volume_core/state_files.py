@@ -45,6 +45,9 @@ PRESERVED = "preserved.map"
 #: the largest snapshot sequence number or chain counter accepted (one change a
 #: nanosecond would take 146 years to get there)
 MAX_SEQ = 1 << 62
+#: times recorded (seconds since 1970) are below this: the year 5138, the bound of the
+#: microseconds a CYCLE_COMMIT carries (protocol.MAX_TIME_US)
+MAX_UNIX_TIME = 10**11
 
 #: a description is a few hundred bytes; refuse to read a huge file as one
 _MAX_JSON = 64 << 10
@@ -64,6 +67,12 @@ def _is_uuid(value: Any) -> bool:
         return False
 
 
+def is_unix_time(value: Any) -> bool:
+    """A time in seconds since 1970, before the year 5138 (as CYCLE_COMMIT's bound)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 <= value < MAX_UNIX_TIME)
+
+
 #: every field of volume.json (VolumeInfo), with its check and the rule a user can read
 VOLUME_FIELDS: dict[str, Check] = {
     "format": (lambda v: _is_int(v) and v == FORMAT_VERSION, f"must be {FORMAT_VERSION}"),
@@ -79,9 +88,7 @@ VOLUME_FIELDS: dict[str, Check] = {
                         f"must be an integer from 0 to {MAX_SEQ}"),
     "cycle": (lambda v: _is_int(v) and 0 <= v <= MAX_SEQ,
               f"must be an integer from 0 to {MAX_SEQ}"),
-    "cycle_at": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         and 0 <= v < 1e11),
-                 "must be null or a Unix time in seconds"),
+    "cycle_at": (lambda v: v is None or is_unix_time(v), "must be null or a Unix time in seconds"),
 }
 _VOLUME_REQUIRED = ("uuid", "size", "region_size")
 

@@ -32,6 +32,11 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return value
 
 
+def rate(nbytes: int, seconds: float) -> int | None:
+    """Bytes per second, whole; None when no time has passed."""
+    return round(nbytes / seconds) if seconds > 0 else None
+
+
 def format_size(n: int) -> str:
     """Print 65536 as ``64 KiB`` (exact when possible, else one decimal)."""
     for unit, factor in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20),

@@ -7,13 +7,9 @@ Tests marked xfail(strict=True) show a bug found by this round; the others probe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,24 +23,6 @@ from volume_core.snapshot_view import SnapshotView
 from volume_core.volume import Volume
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def consistent() -> Iterator:
-    """``consistent(VOL)``: ``serve VOL --consistent --background --json`` (as
-    test_async_cli's fixture); every export started is stopped (killed if need be)."""
-    started: list[Path] = []
-
-    def start(vol: Path, *args: str):
-        res = run_cli("serve", vol, "--consistent", "--background", "--json", *args)
-        started.append(vol)
-        return res
-
-    yield start
-    for vol in started:
-        run_cli("stop", vol, "--consistent", "--force", check=False, timeout=60)
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int((vol / "consistent" / "nbdkit.pid").read_text()), signal.SIGKILL)
 
 
 def image_of(vol: Volume, name: str) -> bytes:

@@ -1,4 +1,6 @@
 """Fixtures the secondary's tests share, defined in test_secondary.py: a secondary
-``volume`` and its replica ``engine``."""
+``volume`` and its replica ``engine``; in test_attack_async.py: a ``secondary`` replica
+engine of the async tests' size."""
 
+from tests.unit.test_attack_async import secondary  # noqa: F401 - fixture
 from tests.unit.test_secondary import engine, volume  # noqa: F401 - fixtures

@@ -52,15 +52,6 @@ def engine(tmp_path):
     eng.close()
 
 
-@pytest.fixture
-def secondary(tmp_path):
-    vol = Volume.create(tmp_path / "s", SIZE, RS)
-    vol.update_info(role="secondary")
-    eng = Engine(vol, replica=True)
-    yield eng
-    eng.close()
-
-
 def random_data(seed: int, n: int = SIZE) -> bytes:
     return bytes(np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8))
 
@@ -335,21 +326,29 @@ def test_a_cut_pass_resumes_from_pending_and_conveys_each_region_once(engine):
             2 * CHUNK_REGIONS * RS:]
 
 
-def test_a_new_secondary_connecting_as_the_pass_waits_for_its_last_acks_gets_everything(
-        engine, monkeypatch):
+def note_peer_spy(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """(armed, marked): once ``armed`` is set, ``marked`` is set when AsyncMirror's
+    note_peer has marked everything for a new secondary (``connected()``)."""
     import volume_core.replication.mirror as mirror_module
 
-    data = random_data(8)
-    engine.pwrite(data, 0)
     armed, marked = threading.Event(), threading.Event()
-    real_note_peer = mirror_module.note_peer
+    real = mirror_module.note_peer
 
     def note_peer(eng, channel):
-        new = real_note_peer(eng, channel)
+        new = real(eng, channel)
         if armed.is_set():
             marked.set()
         return new
 
+    monkeypatch.setattr(mirror_module, "note_peer", note_peer)
+    return armed, marked
+
+
+def test_a_new_secondary_connecting_as_the_pass_waits_for_its_last_acks_gets_everything(
+        engine, monkeypatch):
+    data = random_data(8)
+    engine.pwrite(data, 0)
+    armed, marked = note_peer_spy(monkeypatch)
     real_remaining = LivePass.remaining
 
     def remaining(self):
@@ -359,7 +358,6 @@ def test_a_new_secondary_connecting_as_the_pass_waits_for_its_last_acks_gets_eve
             marked.wait(5)
         return real_remaining(self)
 
-    monkeypatch.setattr(mirror_module, "note_peer", note_peer)
     monkeypatch.setattr(LivePass, "remaining", remaining)
     with mirrored(engine) as mirror:
         old = FakeSecondary(mirror, S1, hold=True)
@@ -386,17 +384,8 @@ def test_a_new_secondary_connecting_while_a_cycle_is_prepared_gets_everything(
         engine, monkeypatch):
     data = random_data(9)
     engine.pwrite(data, 0)
-    armed, marked, preparing = threading.Event(), threading.Event(), threading.Event()
-    import volume_core.replication.mirror as mirror_module
-
-    real_note_peer = mirror_module.note_peer
-
-    def note_peer(eng, channel):
-        new = real_note_peer(eng, channel)
-        if armed.is_set():
-            marked.set()
-        return new
-
+    armed, marked = note_peer_spy(monkeypatch)
+    preparing = threading.Event()
     real_prepare = CycleFreeze.prepare
 
     def prepare(volume):
@@ -405,7 +394,6 @@ def test_a_new_secondary_connecting_while_a_cycle_is_prepared_gets_everything(
             marked.wait(5)  # the slow part of a take (1 TiB: tens of ms)
         return real_prepare(volume)
 
-    monkeypatch.setattr(mirror_module, "note_peer", note_peer)
     monkeypatch.setattr(CycleFreeze, "prepare", staticmethod(prepare))
     with mirrored(engine) as mirror:
         old = FakeSecondary(mirror, S1)

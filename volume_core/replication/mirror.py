@@ -45,6 +45,7 @@ from .. import native
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
 from ..live_pass import LivePass
+from ..units import rate
 from . import protocol as p
 from .primary import Channel, chunk_frame, note_peer, peer_marks_map
 
@@ -320,8 +321,7 @@ class AsyncMirror:
 
     def _cycle(self, channel: Channel, forced: bool) -> bool:
         """Take (or resume), convey, commit; False when there was nothing to do."""
-        began = time.monotonic()
-        conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
+        since = self._since()
         freeze = self._freeze
         with self._lock:
             new_peer, self._new_peer = self._new_peer, False
@@ -336,8 +336,7 @@ class AsyncMirror:
                 self._pass is not None or self.engine.tracker.count()):
             self._initial_pass(channel)
             forced = True  # the first consistent image, at once, written to meanwhile or not
-            began = time.monotonic()
-            conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
+            since = self._since()
         if freeze is None:
             if not forced and not self.engine.tracker.count():
                 return False
@@ -354,13 +353,19 @@ class AsyncMirror:
                    f"the secondary did not commit cycle {freeze.number}")
         self._finish(freeze)
         with self._lock:
-            seconds = time.monotonic() - began
-            nbytes = self.stats["bytes_conveyed"] - conveyed[1]
-            self.last_cycle = {
-                "number": freeze.number, "seconds": round(seconds, 6),
-                "regions": self.stats["regions_conveyed"] - conveyed[0], "bytes": nbytes,
-                "rate_bps": round(nbytes / seconds) if seconds > 0 else None}
+            self.last_cycle = {"number": freeze.number, **self._summary(since)}
         return True
+
+    def _since(self) -> tuple[float, int, int]:
+        """Where a run starts: the clock, regions and bytes conveyed so far (``_summary``)."""
+        return time.monotonic(), self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
+
+    def _summary(self, since: tuple[float, int, int]) -> dict[str, Any]:
+        """What was conveyed since ``since``, and how fast (lock held)."""
+        seconds = time.monotonic() - since[0]
+        nbytes = self.stats["bytes_conveyed"] - since[2]
+        return {"seconds": round(seconds, 6), "regions": self.stats["regions_conveyed"] - since[1],
+                "bytes": nbytes, "rate_bps": rate(nbytes, seconds)}
 
     def _initial_pass(self, channel: Channel) -> None:
         """Convey what the marks hold from the live volume (``LivePass``); writes landing
@@ -371,8 +376,7 @@ class AsyncMirror:
             with engine.quiesce():  # no write marked before the take lands after it
                 lp = self._pass = LivePass(engine, engine.tracker.swap_and_reset())
             log.info("async: initial sync of %d regions", int(native.count(lp.pending)))
-        began = time.monotonic()
-        conveyed = self.stats["regions_conveyed"], self.stats["bytes_conveyed"]
+        since = self._since()
         with self._lock:
             self.progress = self._progress(lp, self.committed + 1, "initial-sync")
         self._convey(channel, lp, "the initial sync")
@@ -380,14 +384,8 @@ class AsyncMirror:
             self._wanted = max(self._wanted, self.committed + 1)
         self._end_pass(lp)
         self._need_pass = False
-        seconds = time.monotonic() - began
-        nbytes = self.stats["bytes_conveyed"] - conveyed[1]
         with self._lock:
-            self.initial_sync = {
-                "seconds": round(seconds, 6),
-                "regions": self.stats["regions_conveyed"] - conveyed[0], "bytes": nbytes,
-                "skipped_regions": lp.skipped,
-                "rate_bps": round(nbytes / seconds) if seconds > 0 else None}
+            self.initial_sync = {**self._summary(since), "skipped_regions": lp.skipped}
         log.info("async: initial sync done (%d regions written meanwhile go with the first "
                  "cycle)", lp.skipped)
 
@@ -396,8 +394,9 @@ class AsyncMirror:
         marked again. ``give_back`` (given up for a new secondary): all of it is marked
         again first."""
         if give_back:
-            self.engine.tracker.merge(lp.taken)
-        self.engine.tracker.release(lp.taken)
+            self.engine.tracker.give_back(lp.taken)
+        else:
+            self.engine.tracker.release(lp.taken)
         self._pass = None
 
     def _take(self) -> CycleFreeze:
@@ -410,8 +409,7 @@ class AsyncMirror:
                 freeze = CycleFreeze.create(engine.volume, engine.fd, number, taken,
                                             prepared=prepared)
             except BaseException:
-                engine.tracker.merge(taken)  # give the take back
-                engine.tracker.release(taken)
+                engine.tracker.give_back(taken)
                 raise
             engine.pre_write.append(freeze.preserve)
             with self._lock:  # before writes go on: run_now() must see the cycle open
@@ -525,8 +523,9 @@ class AsyncMirror:
         try:
             if self._taken is not None:
                 if give_back:
-                    engine.tracker.merge(self._taken)
-                engine.tracker.release(self._taken)
+                    engine.tracker.give_back(self._taken)
+                else:
+                    engine.tracker.release(self._taken)
             freeze.drop()
         finally:
             with self._lock:
@@ -558,9 +557,9 @@ class AsyncMirror:
             committed, at, owed = self.committed, self.last_consistent_at, self._wanted
             last, initial = self.last_cycle, self.initial_sync
         marked = self.engine.tracker.count()
-        elapsed = time.time() - progress["started"] if progress["started"] else 0
-        progress["rate_bps"] = (round(progress["conveyed_bytes"] / elapsed)
-                                if progress["state"] != "idle" and elapsed > 0 else None)
+        running = progress["state"] != "idle" and progress["started"]
+        progress["rate_bps"] = (rate(progress["conveyed_bytes"], time.time() - progress["started"])
+                                if running else None)
         if state == "connected":
             if progress["state"] != "idle":
                 state = "cycling"

@@ -118,7 +118,8 @@ MAX_DATA: Final = 32 << 20
 #: The largest payload before the handshake completes, and of any non-data frame.
 MAX_SMALL_PAYLOAD: Final = 16 << 10
 MAX_REASON: Final = 4096
-#: a time a frame carries (microseconds since the Unix epoch) is below this (year 5138)
+#: a time a frame carries (microseconds since the Unix epoch) is below this (year 5138;
+#: state_files.MAX_UNIX_TIME, in seconds, for what is recorded of it)
 MAX_TIME_US: Final = 10**17
 #: Runs in one MARKED_RUNS frame, and in one handshake (a sender joins runs to fit).
 RUNS_PER_FRAME: Final = MAX_SMALL_PAYLOAD // _RUN.size

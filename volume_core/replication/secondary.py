@@ -81,6 +81,7 @@ import numpy as np
 from .. import native, snapshots
 from ..engine import Engine
 from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
+from ..units import rate
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
 from . import protocol as p
 
@@ -958,11 +959,10 @@ class Receiver:
             last = self._last_frame
             arriving = self._cycle_from
         info = self.engine.volume.info
-        received = rate = None
+        received = per_second = None
         if arriving is not None:
             received = counts["bytes_applied"] - arriving[1]
-            elapsed = self.clock() - arriving[0]
-            rate = round(received / elapsed) if elapsed > 0 else None
+            per_second = rate(received, self.clock() - arriving[0])
         return {
             "mode": self.mode,
             "pending_regions": _union_count(pending),
@@ -978,7 +978,7 @@ class Receiver:
             "lag_s": None if info.cycle_at is None else round(time.time() - info.cycle_at, 3),
             "cycle_in_progress": self.cycle_in_progress,
             "cycle_bytes_received": received,
-            "cycle_rate_bps": rate,
+            "cycle_rate_bps": per_second,
         }
 
 
