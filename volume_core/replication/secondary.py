@@ -95,8 +95,9 @@ MODES: Final = (SYNC, SEMI_ASYNC, ASYNC)
 REQUEST_ID_BASE: Final = 1 << 63
 #: flush held-back acks before applying a write at least this long
 FLUSH_BEFORE: Final = 64 << 10
-#: async chunks already here whose copies on write are made with the one being applied
-PRESERVE_AHEAD: Final = 32
+#: async chunks already here whose copies on write are made with the one being applied:
+#: up to this many bytes of them (one store and map sync for the lot)
+PRESERVE_AHEAD: Final = 32 << 20
 _KINDS = {p.WriteKind.WRITE: WRITE, p.WriteKind.TRIM: TRIM, p.WriteKind.ZERO: ZERO}
 _RECOVER = "recover"
 
@@ -178,6 +179,7 @@ class _Entry:
     ready: bool = False  # its data is here (or it needs none)
     acked: bool = True  # its META_ACK is sent: only then may it be applied
     applying: bool = False
+    ahead: bool = False  # an async chunk whose copies on write were made ahead of it
     recovery: _Recovery | None = None
     sent_at: float = 0.0
     link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
@@ -660,15 +662,26 @@ class Receiver:
 
     def _preserve_ahead(self, entry: _Entry) -> None:
         """Before an async chunk lands: the copies on write into the held consistent image
-        for it and the chunks already here behind it, in one commit (one store and map
-        sync for the lot instead of one per chunk). Copying early is always right: a
+        for it and the chunks already here behind it (up to ``PRESERVE_AHEAD`` bytes), in
+        one commit (one store and map sync for the lot instead of one per chunk); the
+        chunks of that batch then land without copying. Copying early is always right: a
         region not yet copied still holds the image's bytes. A failure here is left to
         each write's own copy, which reports it."""
+        if entry.ahead:
+            return
+        spans = [(entry.offset, entry.length)]
         with self._lock:
-            spans = [(e.offset, e.length) for e in self._order
-                     if e.ready and not e.applying and self._is_chunk(e)][:PRESERVE_AHEAD]
+            entry.ahead = True
+            room = PRESERVE_AHEAD - entry.length
+            for e in self._order:
+                if room <= 0:
+                    break
+                if e.ready and not e.applying and not e.ahead and self._is_chunk(e):
+                    e.ahead = True
+                    spans.append((e.offset, e.length))
+                    room -= e.length
         try:
-            self.engine.preserve_ahead([(entry.offset, entry.length), *spans])
+            self.engine.preserve_ahead(spans)
         except (OSError, NbdMirrorError) as err:
             log.debug("copying ahead for the held image failed: %s", err)
 
