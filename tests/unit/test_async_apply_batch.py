@@ -68,3 +68,35 @@ def test_queued_chunks_share_copy_on_write_commits_and_the_image_holds(
         assert read_all(view) == old
     finally:
         view.close()
+
+
+class CorkedOut(Out):
+    """Frames sent by a handler leave when it returns or flushes (as the link's receive
+    loop corks them): ``flushed`` is what has left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[p.Frame] = []
+
+    def flush(self) -> None:
+        self.flushed = list(self.frames)
+
+
+def test_the_cycle_ack_leaves_before_the_older_image_is_deleted(secondary, monkeypatch):
+    """Deleting the older image takes longer than the commit itself (rmtree, syncs): the
+    primary's cycle must not wait for it (session 8: the ack was corked behind it)."""
+    out = CorkedOut()
+    rec = Receiver(secondary, ASYNC, out, wake=lambda: None)
+    rec.handle(p.CycleCommit(1))
+    seen: list[list[p.Frame]] = []
+    real = type(secondary).delete_snapshot
+
+    def delete(self, name, **kw):
+        seen.append([f for f in out.flushed if isinstance(f, p.CycleAck)])
+        return real(self, name, **kw)
+
+    monkeypatch.setattr(type(secondary), "delete_snapshot", delete)
+    rec.handle(p.CycleBegin(2))
+    rec.handle(p.CycleCommit(2))
+    assert seen == [[p.CycleAck(1), p.CycleAck(2)]]
+    assert [s.name for s in secondary.snapshots.chain] == [cycle_name(2)]

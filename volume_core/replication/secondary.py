@@ -480,6 +480,8 @@ class Receiver:
             raise VolumeError(f"cannot record cycle {frame.seq} as committed: {err}") from err
         self.cycle_in_progress = self._cycle_from = None
         self.out.send_urgent(p.CycleAck(frame.seq))
+        with contextlib.suppress(NbdMirrorError):  # not held back (corked) for the drop:
+            self.out.flush()  # deleting an image takes longer than the whole commit
         self._drop_older_images(frame.seq)
 
     def _hold_image(self, number: int) -> None:
