@@ -100,3 +100,18 @@ def test_the_cycle_ack_leaves_before_the_older_image_is_deleted(secondary, monke
     rec.handle(p.CycleCommit(2))
     assert seen == [[p.CycleAck(1), p.CycleAck(2)]]
     assert [s.name for s in secondary.snapshots.chain] == [cycle_name(2)]
+
+
+def test_a_sync_takes_only_the_span_of_the_regions_landed_since_the_last():
+    """``_Landed``: what a sync takes is the span written since the last one (a 1 TiB
+    volume's map has 16M entries, and a sync comes every few chunks), cleared after."""
+    from volume_core.replication.secondary import _Landed
+
+    landed = _Landed(1 << 24)
+    assert landed.take()[1].size == 0
+    landed.note(100, 102)
+    landed.note(5, 7)
+    lo, part = landed.take()
+    assert lo == 5 and part.size == 97
+    assert sorted((part.nonzero()[0] + lo).tolist()) == [5, 6, 100, 101]
+    assert not landed.map.any() and landed.take()[1].size == 0

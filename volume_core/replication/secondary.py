@@ -185,6 +185,33 @@ class _Entry:
     link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
 
 
+class _Landed:
+    """Regions applied since the last fdatasync: a map, and the span it is set within.
+
+    A sync takes only that span: on a 1 TiB volume the map has 16M entries, and
+    an async initial sync syncs every few chunks (taking the whole map each time
+    had made a 1 MiB chunk cost 2.9 ms there against 1.2 on a 2 GiB volume).
+    """
+
+    def __init__(self, regions: int) -> None:
+        self.map = np.zeros(regions, dtype=bool)
+        self.lo, self.hi = regions, 0
+
+    def note(self, first: int, stop: int) -> None:
+        self.map[first:stop] = True
+        self.lo, self.hi = min(self.lo, first), max(self.hi, stop)
+
+    def take(self) -> tuple[int, np.ndarray]:
+        """(first region, what was set from there on), cleared here."""
+        lo, hi = self.lo, self.hi
+        self.lo, self.hi = self.map.size, 0
+        if hi <= lo:
+            return 0, self.map[:0].copy()
+        part = self.map[lo:hi].copy()
+        self.map[lo:hi] = False
+        return lo, part
+
+
 def _entry_key(entry: _Entry) -> Key:
     """What the order is sorted by."""
     return entry.key
@@ -339,7 +366,7 @@ class Receiver:
         self._max_seq = 0  # the highest write number known on this connection
         self._next_request = 0
         # Applied since the last data fdatasync; synced since the last sweep; may be missing.
-        self._landed = np.zeros(self._regions, dtype=bool)
+        self._landed = _Landed(self._regions)
         self._synced = np.zeros(self._regions, dtype=bool)
         # Marked before we started: unknown, so kept until written whole.
         self._suspect = self.tracker.marks != 0
@@ -636,7 +663,7 @@ class Receiver:
                     # Landed from now on, for a failed fdatasync (fsyncgate): one that
                     # fails once this write may be in the page cache must recover it.
                     # _finish notes it again, so only a sync after that clears it.
-                    self._landed[entry.first:entry.stop] = True
+                    self._landed.note(entry.first, entry.stop)
                 ok = False
                 try:
                     if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
@@ -742,7 +769,7 @@ class Receiver:
 
     def _landed_whole(self, entry: _Entry) -> None:
         """Note regions applied; those covered whole are no longer of unknown content."""
-        self._landed[entry.first:entry.stop] = True
+        self._landed.note(entry.first, entry.stop)
         rs = self._rs
         whole_first = -(-entry.offset // rs)
         end = entry.offset + entry.length
@@ -902,7 +929,7 @@ class Receiver:
         """
         with self._sync_lock:
             with self._lock:
-                taken, self._landed = self._landed, np.zeros(self._regions, dtype=bool)
+                lo, taken = self._landed.take()
             try:
                 self.engine.flush()
             except OSError as err:
@@ -912,13 +939,15 @@ class Receiver:
                             err)
                 with self._lock:
                     self._counts.flush_failures += 1
-                    taken |= self._landed
-                    self._landed = np.zeros(self._regions, dtype=bool)
-                    frames = self._recover_map(taken)
+                    lost = np.zeros(self._regions, dtype=bool)
+                    lost[lo:lo + taken.size] = taken
+                    lo, taken = self._landed.take()
+                    lost[lo:lo + taken.size] |= taken
+                    frames = self._recover_map(lost)
                 self._send(frames)
                 return False
             with self._lock:
-                self._synced |= taken
+                self._synced[lo:lo + taken.size] |= taken
             return True
 
     def _recover_map(self, regions: np.ndarray) -> list[p.Frame]:
@@ -940,7 +969,7 @@ class Receiver:
             if not self._sync_landed():
                 return 0
             with self._lock:
-                chosen = self._synced & ~self._landed & ~self._suspect
+                chosen = self._synced & ~self._landed.map & ~self._suspect
                 self._synced = np.zeros(self._regions, dtype=bool)
                 return self.tracker.clear(chosen)
 
