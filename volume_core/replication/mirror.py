@@ -432,7 +432,8 @@ class AsyncMirror:
             for first, count in native.scan_runs(image.remaining()).tolist():
                 at, stop = first, first + count
                 while at < stop:
-                    end = image.skip_end(at, stop)
+                    # bounded: a run may be the whole volume (16M regions of 1 TiB)
+                    end = image.skip_end(at, min(stop, at + span))
                     if end > at:
                         self._skipped(at, end)
                         at = end
