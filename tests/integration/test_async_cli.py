@@ -266,8 +266,9 @@ def test_each_consistent_connection_reads_the_newest_image_and_keeps_it_while_co
     early.shutdown()
     wait_until(lambda: not images(m.secondary.vol)["cycle-1"], 10,
                "the export to close its view of cycle 1", interval=0.02)
-    sync(m, "--wait")
-    assert images(m.secondary.vol) == {"cycle-2": True, "cycle-3": False}
+    sync(m, "--wait")  # (older images go right after a commit is acknowledged)
+    wait_until(lambda: images(m.secondary.vol) == {"cycle-2": True, "cycle-3": False}, 10,
+               "cycle-1 deleted", interval=0.02)
     assert read_all(late) == second
     late.shutdown()
     wait_until(lambda: not images(m.secondary.vol)["cycle-2"], 10,
@@ -275,7 +276,8 @@ def test_each_consistent_connection_reads_the_newest_image_and_keeps_it_while_co
     third = fill(m, seed=8)
     sync(m, "--wait")
     assert m.differing_regions() == []
-    assert images(m.secondary.vol) == {"cycle-4": False}
+    wait_until(lambda: images(m.secondary.vol) == {"cycle-4": False}, 10,
+               "cycle-2 and cycle-3 deleted", interval=0.02)
     newest = connect(sock)
     assert read_all(newest) == third
     newest.shutdown()

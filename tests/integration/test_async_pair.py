@@ -212,7 +212,9 @@ def test_the_secondary_keeps_the_last_cycle_whole_while_the_next_arrives(tmp_pat
         finally:
             view.close()
         cycle(pr)  # cycle 3: nobody holds the old images any more
-        assert [s.name for s in pr.secondary.snapshots.chain] == ["cycle-3"]
+        # (deleted right after the commit is acknowledged)
+        wait_until(lambda: [s.name for s in pr.secondary.snapshots.chain] == ["cycle-3"],
+                   10, "the older images deleted")
         assert pr.images() == (new, new)
 
 

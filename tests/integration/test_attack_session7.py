@@ -39,11 +39,11 @@ def test_a_primary_restarted_between_the_pass_and_cycle_1_takes_cycle_1(tmp_path
                                                                          monkeypatch):
     data = random.Random(1).randbytes(SIZE)
     real_take = AsyncMirror._take
-    stopped = threading.Event()
+    stopped, restarted = threading.Event(), threading.Event()
 
     def take(self):
-        if not stopped.is_set():  # the primary stops right here (a stop or a SIGKILL)
-            stopped.set()
+        if not restarted.is_set():  # the primary stops right here (a stop or a SIGKILL):
+            stopped.set()  # no take of the first primary's (a retry) may come before it
             raise OSError("test: the primary stops between the pass and cycle 1")
         return real_take(self)
 
@@ -53,6 +53,7 @@ def test_a_primary_restarted_between_the_pass_and_cycle_1_takes_cycle_1(tmp_path
         assert pr.replicator.initial_sync is not None
         volumes = (pr.primary.volume, pr.secondary.volume)
     assert volumes[0].info.cycle == 0 and volumes[1].info.cycle == 0
+    restarted.set()
     with pair(tmp_path, "async", volumes=volumes, interval=0.1) as pr:
         wait_until(lambda: pr.replicator.committed >= 1
                    or pr.replicator.status()["state"] == "in-sync", 10,
@@ -184,10 +185,13 @@ def test_many_consistent_connections_leak_nothing_and_each_holds_its_image(mirro
     wait_until(lambda: fds(pid) <= base_fds, 10,
                f"the export's open files back to {base_fds} (now {fds(pid)})", interval=0.05)
     assert threads(pid) <= base_threads + 1
-    sync(m, "--wait")  # the next commit drops what nobody holds any more
-    names = [s["name"] for s in run_cli("snapshot", "list", m.secondary.vol, "--json").json()[
-        "snapshots"]]
-    assert names == ["cycle-5"], names
+    sync(m, "--wait")  # the next commit drops what nobody holds any more (right after)
+
+    def names() -> list[str]:
+        return [s["name"] for s in run_cli("snapshot", "list", m.secondary.vol,
+                                           "--json").json()["snapshots"]]
+
+    wait_until(lambda: names() == ["cycle-5"], 10, "only cycle-5 left")
     with pytest.raises(nbd.Error):
         held.pread(RS, 0)
     run_cli("stop", m.secondary.vol, "--consistent")
@@ -342,6 +346,6 @@ def test_consistent_readers_racing_commits_and_deletes_always_see_one_point_in_t
         assert len(seen) >= 3, seen
         want = pr.replicator.run_now()  # nobody reads now: only the newest stays
         wait_until(lambda: pr.replicator.committed >= want, 30, "the last cycle")
-        assert [s.name for s in pr.secondary.snapshots.chain] == [f"cycle-{want}"]
-        assert not [n for n in os.listdir(pr.secondary.volume.snapshot_dir)
-                    if n.startswith(".")]
+        wait_until(lambda: [s.name for s in pr.secondary.snapshots.chain] == [f"cycle-{want}"]
+                   and not [n for n in os.listdir(pr.secondary.volume.snapshot_dir)
+                            if n.startswith(".")], 10, "only the newest image left")
