@@ -111,7 +111,7 @@ def test_a_sync_takes_only_the_span_of_the_regions_landed_since_the_last():
     assert landed.take()[1].size == 0
     landed.note(100, 102)
     landed.note(5, 7)
-    lo, part = landed.take()
-    assert lo == 5 and part.size == 97
-    assert sorted((part.nonzero()[0] + lo).tolist()) == [5, 6, 100, 101]
+    span, part = landed.take()
+    assert span.start == 5 and part.size == 97
+    assert sorted((part.nonzero()[0] + span.start).tolist()) == [5, 6, 100, 101]
     assert not landed.map.any() and landed.take()[1].size == 0

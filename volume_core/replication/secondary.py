@@ -201,15 +201,13 @@ class _Landed:
         self.map[first:stop] = True
         self.lo, self.hi = min(self.lo, first), max(self.hi, stop)
 
-    def take(self) -> tuple[int, np.ndarray]:
-        """(first region, what was set from there on), cleared here."""
-        lo, hi = self.lo, self.hi
+    def take(self) -> tuple[slice, np.ndarray]:
+        """(the span, what was set in it), cleared here."""
+        span = slice(self.lo, max(self.lo, self.hi))
         self.lo, self.hi = self.map.size, 0
-        if hi <= lo:
-            return 0, self.map[:0].copy()
-        part = self.map[lo:hi].copy()
-        self.map[lo:hi] = False
-        return lo, part
+        part = self.map[span].copy()
+        self.map[span] = False
+        return span, part
 
 
 def _entry_key(entry: _Entry) -> Key:
@@ -929,7 +927,7 @@ class Receiver:
         """
         with self._sync_lock:
             with self._lock:
-                lo, taken = self._landed.take()
+                span, taken = self._landed.take()
             try:
                 self.engine.flush()
             except OSError as err:
@@ -940,14 +938,14 @@ class Receiver:
                 with self._lock:
                     self._counts.flush_failures += 1
                     lost = np.zeros(self._regions, dtype=bool)
-                    lost[lo:lo + taken.size] = taken
-                    lo, taken = self._landed.take()
-                    lost[lo:lo + taken.size] |= taken
+                    lost[span] = taken
+                    since, more = self._landed.take()  # landed while it ran
+                    lost[since] |= more
                     frames = self._recover_map(lost)
                 self._send(frames)
                 return False
             with self._lock:
-                self._synced[lo:lo + taken.size] |= taken
+                self._synced[span] |= taken
             return True
 
     def _recover_map(self, regions: np.ndarray) -> list[p.Frame]:
