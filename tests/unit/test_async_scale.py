@@ -7,26 +7,22 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import wait_until
-from tests.unit.test_attack_async import REGIONS, RS, S1, SIZE, FakeSecondary, mirrored
+from tests.unit.test_attack_async import (  # noqa: F401 - primary_engine: the fixture
+    REGIONS,
+    RS,
+    S1,
+    FakeSecondary,
+    mirrored,
+    primary_engine,
+)
 from tests.unit.test_attack_session7 import random_data
-from volume_core.engine import Engine
 from volume_core.live_pass import LivePass
 from volume_core.replication import mirror as mirror_mod
-from volume_core.volume import Volume
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def primary(tmp_path):
-    vol = Volume.create(tmp_path / "v", SIZE, RS)
-    eng = Engine(vol)
-    yield eng
-    eng.close()
-
-
-def test_the_pass_asks_what_to_skip_a_bounded_stretch_at_a_time(primary, monkeypatch):
-    engine = primary
+def test_the_pass_asks_what_to_skip_a_bounded_stretch_at_a_time(engine, monkeypatch):
     monkeypatch.setattr(mirror_mod, "ZERO_SPAN", RS)  # span = one chunk's regions
     span = mirror_mod.CYCLE_CHUNK // RS
     asked: list[int] = []

@@ -106,8 +106,9 @@ def region(data: bytes, r: int) -> bytes:
     return data[r * RS:(r + 1) * RS]
 
 
-@pytest.fixture
-def engine(tmp_path):
+@pytest.fixture(name="engine")
+def primary_engine(tmp_path):
+    """A primary's engine of these tests' size (``engine``; other modules import it)."""
     vol = Volume.create(tmp_path / "v", SIZE, RS)
     eng = Engine(vol)
     yield eng

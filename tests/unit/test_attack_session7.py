@@ -27,6 +27,7 @@ from tests.unit.test_attack_async import (
     Out,
     mirrored,
     pattern,
+    primary_engine,  # noqa: F401 - the ``engine`` fixture
     region,
 )
 from volume_core import blockio
@@ -42,14 +43,6 @@ from volume_core.volume import Volume
 pytestmark = pytest.mark.unit
 
 CHUNK_REGIONS = (1 << 20) // RS
-
-
-@pytest.fixture
-def engine(tmp_path):
-    vol = Volume.create(tmp_path / "v", SIZE, RS)
-    eng = Engine(vol)
-    yield eng
-    eng.close()
 
 
 def random_data(seed: int, n: int = SIZE) -> bytes:
