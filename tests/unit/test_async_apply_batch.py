@@ -10,32 +10,13 @@ import os
 import pytest
 
 from tests.unit.test_attack_async import RS, SIZE, Out
+from tests.unit.test_attack_session8 import commits, cycle_2, image, read_all, receiver
 from volume_core.replication import protocol as p
 from volume_core.replication import secondary as sec
 from volume_core.replication.secondary import ASYNC, Receiver
-from volume_core.snapshot_view import SnapshotView
-from volume_core.snapshots import Snapshot, cycle_name
+from volume_core.snapshots import cycle_name
 
 pytestmark = pytest.mark.unit
-
-
-def read_all(reader) -> bytes:
-    buf = bytearray(SIZE)
-    reader.pread(buf, 0)
-    return bytes(buf)
-
-
-def commits(monkeypatch) -> list[int]:
-    """How many regions each copy-on-write commit records."""
-    seen: list[int] = []
-    real = Snapshot.record_preserved
-
-    def record(self, batch):
-        seen.append(sum(int(runs[:, 1].sum()) for runs in batch))
-        return real(self, batch)
-
-    monkeypatch.setattr(Snapshot, "record_preserved", record)
-    return seen
 
 
 @pytest.mark.parametrize("queued, limit, expect", [
@@ -46,28 +27,18 @@ def test_queued_chunks_share_copy_on_write_commits_and_the_image_holds(
         secondary, monkeypatch, queued, limit, expect):
     if limit is not None:
         monkeypatch.setattr(sec, "PRESERVE_AHEAD", limit)
-    old = os.urandom(SIZE)
-    rec = Receiver(secondary, ASYNC, Out(), wake=lambda: None)  # applied by drain() below
-    rec.handle(p.CycleBegin(1))
-    rec.handle(p.Write(1, 0, old, fua=True))
-    rec.drain()
-    rec.handle(p.CycleCommit(1))  # the held image: the volume as it is now
+    rec = receiver(secondary)  # applied by drain() below
+    _, old, new = cycle_2(rec, 1)
     seen = commits(monkeypatch)
-    rec.handle(p.CycleBegin(2))
-    new = bytearray(old)
     for i in range(queued):  # scattered chunks, one region each
         region = 3 * i + 1
         data = os.urandom(RS)
         new[region * RS:(region + 1) * RS] = data
         rec.handle(p.Write(i + 2, region * RS, data, fua=True))
     rec.drain()
-    assert seen == expect
-    assert read_all(secondary) == new
-    view = SnapshotView(secondary.volume, cycle_name(1))
-    try:
-        assert read_all(view) == old
-    finally:
-        view.close()
+    assert seen == [(cycle_name(1), n) for n in expect]
+    assert read_all(secondary, SIZE) == new
+    assert image(secondary, 1) == old
 
 
 class CorkedOut(Out):

@@ -71,12 +71,21 @@ def receiver(engine: Engine, out: Out | None = None) -> Receiver:
 
 def hold_cycle_1(rec: Receiver, rng: np.random.Generator) -> bytes:
     """Cycle 1 fills the replica with random bytes and is committed: the held image."""
-    old = random_bytes(rng, SIZE)
+    old = random_bytes(rng, rec.engine.size)
     rec.handle(p.CycleBegin(1))
     rec.handle(p.Write(1, 0, old, fua=True))
     rec.drain()
     rec.handle(p.CycleCommit(1))
     return old
+
+
+def cycle_2(rec: Receiver, seed: int) -> tuple[np.random.Generator, bytes, bytearray]:
+    """Cycle 1 held (``hold_cycle_1``), cycle 2 begun: (its random source, the held
+    image, a model of the replica for ``send``)."""
+    rng = np.random.default_rng(seed)
+    old = hold_cycle_1(rec, rng)
+    rec.handle(p.CycleBegin(2))
+    return rng, old, bytearray(old)
 
 
 def send(rec: Receiver, model: bytearray, frames: list[p.Frame]) -> None:
@@ -117,12 +126,9 @@ def scattered_writes(rng: np.random.Generator, count: int, first_seq: int = 2,
 # -- the ahead copy fails: each chunk's own copy on write must still keep the image -------
 
 def test_a_failed_ahead_commit_leaves_each_chunk_its_own_copy(replica, monkeypatch):
-    rng = np.random.default_rng(1)
     out = Out()
     rec = receiver(replica, out)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 1)
     send(rec, model, scattered_writes(rng, 16))
     real = Snapshot.record_preserved
     calls: list[int] = []
@@ -142,12 +148,9 @@ def test_a_failed_ahead_commit_leaves_each_chunk_its_own_copy(replica, monkeypat
 
 
 def test_a_failed_ahead_copy_leaves_each_chunk_its_own_copy(replica, monkeypatch):
-    rng = np.random.default_rng(2)
     out = Out()
     rec = receiver(replica, out)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 2)
     send(rec, model, scattered_writes(rng, 12))
     real = native.copy_runs
     calls = [0]
@@ -172,12 +175,9 @@ def test_an_ahead_commit_failing_after_its_map_write_still_keeps_the_image(repli
                                                                           monkeypatch):
     """The map bytes reached the file but its sync failed: not preserved in memory, so each
     chunk copies again (from the live volume, which still holds the image's bytes)."""
-    rng = np.random.default_rng(3)
     out = Out()
     rec = receiver(replica, out)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 3)
     send(rec, model, scattered_writes(rng, 10))
     real = Snapshot.record_preserved
     calls = [0]
@@ -198,12 +198,9 @@ def test_an_ahead_commit_failing_after_its_map_write_still_keeps_the_image(repli
 def test_an_ahead_copy_that_fails_every_time_fails_the_chunks_not_the_image(replica,
                                                                            monkeypatch):
     """The store cannot take copies at all: chunks must not land without their copy."""
-    rng = np.random.default_rng(4)
     out = Out()
     rec = receiver(replica, out)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 4)
     send(rec, model, scattered_writes(rng, 6))
 
     def always_fails(self, batch):
@@ -218,13 +215,10 @@ def test_an_ahead_copy_that_fails_every_time_fails_the_chunks_not_the_image(repl
 
 
 def test_a_chunk_failing_on_disk_after_its_ahead_copy_is_resent_and_the_image_holds(replica):
-    rng = np.random.default_rng(5)
     out = Out()
     faults = FaultInjector()
     rec = Receiver(replica, ASYNC, out, wake=lambda: None, faults=faults)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 5)
     frames = scattered_writes(rng, 8)
     send(rec, model, frames)
     faults.fail(frames[3].offset // RS)
@@ -271,12 +265,9 @@ def test_overlapping_unaligned_and_zero_chunks_keep_image_and_replica(
         replica, monkeypatch, seed, limit):
     if limit is not None:
         monkeypatch.setattr(sec, "PRESERVE_AHEAD", limit)
-    rng = np.random.default_rng(100 + seed)
     out = Out()
     rec = receiver(replica, out)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 100 + seed)
     for _ in range(3):  # batches queued while the applier is away
         send(rec, model, random_frames(rng, 25))
         rec.drain()
@@ -286,12 +277,9 @@ def test_overlapping_unaligned_and_zero_chunks_keep_image_and_replica(
 
 
 def test_the_short_last_region_is_copied_ahead_whole(replica, monkeypatch):
-    rng = np.random.default_rng(6)
     rec = receiver(replica)
-    old = hold_cycle_1(rec, rng)
+    rng, old, model = cycle_2(rec, 6)
     seen = commits(monkeypatch)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
     send(rec, model, [p.Write(2, 0, random_bytes(rng, 10), fua=True),
                       p.Write(3, SIZE - 7, random_bytes(rng, 7), fua=True),
                       p.Zero(4, SIZE - TAIL, TAIL, may_trim=True, fua=True)])
@@ -305,12 +293,9 @@ def test_a_large_zero_queued_behind_is_copied_ahead_with_the_batch(replica, monk
     """A ZERO chunk is a chunk too: its regions are copied ahead (it would copy them
     itself anyway), and a budget smaller than it still lets it through once."""
     monkeypatch.setattr(sec, "PRESERVE_AHEAD", 4 * RS)
-    rng = np.random.default_rng(7)
     rec = receiver(replica)
-    old = hold_cycle_1(rec, rng)
+    rng, old, model = cycle_2(rec, 7)
     seen = commits(monkeypatch)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
     send(rec, model, [p.Write(2, 0, random_bytes(rng, RS), fua=True),
                       p.Zero(3, 8 * RS, 40 * RS, may_trim=False, fua=True),
                       p.Write(4, 60 * RS, random_bytes(rng, RS), fua=True)])
@@ -438,12 +423,9 @@ def test_the_next_cycles_chunks_copy_ahead_into_its_new_image(replica, monkeypat
 
 def test_a_budget_smaller_than_one_chunk_copies_each_chunk_alone(replica, monkeypatch):
     monkeypatch.setattr(sec, "PRESERVE_AHEAD", RS // 2)
-    rng = np.random.default_rng(11)
     rec = receiver(replica)
-    old = hold_cycle_1(rec, rng)
+    rng, old, model = cycle_2(rec, 11)
     seen = commits(monkeypatch)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
     send(rec, model, [p.Write(2 + i, 2 * i * RS, random_bytes(rng, 2 * RS), fua=True)
                       for i in range(8)])
     rec.drain()
@@ -456,12 +438,9 @@ def test_each_chunk_is_copied_once(replica, monkeypatch):
     """Chunks overlapping each other: a region is copied into the image once, whatever
     batch it falls in (a second copy would be taken of bytes a chunk already changed)."""
     monkeypatch.setattr(sec, "PRESERVE_AHEAD", 5 * RS)
-    rng = np.random.default_rng(12)
     rec = receiver(replica)
-    old = hold_cycle_1(rec, rng)
+    rng, old, model = cycle_2(rec, 12)
     seen = commits(monkeypatch)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
     frames = [p.Write(2 + i, (i % 7) * RS + 100, random_bytes(rng, 2 * RS), fua=True)
               for i in range(30)]
     send(rec, model, frames)
@@ -570,11 +549,8 @@ def test_a_reader_of_the_held_image_sees_it_unchanged_while_a_batch_lands(replic
     """``serve --consistent``: an export reading the image while chunks copied ahead (in
     batches of a few regions) land under it reads the image's bytes every time."""
     monkeypatch.setattr(sec, "PRESERVE_AHEAD", 8 * RS)
-    rng = np.random.default_rng(14)
     rec = receiver(replica)
-    old = hold_cycle_1(rec, rng)
-    rec.handle(p.CycleBegin(2))
-    model = bytearray(old)
+    rng, old, model = cycle_2(rec, 14)
     send(rec, model, random_frames(rng, 160))
     view = SnapshotView(replica.volume, cycle_name(1))
     done = threading.Event()
