@@ -2,7 +2,10 @@
 
 The secondary keeps each committed cycle N as the internal snapshot ``cycle-N``
 and, at every commit, deletes the older ones no reader holds (a SnapshotView's
-shared lock keeps a snapshot; delete needs it exclusively). So a reader opens
+shared lock keeps a snapshot; delete needs it exclusively). While cycle N+1
+arrives in the staging log (``staging``) the volume itself holds cycle N and
+the snapshot no copies; at its commit the older images go before the log is
+applied, and readers wait for that apply (``staging.applying``). So a reader opens
 the newest image and keeps that point in time for as long as it reads, however
 many cycles commit meanwhile; once it lets go, its image goes at the next commit.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+from . import staging
 from .errors import SnapshotCorrupt, SnapshotError, VolumeBusy, VolumeError
 from .server_files import CONSISTENT_DIR
 from .snapshot_view import SnapshotView
@@ -41,6 +45,10 @@ def newest_image(volume: Volume) -> str:
     images = [(n, info["name"]) for _seq, _path, info in snapshot_dirs(volume)
               if (n := cycle_number(info["name"])) is not None and not info.get("deleting")]
     if not images:
+        if volume.info.cycle:  # its image went for the staged cycle's apply: see staging
+            raise SnapshotError(f"the consistent image of {volume.path} is being replaced "
+                                f"by cycle {volume.info.cycle + 1}'s, or that was interrupted "
+                                "(it completes when 'nbdmirror receive' runs again)")
         raise SnapshotError(f"{volume.path} has no consistent image yet: no async cycle was "
                             "committed to it")
     return max(images)[1]
@@ -53,9 +61,10 @@ def open_newest(volume: Volume, tries: int = OPEN_TRIES) -> SnapshotView:
     cycle committed meanwhile): then the choice is made again.
     """
     for _ in range(tries):
-        name = newest_image(volume)
         try:
-            return SnapshotView(volume, name)
+            with staging.applying(volume, shared=True):  # not while a cycle is applied
+                name = newest_image(volume)
+                return SnapshotView(volume, name)
         except SnapshotCorrupt:
             raise
         except SnapshotError as err:  # "being deleted", "no snapshot", "no longer exists"

@@ -167,7 +167,8 @@ def test_overlapping_writers_between_cycles_end_identical(tmp_path):
 
 def test_the_secondary_keeps_the_last_cycle_whole_while_the_next_arrives(tmp_path):
     """Its consistent image is a snapshot per commit: a reader of it sees cycle 1 while
-    cycle 2's chunks land; a reader holding it keeps it past the next commit."""
+    cycle 2's chunks land (in the staging log: the volume is cycle 1 too); a reader
+    holding it keeps it past the next commit."""
     from volume_core.snapshot_view import SnapshotView
     from volume_core.volume import Volume
 
@@ -198,7 +199,8 @@ def test_the_secondary_keeps_the_last_cycle_whole_while_the_next_arrives(tmp_pat
         pr.replicator.run_now()
         assert held.wait(30)
         live = pr.secondary.volume.data_path.read_bytes()
-        assert live != old  # cycle 2 is half there...
+        assert live == old  # cycle 2 is half there, in the staging log...
+        assert (pr.secondary.volume.path / "staging" / "log").stat().st_size > 0
         view = SnapshotView(Volume.open(pr.secondary.volume.path), "cycle-1")
         try:
             image = bytearray(SIZE)

@@ -11,12 +11,20 @@ import pytest
 
 from tests.unit.test_attack_async import RS, SIZE, Out
 from tests.unit.test_attack_session8 import commits, cycle_2, image, read_all, receiver
+from volume_core import staging
 from volume_core.replication import protocol as p
 from volume_core.replication import secondary as sec
 from volume_core.replication.secondary import ASYNC, Receiver
 from volume_core.snapshots import cycle_name
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _copy_on_write_path(monkeypatch):
+    """These probe chunks applied to the volume with copies on write into the held image:
+    what a cycle bigger than the staging log does (a log of 0 bytes: every cycle)."""
+    monkeypatch.setattr(staging, "CAPACITY", 0)
 
 
 @pytest.mark.parametrize("queued, limit, expect", [

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.unit.test_attack_async import Out
-from volume_core import native
+from volume_core import native, staging
 from volume_core.engine import Engine
 from volume_core.replication import protocol as p
 from volume_core.replication import secondary as sec
@@ -29,6 +29,13 @@ from volume_core.snapshots import Snapshot, cycle_name
 from volume_core.volume import Volume
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _copy_on_write_path(monkeypatch):
+    """These probe chunks applied to the volume with copies on write into the held image:
+    what a cycle bigger than the staging log does (a log of 0 bytes: every cycle)."""
+    monkeypatch.setattr(staging, "CAPACITY", 0)
 
 RS = 4096
 REGIONS = 64

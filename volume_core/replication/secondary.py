@@ -78,7 +78,7 @@ from typing import Any, Final, Protocol
 
 import numpy as np
 
-from .. import native, snapshots
+from .. import native, snapshots, staging
 from ..engine import Engine
 from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
 from ..units import rate
@@ -180,6 +180,7 @@ class _Entry:
     acked: bool = True  # its META_ACK is sent: only then may it be applied
     applying: bool = False
     ahead: bool = False  # an async chunk whose copies on write were made ahead of it
+    staged: int = -1  # an async chunk kept in the staging log: the log's generation then
     recovery: _Recovery | None = None
     sent_at: float = 0.0
     link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
@@ -286,6 +287,9 @@ class _DurableAck:
     seq: int
     offset: int
     length: int
+    #: a staged chunk: the log's generation when it was appended (a failed log sync
+    #: in any thread, a later generation, may have lost it); -1: landed on the volume
+    generation: int = -1
 
 
 Answer = p.Frame | _FlushDue | _DurableAck
@@ -310,6 +314,8 @@ class _Counters:
     stale_answers: int = 0
     resyncs_begun: int = 0
     resyncs_ended: int = 0
+    cycles_applied: int = 0  # async: committed cycles applied from the staging log
+    spills: int = 0  # async: staging logs applied before their commit (see _spill)
 
 
 class Receiver:
@@ -371,6 +377,12 @@ class Receiver:
         self._counts = _Counters()
         self._last_frame: float | None = None
         self.cycle_in_progress: int | None = None  # async: the cycle arriving
+        # async: the arriving cycle's chunks, kept apart from the volume until its commit
+        self._staging = staging.StagingLog.open(engine.volume)
+        self._volume_dirty = False  # written to since its last fdatasync
+        self._unstaged_cycle: int | None = None  # a cycle whose log write failed: direct
+        if self._staging.committed is not None:  # committed before a crash, maybe not applied
+            self._apply_committed()
         #: async: (clock, bytes applied) when the arriving cycle began (its throughput)
         self._cycle_from: tuple[float, int] | None = None
 
@@ -497,17 +509,107 @@ class Receiver:
         if frame.seq < self.engine.volume.info.cycle:
             raise ProtocolError(f"CYCLE_COMMIT {frame.seq}: cycle "
                                 f"{self.engine.volume.info.cycle} was committed already")
-        self._hold_image(frame.seq)
-        try:
-            self.engine.volume.update_info(cycle=frame.seq,
-                                           cycle_at=frame.taken_us / 1e6 or None)
-        except OSError as err:
-            raise VolumeError(f"cannot record cycle {frame.seq} as committed: {err}") from err
+        log_ = self._staging
+        if log_.records and log_.cycle == frame.seq:
+            if log_.committed is None:
+                try:
+                    log_.commit(frame.taken_us)
+                except OSError as err:
+                    raise VolumeError(f"cannot commit cycle {frame.seq}: {err}") from err
+            self._apply_committed()
+        else:
+            if log_.records:  # another cycle's (never: a CYCLE_BEGIN spilled it)
+                self._spill()
+            self._record_cycle(frame.seq, frame.taken_us)
         self.cycle_in_progress = self._cycle_from = None
         self.out.send_urgent(p.CycleAck(frame.seq))
         with contextlib.suppress(NbdMirrorError):  # not held back (corked) for the drop:
             self.out.flush()  # deleting an image takes longer than the whole commit
         self._drop_older_images(frame.seq)
+
+    def _record_cycle(self, number: int, taken_us: int) -> None:
+        """The volume holds cycle ``number`` whole (durably): keep it as the consistent
+        image, then record it in volume.json."""
+        self._hold_image(number)
+        try:
+            self.engine.volume.update_info(cycle=number, cycle_at=taken_us / 1e6 or None)
+        except OSError as err:
+            raise VolumeError(f"cannot record cycle {number} as committed: {err}") from err
+
+    def _apply_committed(self) -> None:
+        """Apply the staging log's committed cycle to the volume, which becomes its image.
+
+        Readers wait meanwhile (``staging.applying``). The previous image goes first,
+        unless a reader holds it: then the apply copies on write into it, as chunks
+        applied directly do. A failure leaves the log committed: applied again by the
+        next commit frame, or when the receiver starts again.
+        """
+        log_ = self._staging
+        done = log_.committed
+        assert done is not None
+        try:
+            with staging.applying(self.engine.volume):
+                self._drop_older_images(done.cycle)
+                self._apply_staged()
+                self.engine.flush()
+                self._record_cycle(done.cycle, done.taken_us)
+                self._landed_staged()
+        except (OSError, NbdMirrorError) as err:
+            raise VolumeError(f"cannot apply committed cycle {done.cycle} to the volume: {err}; "
+                              "it is applied again when the receiver restarts") from err
+        self._counts.cycles_applied += 1
+        log_.reset()
+
+    def _spill(self) -> None:
+        """Apply what the staging log holds as chunks applied directly are (copied on write
+        into the held image), make it durable, and empty the log: for a cycle bigger than
+        the log, or before anything else lands on the volume. OSError/NbdMirrorError on
+        failure (the log is kept: spilled again later)."""
+        log_ = self._staging
+        if log_.committed is not None:  # its apply failed: finish it (it is committed)
+            self._apply_committed()
+            return
+        if not log_.records:
+            return
+        with contextlib.suppress(OSError, NbdMirrorError):  # else each write copies its own
+            self.engine.preserve_ahead([(r.offset, r.length) for r in log_.records])
+        try:
+            self._apply_staged()
+        finally:
+            self._volume_dirty = True
+        self.engine.flush()
+        self._landed_staged()
+        log_.invalidate()  # never applied again over what lands next
+        self._counts.spills += 1
+
+    def _apply_staged(self) -> None:
+        """Every staged chunk, in log order, to the volume (no sync)."""
+        for record, data in self._staging.chunks():
+            self.engine.apply_replica(WriteEvent(0, record.kind, record.offset, record.length,
+                                                 data, may_trim=record.may_trim), mark=False)
+
+    def _landed_staged(self) -> None:
+        """The staged chunks are on the volume (synced): landed, as chunks applied
+        directly are (their whole regions no longer suspect)."""
+        with self._lock:
+            for record in self._staging.records:
+                self._landed_whole(record.offset, record.length)
+
+    def _stages(self, entry: _Entry) -> bool:
+        """Whether an async chunk goes to the staging log: it belongs to a cycle that
+        replaces an image this volume holds, and fits (a chunk that does not spills the
+        log, and goes to the volume)."""
+        cycle, log_ = self.cycle_in_progress, self._staging
+        if log_.committed is not None:  # a committed cycle whose apply failed: finish it
+            self._apply_committed()
+        if cycle is None or self.engine.volume.info.cycle < 1 or cycle == self._unstaged_cycle:
+            return False  # the initial pass, or cycle 1 (no image to keep), or the log failed
+        if log_.records and log_.cycle != cycle:
+            self._spill()  # an earlier, abandoned cycle's chunks
+        if not log_.fits(entry.length):
+            return False
+        log_.begin(cycle)
+        return True
 
     def _hold_image(self, number: int) -> None:
         """Keep the replica as it is now (cycle ``number``, whole) as a snapshot: the
@@ -670,8 +772,6 @@ class Receiver:
                         frames = [f for f in frames if isinstance(f, _DurableAck)]
                         with contextlib.suppress(NbdMirrorError):
                             self.out.flush()  # what the link holds back for this thread
-                    if self._is_chunk(entry):
-                        self._preserve_ahead(entry)
                     ok = self._apply(entry)
                 finally:
                     with self._lock:
@@ -722,7 +822,24 @@ class Receiver:
         try:
             if self.faults is not None:
                 self.faults.check(entry.first, entry.stop)
-            self.engine.apply_replica(event, mark=not chunk)
+            if chunk and self._stages(entry):
+                try:
+                    entry.staged = self._staging.append(kind, entry.offset, entry.length, data,
+                                                        entry.may_trim)
+                except OSError:
+                    self._unstaged_cycle = self.cycle_in_progress  # its resend lands directly
+                    raise
+            else:
+                self._spill()  # staged chunks land first
+                if chunk:
+                    self._preserve_ahead(entry)
+                # Dirty before (a sync meanwhile must fdatasync: fsyncgate, see drain) and
+                # after (a sync that took the flag while this write ran does not cover it).
+                self._volume_dirty = True
+                try:
+                    self.engine.apply_replica(event, mark=not chunk)
+                finally:
+                    self._volume_dirty = True
         except (OSError, NbdMirrorError) as err:
             what = "recovery of" if entry.kind == _RECOVER else f"{entry.kind} {entry.seq} to"
             log.warning("%s %d+%d failed on the secondary's disk: %s", what, entry.offset,
@@ -753,9 +870,10 @@ class Receiver:
         if ok:
             self._counts.writes_applied += 1
             self._counts.bytes_applied += entry.length
-            self._landed_whole(entry)
+            if entry.staged < 0:  # (a staged chunk: whole on the volume once applied)
+                self._landed_whole(entry.offset, entry.length)
             answer: list[Answer] = [
-                _DurableAck(entry.seq, entry.offset, entry.length)
+                _DurableAck(entry.seq, entry.offset, entry.length, entry.staged)
                 if self._is_chunk(entry) else p.DataAck(entry.seq)]
         else:
             self._counts.write_failures += 1
@@ -765,12 +883,12 @@ class Receiver:
         self.tracker.end(entry.first, entry.stop)
         return answer
 
-    def _landed_whole(self, entry: _Entry) -> None:
+    def _landed_whole(self, offset: int, length: int) -> None:
         """Note regions applied; those covered whole are no longer of unknown content."""
-        self._landed.note(entry.first, entry.stop)
+        self._landed.note(*self._span(offset, length))
         rs = self._rs
-        whole_first = -(-entry.offset // rs)
-        end = entry.offset + entry.length
+        whole_first = -(-offset // rs)
+        end = offset + length
         whole_stop = self._regions if end == self.engine.size else end // rs
         if whole_stop > whole_first:
             self._suspect[whole_first:whole_stop] = False
@@ -786,7 +904,8 @@ class Receiver:
             if isinstance(frame, _FlushDue):  # its fdatasync here, outside the lock
                 frame = p.FlushAck(frame.seq, failed=not self._sync_landed())
             elif isinstance(frame, _DurableAck):
-                frame = (p.DataAck(frame.seq) if durable
+                kept = frame.generation < 0 or frame.generation == self._staging.generation
+                frame = (p.DataAck(frame.seq) if durable and kept
                          else p.WriteFailed(frame.seq, frame.offset, frame.length))
             try:
                 self.out.send_urgent(frame)
@@ -828,7 +947,7 @@ class Receiver:
         if ok:
             self._recoveries.remove(rec)
             self._counts.regions_recovered += rec.stop - rec.first
-            self._landed_whole(entry)
+            self._landed_whole(entry.offset, entry.length)
             self.tracker.end(rec.first, rec.stop)
             log.info("regions %d..%d recovered from the primary", rec.first, rec.stop - 1)
             # Tell the primary (DATA_ACK of the request id): the regions match again there.
@@ -915,6 +1034,7 @@ class Receiver:
             self.sweep()
         except OSError as err:
             log.warning("final sweep failed: %s", err)
+        self._staging.close()
 
     # -- clearing ------------------------------------------------------------
     def _sync_landed(self) -> bool:
@@ -929,7 +1049,10 @@ class Receiver:
             with self._lock:
                 span, taken = self._landed.take()
             try:
-                self.engine.flush()
+                with self._lock:
+                    dirty, self._volume_dirty = self._volume_dirty, False
+                if dirty:
+                    self.engine.flush()
             except OSError as err:
                 # Linux drops the dirty pages of a failed sync: whatever was applied
                 # before it reported may be lost, also what landed while it ran.
@@ -943,6 +1066,14 @@ class Receiver:
                     lost[since] |= more
                     frames = self._recover_map(lost)
                 self._send(frames)
+                return False
+            try:
+                self._staging.sync()
+            except OSError as err:  # the log forgot what it held unsynced: nothing to recover
+                log.warning("fdatasync of the staging log failed: %s; its latest chunks are "
+                            "answered WRITE_FAILED (the primary sends them again)", err)
+                with self._lock:
+                    self._counts.flush_failures += 1
                 return False
             with self._lock:
                 self._synced[span] |= taken
@@ -1019,6 +1150,7 @@ class Receiver:
             "last_consistent_at": info.cycle_at,
             "lag_s": None if info.cycle_at is None else round(time.time() - info.cycle_at, 3),
             "cycle_in_progress": self.cycle_in_progress,
+            "cycle_bytes_staged": self._staging.staged_bytes,
             "cycle_bytes_received": received,
             "cycle_rate_bps": per_second,
         }
