@@ -262,10 +262,17 @@ class CycleFreeze:
         buf = bytearray(self.geometry.byte_range(first, stop)[1])
         view = memoryview(buf)
         state = self.preserved[first:stop].copy()
-        for fd, want in ((self.store_fd, COPIED), (self.live_fd, KEEP)):
-            self._read_runs(fd, state == want, first, view)
+        if stop - first == 1 or not (state != state[0]).any():  # one source (most chunks)
+            whole = state[0]
+            if whole in (KEEP, COPIED):
+                pread_full(self.live_fd if whole == KEEP else self.store_fd, view,
+                           first * self.geometry.region_size)
+        else:
+            for fd, want in ((self.store_fd, COPIED), (self.live_fd, KEEP)):
+                self._read_runs(fd, state == want, first, view)
         moved = (state == KEEP) & (self.preserved[first:stop] == COPIED)
-        self._read_runs(self.store_fd, moved, first, view)
+        if moved.any():
+            self._read_runs(self.store_fd, moved, first, view)
         return buf
 
     def skip_end(self, first: int, stop: int) -> int:

@@ -57,6 +57,7 @@ from tests.unit.test_attack_session8 import (
     receiver,
     send,
 )
+from tests.unit.test_staging import fail_apply_at, fail_log_sync_once
 from volume_core import consistent, staging
 from volume_core.errors import SnapshotError, VolumeError
 from volume_core.replication import protocol as p
@@ -157,15 +158,7 @@ def _crash_at(point: str, replica, m: pytest.MonkeyPatch) -> None:
         m.setattr(staging, "applying", refuse)
         return
     if point in ("after-old-image-dropped", "mid-apply"):
-        real, calls = replica.apply_replica, []
-        at = 1 if point == "after-old-image-dropped" else 5
-
-        def apply(event, mark=True):
-            calls.append(event)
-            if len(calls) == at:
-                raise Crash()
-            real(event, mark)
-        m.setattr(replica, "apply_replica", apply)
+        fail_apply_at(m, replica, 1 if point == "after-old-image-dropped" else 5, Crash())
         return
     target, name = {"after-flush": (replica, "flush"),
                     "after-new-image": (replica, "create_snapshot"),
@@ -240,16 +233,8 @@ def _spill_setup(replica, monkeypatch, seed: int):
 
 def test_a_crash_mid_spill_then_the_cycle_resumes_in_async(replica, monkeypatch):
     rec, rng, old, model, c = _spill_setup(replica, monkeypatch, 3)
-    real, calls = replica.apply_replica, []
-
-    def crash_on_second(event, mark=True):
-        calls.append(event)
-        if len(calls) == 2:  # A landed, B did not: the log is not invalidated
-            raise Crash()
-        real(event, mark)
-
     with monkeypatch.context() as m:
-        m.setattr(replica, "apply_replica", crash_on_second)
+        fail_apply_at(m, replica, 2, Crash())  # A landed, B did not: the log stays valid
         rec.handle(c)
         with pytest.raises(Crash):
             rec.drain()
@@ -278,16 +263,8 @@ def test_a_crash_mid_spill_then_the_cycle_resumes_in_async(replica, monkeypatch)
 
 def test_a_crash_mid_spill_then_a_restart_in_sync_mode(replica, monkeypatch):
     rec, rng, old, model, c = _spill_setup(replica, monkeypatch, 4)
-    real, calls = replica.apply_replica, []
-
-    def crash_on_second(event, mark=True):
-        calls.append(event)
-        if len(calls) == 2:
-            raise Crash()
-        real(event, mark)
-
     with monkeypatch.context() as m:
-        m.setattr(replica, "apply_replica", crash_on_second)
+        fail_apply_at(m, replica, 2, Crash())  # A landed, B did not: the log stays valid
         rec.handle(c)
         with pytest.raises(Crash):
             rec.drain()
@@ -834,15 +811,7 @@ def test_a_failed_log_sync_then_the_resent_chunks_and_a_restart(replica, monkeyp
     frames = ten_chunks(rng)
     send(rec, model, frames[:3])
     rec.drain()
-    real, log_fd, fail = os.fdatasync, rec._staging._fd, [True]
-
-    def flaky(fd):
-        if fd == log_fd and fail:
-            fail.pop()
-            raise OSError(errno.EIO, "test: log fdatasync failed")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    fail_log_sync_once(monkeypatch, rec)
     send(rec, model, frames[3:7])
     rec.drain()
     assert failed(out) == {f.seq for f in frames[3:7]}
@@ -885,15 +854,7 @@ def test_a_log_sync_failing_in_the_sweep_does_not_acknowledge_the_lost_chunks(
     faults.calls = 0
     faults.rec = rec
     frames = ten_chunks(rng)
-    real, fail = os.fdatasync, [True]
-
-    def flaky(fd):
-        if fail and fd == rec._staging._fd:
-            fail.pop()
-            raise OSError(errno.EIO, "test: log fdatasync failed (in the sweep)")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    fail = fail_log_sync_once(monkeypatch, rec, "test: log fdatasync failed (in the sweep)")
     send(rec, model, frames)
     rec.drain()
     assert not fail, "the sweep's log sync was not reached"
@@ -959,16 +920,7 @@ def test_a_log_that_cannot_grow_does_not_fail_the_cycle_forever(replica, monkeyp
 
 def test_a_failed_commit_record_sync_is_retried_by_the_repeated_commit(replica, monkeypatch):
     rec, out, _rng, old, model = staged_cycle_2(replica, 64)
-    real, fail = os.fdatasync, [True]
-    log_fd = rec._staging._fd
-
-    def flaky(fd):
-        if fd == log_fd and fail:
-            fail.pop()
-            raise OSError(errno.EIO, "test: COMMIT record not synced")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    fail_log_sync_once(monkeypatch, rec, "test: COMMIT record not synced")
     with pytest.raises(VolumeError, match="cannot commit cycle 2"):
         rec.handle(p.CycleCommit(2))
     assert rec._staging.committed is None and read_all(replica) == old

@@ -49,6 +49,34 @@ def images(engine) -> list[str]:
     return [s.name for s in engine.snapshots.chain]
 
 
+def fail_log_sync_once(patch, rec, what: str = "test: log fdatasync failed") -> list[bool]:
+    """The next fdatasync of ``rec``'s staging log fails (EIO), once; -> a list that is
+    emptied when it did. ``patch``: a monkeypatch (or its context)."""
+    real, fail = os.fdatasync, [True]
+
+    def flaky(fd):
+        if fail and fd == rec._staging._fd:
+            fail.pop()
+            raise OSError(errno.EIO, what)
+        real(fd)
+
+    patch.setattr(os, "fdatasync", flaky)
+    return fail
+
+
+def fail_apply_at(patch, engine, at: int, error: BaseException) -> None:
+    """``engine.apply_replica`` raises ``error`` on its ``at``-th call from now on."""
+    real, calls = engine.apply_replica, []
+
+    def failing(event, mark=True):
+        calls.append(event)
+        if len(calls) == at:
+            raise error
+        real(event, mark)
+
+    patch.setattr(engine, "apply_replica", failing)
+
+
 def test_a_cycle_is_staged_apart_and_applied_whole_at_its_commit(replica):
     out = Out()
     rec = receiver(replica, out)
@@ -103,18 +131,10 @@ def test_a_crash_mid_apply_applies_the_cycle_again(replica, monkeypatch):
     rng, old, model = cycle_2(rec, 4)
     send(rec, model, chunks(rng))
     rec.drain()
-    real, calls = replica.apply_replica, []
-
-    def crash_on_the_fourth(event, mark=True):
-        calls.append(event)
-        if len(calls) == 4:
-            raise OSError(errno.EIO, "test: the disk went away mid-apply")
-        real(event, mark)
-
-    monkeypatch.setattr(replica, "apply_replica", crash_on_the_fourth)
-    with pytest.raises(VolumeError, match="cannot apply committed cycle 2"):
-        rec.handle(p.CycleCommit(2))
-    monkeypatch.setattr(replica, "apply_replica", real)
+    with monkeypatch.context() as m:
+        fail_apply_at(m, replica, 4, OSError(errno.EIO, "test: the disk went away mid-apply"))
+        with pytest.raises(VolumeError, match="cannot apply committed cycle 2"):
+            rec.handle(p.CycleCommit(2))
     rec._staging.close()
     assert replica.volume.info.cycle == 1  # not recorded: the image is not there yet
     with pytest.raises(Exception, match="being replaced by cycle 2"):
@@ -249,17 +269,7 @@ def test_a_failed_log_sync_fails_the_chunks_since_the_last_good_one(replica, mon
     frames = chunks(rng)
     send(rec, model, frames[:2])
     rec.drain()
-    real = os.fdatasync
-    log_fd = rec._staging._fd
-    fail = [True]
-
-    def flaky(fd):
-        if fd == log_fd and fail:
-            fail.pop()
-            raise OSError(errno.EIO, "test: log fdatasync failed")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", flaky)
+    fail_log_sync_once(monkeypatch, rec)
     send(rec, model, frames[2:4])
     rec.drain()
     failed = {f.seq for f in out.frames if isinstance(f, p.WriteFailed)}

@@ -748,9 +748,11 @@ class Receiver:
         """Apply every entry that has become applicable, one at a time, in this thread.
 
         The acknowledgements go out together: before each long write (so they
-        need not wait for it) and at the end.
+        need not wait for it) and at the end; those that wait for a sync
+        (``_DurableAck``) all at the end, after one.
         """
         frames: list[Answer] = []
+        durable: list[Answer] = []
         try:
             while True:
                 with self._lock:
@@ -767,9 +769,8 @@ class Receiver:
                 ok = False
                 try:
                     if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
-                        # (those that wait for a sync go together at the end: one sync)
-                        self._send([f for f in frames if not isinstance(f, _DurableAck)])
-                        frames = [f for f in frames if isinstance(f, _DurableAck)]
+                        self._send(frames)
+                        frames = []
                         with contextlib.suppress(NbdMirrorError):
                             self.out.flush()  # what the link holds back for this thread
                     ok = self._apply(entry)
@@ -781,11 +782,12 @@ class Receiver:
                             # primary numbers from 1 again, so an answer would be taken
                             # for another write's. Recovery requests still go out.
                             answer = [f for f in answer if isinstance(f, p.ReadRegion)]
-                        frames += answer
+                        for frame in answer:
+                            (durable if isinstance(frame, _DurableAck) else frames).append(frame)
                         self._draining = False
                         self._progress.notify_all()
         finally:
-            self._send(frames)
+            self._send(frames + durable)
 
     def _preserve_ahead(self, entry: _Entry) -> None:
         """Before an async chunk lands: the copies on write into the held consistent image
