@@ -380,7 +380,7 @@ class Receiver:
         # async: the arriving cycle's chunks, kept apart from the volume until its commit
         self._staging = staging.StagingLog.open(engine.volume)
         self._volume_dirty = False  # written to since its last fdatasync
-        self._unstaged_cycle: int | None = None  # a cycle whose log write failed: direct
+        self._unstaged_cycle: int | None = None  # a cycle that spilled: the rest is direct
         if self._staging.committed is not None:  # committed before a crash, maybe not applied
             self._apply_committed()
         #: async: (clock, bytes applied) when the arriving cycle began (its throughput)
@@ -597,16 +597,19 @@ class Receiver:
 
     def _stages(self, entry: _Entry) -> bool:
         """Whether an async chunk goes to the staging log: it belongs to a cycle that
-        replaces an image this volume holds, and fits (a chunk that does not spills the
-        log, and goes to the volume)."""
+        replaces an image this volume holds, and fits. A chunk that does not fit spills
+        the log, and it and the rest of its cycle go to the volume: a big cycle streams
+        through copies on write (staging it again 64 MiB at a time would write each
+        byte twice more)."""
         cycle, log_ = self.cycle_in_progress, self._staging
         if log_.committed is not None:  # a committed cycle whose apply failed: finish it
             self._apply_committed()
         if cycle is None or self.engine.volume.info.cycle < 1 or cycle == self._unstaged_cycle:
-            return False  # the initial pass, or cycle 1 (no image to keep), or the log failed
+            return False  # the initial pass, cycle 1 (no image to keep), or one that spilled
         if log_.records and log_.cycle != cycle:
             self._spill()  # an earlier, abandoned cycle's chunks
         if not log_.fits(entry.length):
+            self._unstaged_cycle = cycle
             return False
         log_.begin(cycle)
         return True
