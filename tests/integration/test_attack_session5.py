@@ -89,12 +89,32 @@ def test_a_lent_payload_sent_inside_corked_is_not_read_after_the_call(secondary,
     assert bytes(frame.data) == b"\x11" * len(buf)
 
 
+def stalled_reader(secondary, **kw):
+    """A secondary whose reader stops at the first frame until ``gate`` is set, and a
+    function that sends that first frame on a channel and waits until the reader holds
+    it: from then on the socket takes only what its buffers can (else the reader drains
+    a whole large frame before it stops, and nothing is left unsent to look at)."""
+    gate, holding = threading.Event(), threading.Event()
+
+    def on_frame(frame):
+        holding.set()
+        gate.wait(10)
+
+    sec = secondary(on_frame=on_frame, **kw)
+
+    def stall(channel) -> None:
+        channel.send_bulk(Write(99, 0, bytes(4096)))
+        assert holding.wait(10), "the secondary's reader never took the first frame"
+
+    return sec, gate, stall
+
+
 def test_the_rest_of_a_lent_frame_over_tls_is_not_copied_again(secondary, primary, certs):
-    gate = threading.Event()
-    sec = secondary(tls_ctx=server_tls(certs), on_frame=lambda frame: gate.wait(10))
+    sec, gate, stall = stalled_reader(secondary, tls_ctx=server_tls(certs))
     # not started: what the direct write leaves stays in the channel to look at
     channel = primary(sec.address, tls=client_tls(certs), options=QUIET)
     sec.end()
+    stall(channel)
     wires: list[list[memoryview]] = []
     real = channel._t._wire
 
@@ -116,10 +136,10 @@ def test_the_rest_of_a_lent_frame_over_tls_is_not_copied_again(secondary, primar
 
 def test_copying_a_lent_payload_that_must_wait_does_not_block_other_senders(
         secondary, primary, monkeypatch):
-    gate = threading.Event()
-    sec = secondary(on_frame=lambda frame: gate.wait(10))
+    sec, gate, stall = stalled_reader(secondary)
     channel = primary(sec.address, options=QUIET)  # not started: the rest below stays
     sec.end()
+    stall(channel)
     real_kept = link._Pending.kept
     copying, release = threading.Event(), threading.Event()
 
