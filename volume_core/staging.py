@@ -65,6 +65,7 @@ APPLY_WAIT = 60.0
 MAGIC = b"NBDMSTG1"
 # magic, epoch, cycle, kind, may_trim, offset, length, taken_us, data crc, header crc
 _HEADER = struct.Struct("<8sQQBB6xQQQII")
+_HCRC = struct.Struct("<I")  # the header crc, its last field
 COMMIT = "commit"
 _KIND_CODES = {WRITE: 1, ZERO: 2, TRIM: 3, COMMIT: 9}
 _KINDS = {v: k for k, v in _KIND_CODES.items()}
@@ -141,24 +142,29 @@ class StagingLog:
         committed = None
         size = os.fstat(self._fd).st_size
         while pos + BLOCK <= size:
-            head = self._read_header(pos, size)
+            head = self._read_header(pos)
             if head is None or (epoch and (head[0], head[1]) != (epoch, cycle)):
                 break
-            epoch, cycle, kind, may_trim, offset, length, taken_us = head
+            its_epoch, its_cycle, kind, may_trim, offset, length, taken_us, dcrc = head
+            if its_cycle <= self.volume.info.cycle:
+                return  # a cycle applied already (what a log holds after a commit): unread
+            if kind == WRITE and not self._data_whole(pos + BLOCK, length, dcrc, size):
+                break
+            epoch, cycle = its_epoch, its_cycle
             if kind == COMMIT:
                 committed = Committed(cycle, taken_us)
                 pos += BLOCK
                 break
             records.append(Staged(kind, offset, length, may_trim, pos + BLOCK))
             pos += BLOCK + (_padded(length) if kind == WRITE else 0)
-        if cycle is None or cycle <= self.volume.info.cycle:
-            return  # nothing staged, or a cycle applied already
+        if cycle is None:
+            return  # nothing staged
         self._epoch, self.cycle, self.records, self.committed = epoch, cycle, records, committed
         self._end = pos
         self._durable = (pos, len(records))
 
-    def _read_header(self, pos: int, size: int) -> tuple | None:
-        """The record header at ``pos`` if it and its data are whole, else None."""
+    def _read_header(self, pos: int) -> tuple | None:
+        """The record header at ``pos`` if it is whole and possible, else None."""
         block = bytearray(BLOCK)
         pread_full(self._fd, block, pos)
         magic, epoch, cycle, code, may_trim, offset, length, taken_us, dcrc, hcrc = (
@@ -168,14 +174,15 @@ class StagingLog:
         kind = _KINDS.get(code)
         if kind is None or not epoch or offset + length > self.volume.size:
             return None
-        if kind == WRITE:
-            if pos + BLOCK + length > size:
-                return None
-            data = bytearray(length)
-            pread_full(self._fd, data, pos + BLOCK)
-            if crc32c.crc32c(data) != dcrc:
-                return None
-        return epoch, cycle, kind, bool(may_trim), offset, length, taken_us
+        return epoch, cycle, kind, bool(may_trim), offset, length, taken_us, dcrc
+
+    def _data_whole(self, at: int, length: int, dcrc: int, size: int) -> bool:
+        """Whether a WRITE record's data at ``at`` is all in the file and matches its CRC."""
+        if at + length > size:
+            return False
+        data = bytearray(length)
+        pread_full(self._fd, data, at)
+        return crc32c.crc32c(data) == dcrc
 
     # -- staging -----------------------------------------------------------
     def begin(self, cycle: int) -> None:
@@ -221,9 +228,7 @@ class StagingLog:
         dcrc = crc32c.crc32c(data) if data is not None else 0
         _HEADER.pack_into(block, 0, MAGIC, self._epoch, self.cycle, _KIND_CODES[kind],
                           may_trim, offset, length, taken_us, dcrc, 0)
-        _HEADER.pack_into(block, 0, MAGIC, self._epoch, self.cycle, _KIND_CODES[kind],
-                          may_trim, offset, length, taken_us, dcrc,
-                          crc32c.crc32c(block[:_HEADER.size - 4]))
+        _HCRC.pack_into(block, _HEADER.size - 4, crc32c.crc32c(block[:_HEADER.size - 4]))
         return block
 
     def sync(self) -> None:

@@ -518,8 +518,7 @@ class Receiver:
                     raise VolumeError(f"cannot commit cycle {frame.seq}: {err}") from err
             self._apply_committed()
         else:
-            if log_.records:  # another cycle's (never: a CYCLE_BEGIN spilled it)
-                self._spill()
+            self._spill()  # another cycle's, if any (never: a CYCLE_BEGIN spilled it)
             self._record_cycle(frame.seq, frame.taken_us)
         self.cycle_in_progress = self._cycle_from = None
         self.out.send_urgent(p.CycleAck(frame.seq))
@@ -550,10 +549,8 @@ class Receiver:
         try:
             with staging.applying(self.engine.volume):
                 self._drop_older_images(done.cycle)
-                self._apply_staged()
-                self.engine.flush()
+                self._land_staged()
                 self._record_cycle(done.cycle, done.taken_us)
-                self._landed_staged()
         except (OSError, NbdMirrorError) as err:
             raise VolumeError(f"cannot apply committed cycle {done.cycle} to the volume: {err}; "
                               "it is applied again when the receiver restarts") from err
@@ -573,24 +570,22 @@ class Receiver:
             return
         with contextlib.suppress(OSError, NbdMirrorError):  # else each write copies its own
             self.engine.preserve_ahead([(r.offset, r.length) for r in log_.records])
-        try:
-            self._apply_staged()
-        finally:
-            self._volume_dirty = True
-        self.engine.flush()
-        self._landed_staged()
+        self._land_staged()
         log_.invalidate()  # never applied again over what lands next
         self._counts.spills += 1
 
-    def _apply_staged(self) -> None:
-        """Every staged chunk, in log order, to the volume (no sync)."""
-        for record, data in self._staging.chunks():
-            self.engine.apply_replica(WriteEvent(0, record.kind, record.offset, record.length,
-                                                 data, may_trim=record.may_trim), mark=False)
-
-    def _landed_staged(self) -> None:
-        """The staged chunks are on the volume (synced): landed, as chunks applied
-        directly are (their whole regions no longer suspect)."""
+    def _land_staged(self) -> None:
+        """Every staged chunk, in log order, to the volume, then its fdatasync: landed
+        then, as chunks applied directly are (their whole regions no longer suspect)."""
+        try:
+            for record, data in self._staging.chunks():
+                self.engine.apply_replica(WriteEvent(0, record.kind, record.offset,
+                                                     record.length, data,
+                                                     may_trim=record.may_trim), mark=False)
+            self.engine.flush()
+        except BaseException:
+            self._volume_dirty = True  # what landed before the failure: the next sync's
+            raise
         with self._lock:
             for record in self._staging.records:
                 self._landed_whole(record.offset, record.length)
