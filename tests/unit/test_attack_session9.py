@@ -57,7 +57,7 @@ from tests.unit.test_attack_session8 import (
     receiver,
     send,
 )
-from tests.unit.test_staging import fail_apply_at, fail_log_sync_once
+from tests.unit.test_staging import acked, fail_apply_at, fail_log_sync_once, failed, images
 from volume_core import consistent, staging
 from volume_core.errors import SnapshotError, VolumeError
 from volume_core.replication import protocol as p
@@ -82,18 +82,6 @@ class Crash(BaseException):
 
 def log_path(engine) -> os.PathLike:
     return engine.volume.path / staging.DIR / staging.LOG
-
-
-def images(engine) -> list[str]:
-    return [s.name for s in engine.snapshots.chain]
-
-
-def acked(out: Out) -> set[int]:
-    return {f.seq for f in out.frames if isinstance(f, p.DataAck)}
-
-
-def failed(out: Out) -> set[int]:
-    return {f.seq for f in out.frames if isinstance(f, p.WriteFailed)}
 
 
 def one_region_chunks(rng: np.random.Generator, regions: list[int], first_seq: int = 2
@@ -217,9 +205,10 @@ def test_a_crash_twice_mid_apply_still_ends_in_the_cycle(replica, monkeypatch):
     later_cycle_works(third, model, 3, 12)
 
 
-def _spill_setup(replica, monkeypatch, seed: int):
+def _crash_mid_spill(replica, monkeypatch, seed: int):
     """A log of six blocks: chunks A (region 2) and B (region 7) are staged, C (region 12)
-    does not fit and spills them."""
+    does not fit and spills them, and the receiver dies in the spill: A landed, B did not,
+    the log stays valid."""
     monkeypatch.setattr(staging, "CAPACITY", 6 * BLOCK)
     out = Out()
     rec = receiver(replica, out)
@@ -228,16 +217,16 @@ def _spill_setup(replica, monkeypatch, seed: int):
     send(rec, model, [a, b])
     rec.drain()
     assert acked(out) >= {a.seq, b.seq} and len(rec._staging.records) == 2
+    with monkeypatch.context() as m:
+        fail_apply_at(m, replica, 2, Crash())
+        rec.handle(c)
+        with pytest.raises(Crash):
+            rec.drain()
     return rec, rng, old, model, c
 
 
 def test_a_crash_mid_spill_then_the_cycle_resumes_in_async(replica, monkeypatch):
-    rec, rng, old, model, c = _spill_setup(replica, monkeypatch, 3)
-    with monkeypatch.context() as m:
-        fail_apply_at(m, replica, 2, Crash())  # A landed, B did not: the log stays valid
-        rec.handle(c)
-        with pytest.raises(Crash):
-            rec.drain()
+    rec, rng, old, model, c = _crash_mid_spill(replica, monkeypatch, 3)
     live = bytearray(old)
     live[2 * RS:3 * RS] = model[2 * RS:3 * RS]
     assert read_all(replica) == live
@@ -262,12 +251,7 @@ def test_a_crash_mid_spill_then_the_cycle_resumes_in_async(replica, monkeypatch)
 
 
 def test_a_crash_mid_spill_then_a_restart_in_sync_mode(replica, monkeypatch):
-    rec, rng, old, model, c = _spill_setup(replica, monkeypatch, 4)
-    with monkeypatch.context() as m:
-        fail_apply_at(m, replica, 2, Crash())  # A landed, B did not: the log stays valid
-        rec.handle(c)
-        with pytest.raises(Crash):
-            rec.drain()
+    rec, rng, old, model, c = _crash_mid_spill(replica, monkeypatch, 4)
     out = Out()
     rec2 = restart(rec, SYNC, out)
     late = random_bytes(rng, RS)

@@ -45,6 +45,10 @@ def acked(out: Out) -> set[int]:
     return {f.seq for f in out.frames if isinstance(f, p.DataAck)}
 
 
+def failed(out: Out) -> set[int]:
+    return {f.seq for f in out.frames if isinstance(f, p.WriteFailed)}
+
+
 def images(engine) -> list[str]:
     return [s.name for s in engine.snapshots.chain]
 
@@ -272,8 +276,7 @@ def test_a_failed_log_sync_fails_the_chunks_since_the_last_good_one(replica, mon
     fail_log_sync_once(monkeypatch, rec)
     send(rec, model, frames[2:4])
     rec.drain()
-    failed = {f.seq for f in out.frames if isinstance(f, p.WriteFailed)}
-    assert failed == {frames[2].seq, frames[3].seq}
+    assert failed(out) == {frames[2].seq, frames[3].seq}
     assert len(rec._staging.records) == 2
     for frame in frames[2:4]:  # the primary sends the failed ones again
         rec.handle(frame)
