@@ -35,7 +35,7 @@ def test_the_initial_sync_conveys_what_the_primary_holds(tmp_path):
         wait_until(lambda: pr.replicator.committed >= 1, 30, "the initial sync")
         mine, theirs = pr.images()
         assert mine == theirs
-        assert pr.secondary.volume.info.cycle == 1 == pr.primary.volume.info.cycle
+        assert pr.secondary_cycle() == 1 == pr.primary.volume.info.cycle
         st = pr.replicator.status()
         assert st["state"] == "in-sync" and st["marked_regions"] == 0, st
         # Only what was written travelled: half the volume, not all of it.
@@ -336,5 +336,6 @@ def test_the_point_in_time_of_a_commit_is_its_take_on_both_sides(tmp_path):
         theirs = pr.receiver.status()
         assert abs(theirs["last_consistent_at"] - at) < 1e-5, (theirs, at)
         assert theirs["lag_s"] >= 0.4 and theirs["cycle_in_progress"] is None
+        pr.applied()
         assert pr.secondary.volume.info.cycle_at == theirs["last_consistent_at"]
         assert pr.primary.volume.info.cycle_at == at

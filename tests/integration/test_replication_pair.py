@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.fault_proxy import FaultProxy
+from volume_core import staging
 from volume_core.engine import Engine
 from volume_core.errors import NbdMirrorError
 from volume_core.replication import link
@@ -50,7 +51,19 @@ class Pair:
         wait_until(lambda: self.replicator.status()["state"] == "in-sync", timeout,
                    "the primary to say in-sync")
 
+    def applied(self) -> None:
+        """Wait for the secondary's apply under way (a staged cycle's, after its CYCLE_ACK):
+        as a reader of its consistent image does."""
+        with staging.applying(self.secondary.volume, shared=True):
+            pass
+
+    def secondary_cycle(self) -> int:
+        """The cycle the secondary's volume holds, once its apply is over."""
+        self.applied()
+        return self.secondary.volume.info.cycle
+
     def images(self) -> tuple[bytes, bytes]:
+        self.applied()
         return (self.primary.volume.data_path.read_bytes(),
                 self.secondary.volume.data_path.read_bytes())
 

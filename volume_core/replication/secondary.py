@@ -497,7 +497,11 @@ class Receiver:
 
     def _on_cycle_commit(self, frame: p.CycleCommit) -> None:
         """Every chunk of cycle ``seq`` was acknowledged (each once on disk): keep the
-        image, record the cycle as held whole, then CYCLE_ACK."""
+        image, record the cycle as held whole, CYCLE_ACK.
+
+        A staged cycle is committed once its COMMIT record is durable: CYCLE_ACK
+        goes then, with the apply lock held (a reader opening later waits for the
+        apply), and the apply follows (see ``_apply_committed``)."""
         self._async_only(frame)
         with self._lock:
             if self._by_seq:
@@ -516,15 +520,19 @@ class Receiver:
                     log_.commit(frame.taken_us)
                 except OSError as err:
                     raise VolumeError(f"cannot commit cycle {frame.seq}: {err}") from err
-            self._apply_committed()
-        else:
-            self._spill()  # another cycle's, if any (never: a CYCLE_BEGIN spilled it)
-            self._record_cycle(frame.seq, frame.taken_us)
-        self.cycle_in_progress = self._cycle_from = None
-        self.out.send_urgent(p.CycleAck(frame.seq))
-        with contextlib.suppress(NbdMirrorError):  # not held back (corked) for the drop:
-            self.out.flush()  # deleting an image takes longer than the whole commit
+            self._apply_committed(ack=True)
+            return
+        self._spill()  # another cycle's, if any (never: a CYCLE_BEGIN spilled it)
+        self._record_cycle(frame.seq, frame.taken_us)
+        self._ack_cycle(frame.seq)
         self._drop_older_images(frame.seq)
+
+    def _ack_cycle(self, number: int) -> None:
+        """CYCLE_ACK ``number``: it is committed here (durably)."""
+        self.cycle_in_progress = self._cycle_from = None
+        self.out.send_urgent(p.CycleAck(number))
+        with contextlib.suppress(NbdMirrorError):  # not held back (corked) for what follows:
+            self.out.flush()  # deleting an image, an apply, take longer than the commit
 
     def _record_cycle(self, number: int, taken_us: int) -> None:
         """The volume holds cycle ``number`` whole (durably): keep it as the consistent
@@ -535,19 +543,25 @@ class Receiver:
         except OSError as err:
             raise VolumeError(f"cannot record cycle {number} as committed: {err}") from err
 
-    def _apply_committed(self) -> None:
+    def _apply_committed(self, ack: bool = False) -> None:
         """Apply the staging log's committed cycle to the volume, which becomes its image.
 
-        Readers wait meanwhile (``staging.applying``). The previous image goes first,
-        unless a reader holds it: then the apply copies on write into it, as chunks
-        applied directly do. A failure leaves the log committed: applied again by the
-        next commit frame, or when the receiver starts again.
+        Readers wait meanwhile (``staging.applying``). ``ack``: CYCLE_ACK once that
+        lock is held, before the apply: the durable COMMIT record is the commit (a
+        crash from here on applies the log again at start-up), and a reader that
+        opens after the primary heard of it waits for the image it names. The
+        previous image goes first, unless a reader holds it: then the apply copies
+        on write into it, as chunks applied directly do. A failure leaves the log
+        committed: applied again before anything else lands, or when the receiver
+        starts again.
         """
         log_ = self._staging
         done = log_.committed
         assert done is not None
         try:
             with staging.applying(self.engine.volume):
+                if ack:
+                    self._ack_cycle(done.cycle)
                 self._drop_older_images(done.cycle)
                 self._land_staged()
                 self._record_cycle(done.cycle, done.taken_us)
@@ -1132,6 +1146,10 @@ class Receiver:
             last = self._last_frame
             arriving = self._cycle_from
         info = self.engine.volume.info
+        cycle, cycle_at = info.cycle, info.cycle_at
+        staged = self._staging.committed  # committed (and acknowledged), being applied
+        if staged is not None and staged.cycle > cycle:
+            cycle, cycle_at = staged.cycle, staged.taken_us / 1e6 or None
         received = per_second = None
         if arriving is not None:
             received = counts["bytes_applied"] - arriving[1]
@@ -1146,9 +1164,10 @@ class Receiver:
             "marked_regions": self.tracker.count(),
             **counts,
             "last_frame_age": None if last is None else round(self.clock() - last, 3),
-            "committed_cycle": info.cycle,
-            "last_consistent_at": info.cycle_at,
-            "lag_s": None if info.cycle_at is None else round(time.time() - info.cycle_at, 3),
+            "committed_cycle": cycle,
+            "last_consistent_at": cycle_at,
+            "lag_s": None if cycle_at is None else round(time.time() - cycle_at, 3),
+            "cycle_applying": None if staged is None else staged.cycle,
             "cycle_in_progress": self.cycle_in_progress,
             "cycle_bytes_staged": self._staging.staged_bytes,
             "cycle_bytes_received": received,
