@@ -252,15 +252,19 @@ class CycleFreeze:
         return (self.preserved != FREE).view(np.uint8)
 
     def read(self, first: int, stop: int) -> bytearray:
-        """The frozen contents of regions [first, stop) (the last one may be short).
+        """The frozen contents of regions [first, stop) (the last one may be short)."""
+        buf = bytearray(self.geometry.byte_range(first, stop)[1])
+        self.read_into(first, stop, memoryview(buf))
+        return buf
+
+    def read_into(self, first: int, stop: int, view: memoryview) -> None:
+        """``read`` into ``view`` (exactly as long as the regions' bytes).
 
         A KEEP region is read live, then its state looked at again: a host
         write lands only after its region became COPIED, so a region still
         KEEP after the read was read before any write to it; one that became
         COPIED meanwhile is read again from the store.
         """
-        buf = bytearray(self.geometry.byte_range(first, stop)[1])
-        view = memoryview(buf)
         state = self.preserved[first:stop].copy()
         if stop - first == 1 or not (state != state[0]).any():  # one source (most chunks)
             whole = state[0]
@@ -273,7 +277,6 @@ class CycleFreeze:
         moved = (state == KEEP) & (self.preserved[first:stop] == COPIED)
         if moved.any():
             self._read_runs(self.store_fd, moved, first, view)
-        return buf
 
     def skip_end(self, first: int, stop: int) -> int:
         """A cycle skips nothing it froze (``LivePass`` skips what was written since)."""

@@ -11,7 +11,7 @@ cycle after the pass (a frozen one) carries it. That cycle's commit is the
 first consistent image.
 
 The pass has the interface of a ``CycleFreeze`` as the conveyor sees it:
-``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read``,
+``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read``, ``read_into``,
 ``conveyed``.
 """
 
@@ -64,10 +64,12 @@ class LivePass:
         return first + 1 + leading(self.tracker.marks[first + 1:end] == 0)
 
     def read(self, first: int, stop: int) -> bytearray:
-        offset, length = self.geometry.byte_range(first, stop)
-        buf = bytearray(length)
-        blockio.pread_full(self.fd, buf, offset)
+        buf = bytearray(self.geometry.byte_range(first, stop)[1])
+        self.read_into(first, stop, memoryview(buf))
         return buf
+
+    def read_into(self, first: int, stop: int, view: memoryview) -> None:
+        blockio.pread_full(self.fd, view, self.geometry.byte_range(first, stop)[0])
 
     def conveyed(self, first: int, stop: int) -> None:
         self.pending[first:stop] = 0

@@ -22,7 +22,10 @@ first). The header has a CRC32C of itself and of the data, the cycle, and an
 ``epoch`` drawn at random when the log starts a cycle: ``open`` reads records
 from the start while they are whole and of one epoch, so a torn tail, or a
 longer earlier cycle's records behind a shorter one, end the log. A record
-acknowledged was synced with all before it, so none is lost that way.
+acknowledged was synced with all before it, so none is lost that way. A
+WRITEV record (scattered ranges that came as one frame) has its extent table
+behind the fixed header, covered by the header's CRC, in as many header
+blocks as that takes; its data is the extents' data in order.
 
 The log holds at most ``capacity`` bytes; a cycle that does not fit is
 ``spill``ed by the receiver: what is staged is applied to the volume the old
@@ -43,9 +46,11 @@ import threading
 from collections.abc import Iterator
 
 import crc32c
+import numpy as np
 
 from .blockio import pread_full
 from .errors import VolumeBusy
+from .replication.protocol import MAX_EXTENTS
 from .snapshots import try_flock
 from .volume import Volume, fsync_dir
 from .write_events import TRIM, WRITE, ZERO
@@ -66,13 +71,20 @@ MAGIC = b"NBDMSTG1"
 # magic, epoch, cycle, kind, may_trim, offset, length, taken_us, data crc, header crc
 _HEADER = struct.Struct("<8sQQBB6xQQQII")
 _HCRC = struct.Struct("<I")  # the header crc, its last field
+_EXTENT = struct.Struct("<QQ")  # a WRITEV record's extent: offset, length
 COMMIT = "commit"
-_KIND_CODES = {WRITE: 1, ZERO: 2, TRIM: 3, COMMIT: 9}
+WRITEV = "writev"  # (a record kind only: each extent is a WRITE Staged)
+_KIND_CODES = {WRITE: 1, ZERO: 2, TRIM: 3, WRITEV: 4, COMMIT: 9}
 _KINDS = {v: k for k, v in _KIND_CODES.items()}
 
 
 def _padded(length: int) -> int:
     return -(-length // BLOCK) * BLOCK
+
+
+def _head_size(extents: int) -> int:
+    """Bytes of a record's header blocks (a WRITEV record's table is in them)."""
+    return _padded(_HEADER.size + _EXTENT.size * extents)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,18 +157,22 @@ class StagingLog:
             head = self._read_header(pos)
             if head is None or (epoch and (head[0], head[1]) != (epoch, cycle)):
                 break
-            its_epoch, its_cycle, kind, may_trim, offset, length, taken_us, dcrc = head
+            its_epoch, its_cycle, kind, may_trim, offset, length, taken_us, dcrc, table = head
             if its_cycle <= self.volume.info.cycle:
                 return  # a cycle applied already (what a log holds after a commit): unread
-            if kind == WRITE and not self._data_whole(pos + BLOCK, length, dcrc, size):
+            at = pos + _head_size(len(table))
+            if kind in (WRITE, WRITEV) and not self._data_whole(at, length, dcrc, size):
                 break
             epoch, cycle = its_epoch, its_cycle
             if kind == COMMIT:
                 committed = Committed(cycle, taken_us)
                 pos += BLOCK
                 break
-            records.append(Staged(kind, offset, length, may_trim, pos + BLOCK))
-            pos += BLOCK + (_padded(length) if kind == WRITE else 0)
+            if kind == WRITEV:
+                records += _extent_records(table, at)
+            else:
+                records.append(Staged(kind, offset, length, may_trim, at))
+            pos = at + (_padded(length) if kind in (WRITE, WRITEV) else 0)
         if cycle is None:
             return  # nothing staged
         self._epoch, self.cycle, self.records, self.committed = epoch, cycle, records, committed
@@ -164,17 +180,36 @@ class StagingLog:
         self._durable = (pos, len(records))
 
     def _read_header(self, pos: int) -> tuple | None:
-        """The record header at ``pos`` if it is whole and possible, else None."""
+        """The record header at ``pos`` if it is whole and possible, else None; its last
+        item is a WRITEV record's extent table ((offset, length) rows, else empty)."""
         block = bytearray(BLOCK)
         pread_full(self._fd, block, pos)
         magic, epoch, cycle, code, may_trim, offset, length, taken_us, dcrc, hcrc = (
             _HEADER.unpack_from(block))
-        if magic != MAGIC or crc32c.crc32c(block[:_HEADER.size - 4]) != hcrc:
+        if magic != MAGIC:
             return None
         kind = _KINDS.get(code)
-        if kind is None or not epoch or offset + length > self.volume.size:
+        table = np.zeros((0, 2), dtype=np.int64)
+        check = crc32c.crc32c(block[:_HEADER.size - 4])
+        if kind == WRITEV:  # ``offset`` counts its extents
+            if not 0 < offset <= MAX_EXTENTS:
+                return None
+            if _head_size(offset) > BLOCK:
+                block += bytearray(_head_size(offset) - BLOCK)
+                pread_full(self._fd, memoryview(block)[BLOCK:], pos + BLOCK)
+            rows = block[_HEADER.size:_HEADER.size + _EXTENT.size * offset]
+            check = crc32c.crc32c(rows, check)
+            table = np.frombuffer(rows, dtype="<u8").reshape(-1, 2).astype(np.int64)
+        if check != hcrc or kind is None or not epoch:
             return None
-        return epoch, cycle, kind, bool(may_trim), offset, length, taken_us, dcrc
+        if kind == WRITEV:
+            ends = table[:, 0] + table[:, 1]
+            if (not table[:, 1].all() or (table[1:, 0] < ends[:-1]).any()
+                    or int(ends[-1]) > self.volume.size or int(table[:, 1].sum()) != length):
+                return None
+        elif offset + length > self.volume.size:
+            return None
+        return epoch, cycle, kind, bool(may_trim), offset, length, taken_us, dcrc, table
 
     def _data_whole(self, at: int, length: int, dcrc: int, size: int) -> bool:
         """Whether a WRITE record's data at ``at`` is all in the file and matches its CRC."""
@@ -194,9 +229,10 @@ class StagingLog:
                 self.cycle, self._epoch = cycle, secrets.randbits(63) | 1
                 self._end, self._durable, self.committed = 0, (0, 0), None
 
-    def fits(self, length: int) -> bool:
-        """Whether a chunk of ``length`` bytes (and the COMMIT record after it) fits."""
-        return self._end + 2 * BLOCK + _padded(length) <= self.capacity
+    def fits(self, length: int, extents: int = 0) -> bool:
+        """Whether a chunk of ``length`` bytes (``extents``: a WRITEV record's), and the
+        COMMIT record after it, fits."""
+        return self._end + _head_size(extents) + BLOCK + _padded(length) <= self.capacity
 
     def append(self, kind: str, offset: int, length: int, data: memoryview | None,
                may_trim: bool = False) -> int:
@@ -220,6 +256,33 @@ class StagingLog:
             _pwritev_full(self._fd, parts, pos, size)
             self._end = pos + size
             self.records.append(Staged(kind, offset, length, may_trim, pos + BLOCK))
+            return self.generation
+
+    def append_extents(self, extents: np.ndarray, data: memoryview) -> int:
+        """Write one WRITEV record: scattered ranges (``extents``: (offset, length) rows,
+        ascending and apart) and their ``data`` in that order; as ``append``."""
+        count = len(extents)
+        if not 0 < count <= MAX_EXTENTS or int(extents[:, 1].sum()) != len(data):
+            raise ValueError(f"{count} extents for {len(data)} bytes of data")
+        with self.lock:
+            self._ensure_open()
+            if self.cycle is None or self.committed is not None:
+                raise ValueError("the staging log takes no chunks now (no cycle begun, or "
+                                 "its cycle committed)")
+            pos, length = self._end, len(data)
+            head = bytearray(_head_size(count))
+            rows = np.asarray(extents, dtype="<u8").tobytes()
+            head[_HEADER.size:_HEADER.size + len(rows)] = rows
+            _HEADER.pack_into(head, 0, MAGIC, self._epoch, self.cycle, _KIND_CODES[WRITEV],
+                              False, count, length, 0, crc32c.crc32c(data), 0)
+            _HCRC.pack_into(head, _HEADER.size - 4,
+                            crc32c.crc32c(rows, crc32c.crc32c(head[:_HEADER.size - 4])))
+            parts: list = [head, data]
+            if length % BLOCK:
+                parts.append(bytes(BLOCK - length % BLOCK))
+            _pwritev_full(self._fd, parts, pos, len(head) + _padded(length))
+            self._end = pos + len(head) + _padded(length)
+            self.records += _extent_records(extents, pos + len(head))
             return self.generation
 
     def _header_block(self, kind: str, offset: int, length: int, data: memoryview | None,
@@ -296,6 +359,15 @@ class StagingLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _extent_records(extents: np.ndarray, at: int) -> list[Staged]:
+    """A WRITEV record's extents as WRITE records, their data from ``at`` on in order."""
+    records = []
+    for offset, length in extents.tolist():
+        records.append(Staged(WRITE, offset, length, False, at))
+        at += length
+    return records
 
 
 def _pwritev_full(fd: int, parts: list, pos: int, size: int) -> None:

@@ -78,7 +78,7 @@ def test_a_cut_mid_cycle_resumes_without_sending_conveyed_chunks_again(tmp_path)
 
     def wrap(handle):
         def counting(frame):
-            if isinstance(frame, (p.Write, p.Zero)):
+            if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
                 seen.append(frame.length // RS)
                 if sum(seen) >= (SIZE // RS) // 2 and not cut.is_set():
                     cut.set()
@@ -103,7 +103,7 @@ def test_a_restarted_primary_resumes_its_open_cycle(tmp_path):
 
     def wrap(handle):
         def stalling(frame):
-            if isinstance(frame, (p.Write, p.Zero)) and armed.is_set():
+            if isinstance(frame, (p.Write, p.WriteV, p.Zero)) and armed.is_set():
                 if sum(got) >= stop_after:
                     return  # never answered: the cycle stays open
                 got.append(frame.length // RS)
@@ -181,7 +181,7 @@ def test_the_secondary_keeps_the_last_cycle_whole_while_the_next_arrives(tmp_pat
         def holding(frame):
             if isinstance(frame, p.CycleBegin) and frame.seq == 2:
                 in_cycle_2.set()
-            if in_cycle_2.is_set() and isinstance(frame, p.Write):
+            if in_cycle_2.is_set() and isinstance(frame, (p.Write, p.WriteV)):
                 chunks[0] += 1
                 if chunks[0] == 3:  # two chunks of cycle 2 have landed
                     held.set()
@@ -296,7 +296,7 @@ def test_a_sparse_volume_syncs_in_proportion_to_its_data(tmp_path):
 
     def wrap(handle):
         def counting(frame):
-            if isinstance(frame, (p.Write, p.Zero)):
+            if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
                 frames.append(frame)
             handle(frame)
         return counting
@@ -304,7 +304,7 @@ def test_a_sparse_volume_syncs_in_proportion_to_its_data(tmp_path):
     with pair(tmp_path, "async", size=size, volumes=(pvol, svol), wrap=wrap) as pr:
         wait_until(lambda: pr.replicator.committed >= 1, 60, "the initial sync")
         assert pr.replicator.stats["bytes_conveyed"] == size
-        written = [f for f in frames if isinstance(f, p.Write)]
+        written = [f for f in frames if isinstance(f, (p.Write, p.WriteV))]
         assert sum(f.length for f in written) == sum(map(len, data.values()))
         assert len(frames) < len(written) + 2 * (size >> 30), len(frames)
         with open(svol.data_path, "rb") as f:

@@ -35,7 +35,7 @@ def differing(pr) -> list[int]:
 def drop_chunks(handle):
     """The secondary never sees a cycle's chunks: the cycle stays open."""
     def dropping(frame):
-        if isinstance(frame, (p.Write, p.Zero)):
+        if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
             return
         handle(frame)
     return dropping

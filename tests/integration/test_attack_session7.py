@@ -78,7 +78,7 @@ def test_writers_and_trims_during_the_live_pass_end_identical_and_cycle_1_is_who
 
     def wrap(handle):
         def slow(frame):
-            if isinstance(frame, (p.Write, p.Zero)):
+            if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
                 seen[0] += 1
                 if seen[0] == 2:
                     gate.set()
@@ -234,7 +234,7 @@ def test_a_cut_at_the_boundary_of_the_pass_and_cycle_1_resumes_and_sends_no_data
             if isinstance(frame, where) and frame.seq == 1 and not cut.is_set():
                 cut.set()
                 raise p.ProtocolError("test: the link breaks at the boundary")
-            if isinstance(frame, (p.Write, p.Zero)):
+            if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
                 data_frames[0] += 1
             handle(frame)
         return cutting

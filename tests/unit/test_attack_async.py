@@ -37,6 +37,21 @@ CHUNK_REGIONS = (1 << 20) // RS  # regions per cycle chunk
 S1, S2 = str(_uuid.uuid4()), str(_uuid.uuid4())
 
 
+def chunk_pieces(frame: p.Frame) -> list[tuple[int, bytes]] | None:
+    """What a cycle's chunk frame writes, as (offset, bytes) pieces; None for another frame."""
+    if isinstance(frame, p.Write):
+        return [(frame.offset, bytes(frame.data))]
+    if isinstance(frame, p.Zero):
+        return [(frame.offset, bytes(frame.length))]
+    if isinstance(frame, p.WriteV):
+        data, at, pieces = frame.data, 0, []
+        for offset, length in frame.extents.tolist():
+            pieces.append((offset, bytes(data[at:at + length])))
+            at += length
+        return pieces
+    return None
+
+
 class FakeSecondary:
     """A channel that is also the secondary: applies WRITE/ZERO chunks to ``image`` and
     acknowledges them (unless ``hold`` is set: then the acks wait in ``held``), answers
@@ -75,26 +90,25 @@ class FakeSecondary:
             raise LinkError("the link broke while the chunk was sent")
         if self.closed is not None:
             raise LinkError(f"closed: {self.closed}")
-        if isinstance(frame, p.Write):
-            data = bytes(frame.data)
-        elif isinstance(frame, p.Zero):
-            data = bytes(frame.length)
-        else:
+        pieces = chunk_pieces(frame)
+        if pieces is None:
             return
         with self.lock:
             self.chunks += 1
             if self.hold:
-                self.held.append((frame, data))
+                self.held.append((frame, pieces))
                 return
-            self.image[frame.offset:frame.offset + len(data)] = data
+            for offset, data in pieces:
+                self.image[offset:offset + len(data)] = data
         self.mirror.on_frame(p.DataAck(frame.seq))
 
     def release(self, n: int) -> None:
         """Apply and acknowledge the first ``n`` held chunks."""
         with self.lock:
             todo, self.held = self.held[:n], self.held[n:]
-            for frame, data in todo:
-                self.image[frame.offset:frame.offset + len(data)] = data
+            for _, pieces in todo:
+                for offset, data in pieces:
+                    self.image[offset:offset + len(data)] = data
         for frame, _ in todo:
             self.mirror.on_frame(p.DataAck(frame.seq))
 

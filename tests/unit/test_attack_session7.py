@@ -25,6 +25,7 @@ from tests.unit.test_attack_async import (
     SIZE,
     FakeSecondary,
     Out,
+    chunk_pieces,
     mirrored,
     pattern,
     primary_engine,  # noqa: F401 - the ``engine`` fixture
@@ -68,7 +69,7 @@ class GatedSecondary(FakeSecondary):
         self.frames: list[p.Frame] = []
 
     def send_bulk(self, frame, timeout=None, lent=False, window=None):
-        if isinstance(frame, (p.Write, p.Zero)):
+        if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
             self.sent += 1
             self.frames.append(frame)
             if self.sent == self.gate:
@@ -239,8 +240,9 @@ def test_a_region_written_ahead_of_the_pass_is_not_sent_by_the_pass(engine):
         wait_until(lambda: mirror.committed >= 1, 10, "cycle 1")
         assert sec.commits[1] == volume_bytes(engine)
         in_pass = sec.frames[n:len(sec.frames) - 1]  # the last frame: cycle 1's region 100
-        carried = [(f.offset // RS, -(-f.length // RS)) for f in in_pass
-                   if f.offset // RS <= 100 < (f.offset + f.length + RS - 1) // RS]
+        carried = [(offset // RS, -(-len(data) // RS)) for f in in_pass
+                   for offset, data in chunk_pieces(f)
+                   if offset // RS <= 100 < (offset + len(data) + RS - 1) // RS]
         assert not carried, f"the pass sent region 100, written before it got there: {carried}"
 
 

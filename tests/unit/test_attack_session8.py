@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.unit.test_attack_async import Out
+from tests.unit.test_attack_async import Out, chunk_pieces
 from volume_core import native, staging
 from volume_core.engine import Engine
 from volume_core.replication import protocol as p
@@ -99,10 +99,8 @@ def send(rec: Receiver, model: bytearray, frames: list[p.Frame]) -> None:
     """Hand frames to the receiver (not applied yet) and apply them to the model."""
     for frame in frames:
         rec.handle(frame)
-        if isinstance(frame, p.Write):
-            model[frame.offset:frame.offset + frame.length] = bytes(frame.data)
-        elif isinstance(frame, p.Zero):
-            model[frame.offset:frame.offset + frame.length] = bytes(frame.length)
+        for offset, data in chunk_pieces(frame) or ():
+            model[offset:offset + len(data)] = data
 
 
 def no_failures(out: Out) -> None:

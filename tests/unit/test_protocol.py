@@ -18,6 +18,7 @@ from volume_core.replication.protocol import (
     HEADER_SIZE,
     MAGIC,
     MAX_DATA,
+    MAX_EXTENTS,
     MAX_MARKED_RUNS,
     NEED_DATA,
     PEER_CLOSED,
@@ -51,6 +52,7 @@ from volume_core.replication.protocol import (
     Write,
     WriteFailed,
     WriteKind,
+    WriteV,
     Zero,
     coarsen_runs,
     encode,
@@ -90,6 +92,8 @@ SAMPLES = [
     Zero(7, 0, SIZE, may_trim=False),
     Zero(8, 100, 1),
     Flush(9),
+    WriteV.of(13, [(0, 4096), (REGION, 100), (3 * REGION, 1)], b"v" * 4197),
+    WriteV.of(2**64 - 1, [(SIZE - 1, 1)], b"e"),
     MetaAck(3),
     MetaAck(10, count=500),
     DataAck(3, 2),
@@ -683,6 +687,43 @@ def test_a_connection_checks_ranges_it_sends():
         primary.send(Write(1, SIZE, b"x"))
     with pytest.raises(ProtocolError, match="connection already failed"):
         primary.send(Ping(1))
+
+
+def writev_raw(rows: list[tuple[int, int]], data_len: int, count: int | None = None) -> bytes:
+    payload = b"".join(struct.pack("<QQ", o, n) for o, n in rows) + b"d" * data_len
+    return raw(WriteV.CODE, flags=0x01, seq=1, length=len(rows) if count is None else count,
+               payload=payload)
+
+
+@pytest.mark.parametrize("rows, data_len, count, message", [
+    ([(0, 10), (5, 10)], 20, None, "extents overlap or do not ascend"),
+    ([(REGION, 10), (0, 10)], 20, None, "extents overlap or do not ascend"),
+    ([(0, 10), (20, 0)], 10, None, "empty extent"),
+    ([(0, 10), (20, 10)], 21, None, "extents hold 20 bytes of data; its payload carries 21"),
+    ([(SIZE - 10, 11)], 11, None, "reaches past the end of the volume"),
+    ([(2**63, 1)], 1, None, "out of range"),
+    ([(0, 10)], 10, 0, "1 to 1024 extents"),
+    ([(0, 10)], 10, MAX_EXTENTS + 1, "not 1025 extents"),
+    ([(0, 10), (20, 10)], 0, None, "is not 2 extents"),
+])
+def test_a_malformed_writev_is_refused(rows, data_len, count, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode_all(writev_raw(rows, data_len, count))
+
+
+def test_writev_hands_out_its_extents_and_data_without_a_copy():
+    buf = bytearray(2 * 16 + 300)
+    WriteV.table(buf, 2)[:] = [(4096, 100), (8192, 200)]
+    buf[32:] = b"a" * 100 + b"b" * 200
+    frame = WriteV(5, 2, buf)
+    assert frame.extents.tolist() == [[4096, 100], [8192, 200]]
+    assert frame.span == (4096, 8192 + 200 - 4096)
+    assert bytes(frame.data) == b"a" * 100 + b"b" * 200
+    (got,) = decode_all(encode(frame))
+    assert got == frame and got.extents.tolist() == frame.extents.tolist()
+    primary, _ = connected()
+    with pytest.raises(ProtocolError, match="local: cannot send WRITEV: WRITEV frame range"):
+        primary.send(WriteV.of(1, [(SIZE - 1, 2)], b"xy"))
 
 
 def test_a_connection_is_broken_after_garbage():

@@ -7,9 +7,10 @@ thread, while a channel to the secondary is up:
     take      with writes quiesced: the tracker's marks are taken
               (``swap_and_reset``) and frozen (``CycleFreeze``: a region still to
               convey is copied before a host write lands on it)
-    convey    the frozen regions, 1 MiB chunks, as WRITE (or ZERO, for an all-zero
-              chunk; a hole of the live volume goes unread, up to 1 GiB a frame)
-              with FUA: the secondary's DATA_ACK means the chunk is durable there;
+    convey    the frozen regions, as WRITEV frames of up to 1 MiB of data each, from
+              one run or from up to ``MAX_EXTENTS`` scattered ones (a hole of the
+              live volume goes unread as ZERO, up to 1 GiB a frame), with FUA:
+              the secondary's DATA_ACK means the frame is durable there;
               the region is then FREE (never copied again). At most
               ``CYCLE_WINDOW`` bytes of data (``CYCLE_WINDOW_CHUNKS`` chunks)
               unacknowledged. WRITE_FAILED: sent again.
@@ -52,7 +53,7 @@ from .primary import Channel, chunk_frame, note_peer, peer_marks_map
 log = logging.getLogger(__name__)
 
 ASYNC = "async"
-#: bytes per chunk of a cycle
+#: bytes of data per frame of a cycle (scattered runs are gathered up to this)
 CYCLE_CHUNK = 1 << 20
 #: bytes of a hole of the live volume sent as one ZERO frame, at most
 ZERO_SPAN = 1 << 30
@@ -69,13 +70,24 @@ COMMIT_TIMEOUT = 60.0
 MAX_PASSES = 5
 
 
-def _zero_frame(seq: int, offset: int, length: int) -> p.Zero:
-    return p.Zero(seq, offset, length, may_trim=True, fua=True)
-
-
-def _data_frame(image: CycleFreeze | LivePass, first: int, stop: int, seq: int, offset: int,
-                length: int) -> p.Write | p.Zero:
-    return chunk_frame(seq, offset, image.read(first, stop), fua=True)
+def _gather(image: CycleFreeze | LivePass, geometry: Any, runs: list[tuple[int, int]],
+            seq: int) -> p.WriteV | p.Write | p.Zero:
+    """A WRITEV frame of the regions of ``runs`` (ascending, apart), read from ``image``
+    straight into its payload, behind its extent table; for one run, WRITE (ZERO when
+    it is all zeros)."""
+    if len(runs) == 1:
+        first, stop = runs[0]
+        return chunk_frame(seq, geometry.byte_range(first, stop)[0], image.read(first, stop),
+                           fua=True)
+    extents = [geometry.byte_range(first, stop) for first, stop in runs]
+    table = p.WriteV.table_size(len(extents))
+    buf = bytearray(table + sum(length for _, length in extents))
+    p.WriteV.table(buf, len(extents))[:] = extents
+    view, at = memoryview(buf), table
+    for (first, stop), (_, length) in zip(runs, extents, strict=True):
+        image.read_into(first, stop, view[at:at + length])
+        at += length
+    return p.WriteV(seq, len(extents), buf)
 
 
 class _Lost(Exception):
@@ -97,7 +109,8 @@ class AsyncMirror:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._channel: Channel | None = None
-        self._sent: dict[int, tuple[int, int, int]] = {}  # seq -> regions, data bytes
+        # seq -> the region runs a frame carries, its data bytes
+        self._sent: dict[int, tuple[list[tuple[int, int]], int]] = {}
         self._inflight = 0  # data bytes in ``_sent``
         self._next_seq = 0
         self._cycle_acked = 0
@@ -234,18 +247,19 @@ class AsyncMirror:
                 sent = self._sent.pop(s, None)
                 if sent is None:
                     continue
-                first, stop, payload = sent
+                runs, payload = sent
                 self._inflight -= payload
                 if not ok:
                     self.stats["chunks_refused"] += 1
                 elif image is not None:
-                    image.conveyed(first, stop)
-                    self.engine.tracker.release_part(first, stop)
-                    nbytes = self._geometry.byte_range(first, stop)[1]
-                    self.progress["conveyed_regions"] += stop - first
-                    self.progress["conveyed_bytes"] += nbytes
-                    self.stats["regions_conveyed"] += stop - first
-                    self.stats["bytes_conveyed"] += nbytes
+                    for first, stop in runs:
+                        image.conveyed(first, stop)
+                        self.engine.tracker.release_part(first, stop)
+                        nbytes = self._geometry.byte_range(first, stop)[1]
+                        self.progress["conveyed_regions"] += stop - first
+                        self.progress["conveyed_bytes"] += nbytes
+                        self.stats["regions_conveyed"] += stop - first
+                        self.stats["bytes_conveyed"] += nbytes
             self._changed.notify_all()
 
     def _read_region(self, frame: p.ReadRegion) -> None:
@@ -423,12 +437,18 @@ class AsyncMirror:
 
         A stretch that is a hole of the live volume goes as one ZERO frame of up to
         ``ZERO_SPAN`` bytes, unread: a sparse volume syncs in proportion to its data.
+        Data runs are gathered into WRITEV frames of up to ``CYCLE_CHUNK`` bytes (a
+        run longer than that is cut), scattered ones up to ``p.MAX_EXTENTS`` a frame:
+        one header, one acknowledgement and one staging record for all of them.
         """
         step = max(1, CYCLE_CHUNK // self._geometry.region_size)
         span = max(step, ZERO_SPAN // self._geometry.region_size)
+        rs = self._geometry.region_size
         with self._lock:
             self._image = image
         for _ in range(MAX_PASSES):
+            batch: list[tuple[int, int]] = []
+            regions = 0
             for first, count in native.scan_runs(image.remaining()).tolist():
                 at, stop = first, first + count
                 while at < stop:
@@ -440,12 +460,23 @@ class AsyncMirror:
                         continue
                     end = image.hole_end(at, min(stop, at + span))
                     if end > at:
-                        frame: Callable[..., p.Frame] = _zero_frame
+                        offset, length = self._geometry.byte_range(at, end)
+                        self._send(channel, [(at, end)], functools.partial(
+                            p.Zero, offset=offset, length=length, may_trim=True, fua=True))
+                        at = end
+                        continue
+                    end = image.data_end(at, min(stop, at + step - regions))
+                    if batch and batch[-1][1] == at:  # runs that touch: one extent
+                        batch[-1] = (batch[-1][0], end)
                     else:
-                        end = image.data_end(at, min(stop, at + step))
-                        frame = functools.partial(_data_frame, image, at, end)
-                    self._send(channel, at, end, frame)
+                        batch.append((at, end))
+                    regions += end - at
+                    if regions * rs >= CYCLE_CHUNK or len(batch) >= p.MAX_EXTENTS:
+                        self._send_data(channel, image, batch)
+                        batch, regions = [], 0
                     at = end
+            if batch:
+                self._send_data(channel, image, batch)
             self._wait(channel, lambda: not self._sent, self.ack_timeout * 4,
                        f"the secondary did not acknowledge the last chunks of {what}")
             if not image.remaining().any():
@@ -458,21 +489,25 @@ class AsyncMirror:
             self.progress["regions"] -= stop - first
             self.progress["bytes"] -= self._geometry.byte_range(first, stop)[1]
 
-    def _send(self, channel: Channel, first: int, stop: int,
+    def _send_data(self, channel: Channel, image: CycleFreeze | LivePass,
+                   runs: list[tuple[int, int]]) -> None:
+        """The regions of ``runs`` as one WRITEV frame (see ``_send``)."""
+        self._send(channel, runs, functools.partial(_gather, image, self._geometry, runs))
+
+    def _send(self, channel: Channel, runs: list[tuple[int, int]],
               frame: Callable[..., p.Frame]) -> None:
-        """Regions [first, stop) as ``frame(seq, offset, length)``, once the window has
-        room; acknowledged in ``_acked``."""
+        """The regions of ``runs`` as ``frame(seq)``, once the window has room;
+        acknowledged in ``_acked``."""
         self._wait(channel, lambda: (self._inflight < CYCLE_WINDOW
                                      and len(self._sent) < CYCLE_WINDOW_CHUNKS),
                    self.ack_timeout, "the secondary stopped acknowledging chunks")
-        offset, length = self._geometry.byte_range(first, stop)
-        made = frame(0, offset, length)  # read before the seq is taken: reads may fail
+        made = frame(0)  # read before the seq is taken: reads may fail
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
-            payload = len(made.data) if isinstance(made, p.Write) else 0
-            self._sent[self._next_seq] = (first, stop, payload)
+            payload = len(made.data) if isinstance(made, (p.Write, p.WriteV)) else 0
+            self._sent[self._next_seq] = (runs, payload)
             self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
         channel.send_bulk(made, timeout=self.ack_timeout)

@@ -47,6 +47,10 @@ before the decoder waits for (or buffers) a payload that is not coming.
     0x13  TRIM          P     seq, offset, length                                DATA_ACK
     0x14  ZERO          P     seq, offset, length; MAY_TRIM: holes allowed       DATA_ACK
     0x15  FLUSH         P     seq                                                FLUSH_ACK
+    0x16  WRITEV        P     seq, length = n extents (1..MAX_EXTENTS); payload  DATA_ACK
+                              = n (u64 offset, u64 length) pairs, ascending
+                              and apart, inside the volume, then their data
+                              in that order (async cycles; always FUA)
     0x20  META_ACK      S     seq .. seq+length-1 (length = count >= 1)
     0x21  DATA_ACK      S     seq .. seq+length-1 are on the secondary's disk
     0x22  WRITE_FAILED  S     seq, offset, length: that write failed on the
@@ -105,8 +109,8 @@ from ..errors import PeerRefused, ProtocolError
 from . import auth
 
 MAGIC: Final = b"NBMR"
-#: 2: MARKED_RUNS ends the handshake.
-PROTOCOL_VERSION: Final = 2
+#: 2: MARKED_RUNS ends the handshake. 3: WRITEV.
+PROTOCOL_VERSION: Final = 3
 HEADER: Final = struct.Struct("<4sBBHQQIIII")
 HEADER_SIZE: Final = HEADER.size
 _CRC_SPAN = struct.Struct("<4sBBHQQIII")  # the header bytes its crc covers
@@ -121,6 +125,9 @@ MAX_REASON: Final = 4096
 #: a time a frame carries (microseconds since the Unix epoch) is below this (year 5138;
 #: state_files.MAX_UNIX_TIME, in seconds, for what is recorded of it)
 MAX_TIME_US: Final = 10**17
+#: Extents in one WRITEV frame, at most.
+MAX_EXTENTS: Final = 1024
+_EXTENT_SIZE: Final = 16  # u64 offset, u64 length
 #: Runs in one MARKED_RUNS frame, and in one handshake (a sender joins runs to fit).
 RUNS_PER_FRAME: Final = MAX_SMALL_PAYLOAD // _RUN.size
 MAX_MARKED_RUNS: Final = 64 * RUNS_PER_FRAME
@@ -391,6 +398,91 @@ class Write(Frame):
     @classmethod
     def _unpack(cls, flags: int, seq: int, offset: int, length: int, payload: Buffer) -> Write:
         return cls(seq, offset, payload, bool(flags & FLAG_FUA))
+
+
+@_frozen
+class WriteV(Frame):
+    """Scattered ranges written as one frame (async cycles): one header, one answer.
+
+    ``payload`` is the wire payload: ``count`` extents (u64 offset, u64 length),
+    ascending and apart, then their data in that order. A sender may build it in
+    place (``table``) and read the data in behind it: nothing is copied.
+    """
+
+    CODE: ClassVar[int] = 0x16
+    seq: int
+    count: int
+    payload: Buffer
+
+    @staticmethod
+    def table_size(count: int) -> int:
+        """Bytes of the extent table of ``count`` extents (the data follows it)."""
+        return _EXTENT_SIZE * count
+
+    @staticmethod
+    def table(buf: Buffer, count: int) -> np.ndarray:
+        """The extents of a payload as a (count, 2) array (a view: writable if ``buf`` is)."""
+        return np.frombuffer(buf, dtype="<u8", count=2 * count).reshape(count, 2)
+
+    @classmethod
+    def of(cls, seq: int, extents: Any, data: Buffer) -> WriteV:
+        """A frame of ``extents`` ((offset, length) rows) and their ``data`` (copied)."""
+        rows = np.asarray(extents, dtype="<u8").reshape(-1, 2)
+        return cls(seq, len(rows), rows.tobytes() + bytes(data))
+
+    @property
+    def extents(self) -> np.ndarray:
+        """(offset, length) rows, int64."""
+        return self.table(self.payload, self.count).astype(np.int64)
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.payload)[_EXTENT_SIZE * self.count:]
+
+    @property
+    def length(self) -> int:
+        """Bytes of the volume it writes (its data)."""
+        return len(self.payload) - _EXTENT_SIZE * self.count
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(offset, length) from the first extent's start to the last one's end."""
+        rows = self.table(self.payload, self.count)
+        return int(rows[0, 0]), int(rows[-1, 0] + rows[-1, 1] - rows[0, 0])
+
+    def _pack(self) -> _Parts:
+        _check_extents(self.table(self.payload, self.count), len(self.payload))
+        return FLAG_FUA, self.seq, 0, self.count, self.payload
+
+    @classmethod
+    def _unpack(cls, flags: int, seq: int, offset: int, length: int, payload: Buffer) -> WriteV:
+        _check_extents(cls.table(payload, length), len(payload))
+        return cls(seq, length, payload)
+
+
+def _check_extents(rows: np.ndarray, payload_len: int) -> None:
+    """ProtocolError unless WRITEV extents are non-empty, ascending and apart, and their
+    data is the rest of the payload."""
+    offsets, lengths = rows[:, 0], rows[:, 1]
+    if not rows.size or not lengths.all() or int(lengths.max()) > MAX_DATA:
+        raise ProtocolError("WRITEV frame has an empty extent, or one over the data limit")
+    if int(offsets.max()) >= 1 << 62:
+        raise ProtocolError("WRITEV frame has an extent out of range")
+    ends = offsets + lengths
+    if (offsets[1:] < ends[:-1]).any():
+        raise ProtocolError("WRITEV frame extents overlap or do not ascend")
+    if int(lengths.sum()) != payload_len - _EXTENT_SIZE * len(rows):
+        raise ProtocolError(f"WRITEV frame extents hold {int(lengths.sum())} bytes of data; "
+                            f"its payload carries {payload_len - _EXTENT_SIZE * len(rows)}")
+
+
+def _check_extents_inside(frame: Frame, size: int | None) -> None:
+    """ProtocolError if a WRITEV frame reaches past the end of the volume."""
+    if isinstance(frame, WriteV):
+        offset, length = frame.span
+        if size is None or offset + length > size:
+            raise ProtocolError(f"WRITEV frame range {offset}+{length} reaches past the end "
+                                f"of the volume ({size} bytes)")
 
 
 @_frozen
@@ -685,11 +777,13 @@ class _Payload(enum.Enum):
     DATA = "data"  # payload_len == length
     FIXED = "fixed"  # payload_len == _Spec.size
     SMALL = "small"  # payload_len <= MAX_SMALL_PAYLOAD
+    EXTENTS = "extents"  # length extents, then at most MAX_DATA bytes of their data
 
 
 class _Range(enum.Enum):
     NONE = "none"  # offset == 0 and length == 0
     COUNT = "count"  # offset == 0, length >= 1 is a count
+    EXTENTS = "extents"  # COUNT of at most MAX_EXTENTS, after the handshake
     TIME = "time"  # offset is a time (below MAX_TIME_US), length == 0
     VOLUME = "volume"  # 0 < length, offset + length <= volume size
     REGIONS = "regions"  # VOLUME, and whole regions (the short last one included)
@@ -729,6 +823,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec(Trim, "TRIM", _Payload.NONE, _Range.VOLUME, _P, FLAG_FUA),
     _Spec(Zero, "ZERO", _Payload.NONE, _Range.VOLUME, _P, FLAG_FUA | FLAG_MAY_TRIM),
     _Spec(Flush, "FLUSH", _Payload.NONE, _Range.NONE, _P),
+    _Spec(WriteV, "WRITEV", _Payload.EXTENTS, _Range.EXTENTS, _P, FLAG_FUA),
     _Spec(MetaAck, "META_ACK", _Payload.NONE, _Range.COUNT, _S),
     _Spec(DataAck, "DATA_ACK", _Payload.NONE, _Range.COUNT, _S),
     _Spec(WriteFailed, "WRITE_FAILED", _Payload.NONE, _Range.VOLUME, _S),
@@ -782,6 +877,12 @@ def _check_header(spec: _Spec, flags: int, offset: int, length: int, payload_len
     elif rng is _Range.COUNT:
         if offset or not length:
             raise ProtocolError(f"{name} frame must have offset 0 and a count of at least 1")
+    elif rng is _Range.EXTENTS:
+        if size is None:
+            raise ProtocolError(f"{name} frame before the handshake completed")
+        if offset or not 0 < length <= MAX_EXTENTS:
+            raise ProtocolError(f"{name} frame must have offset 0 and 1 to {MAX_EXTENTS} "
+                                "extents")
     elif size is None or region_size is None:
         raise ProtocolError(f"{name} frame before the handshake completed")
     else:
@@ -798,6 +899,12 @@ def _check_crc(payload: Buffer, expected: int, spec: _Spec) -> None:
 def _check_payload_len(spec: _Spec, length: int, payload_len: int, ready: bool) -> None:
     name, rule = spec.name, spec.payload
     limit = MAX_DATA if ready and rule is _Payload.DATA else MAX_SMALL_PAYLOAD
+    if rule is _Payload.EXTENTS:
+        table = _EXTENT_SIZE * length
+        if not table < payload_len <= table + MAX_DATA:
+            raise ProtocolError(f"{name} frame payload of {payload_len} bytes is not "
+                                f"{length} extents and at most {MAX_DATA} bytes of data")
+        return
     if payload_len > limit:
         raise ProtocolError(f"{name} frame payload of {payload_len} bytes is over the "
                             f"limit of {limit}")
@@ -1012,13 +1119,14 @@ class Decoder:
         _check_crc(into, head[6], head[0])
         return self._unpack(head, memoryview(into).toreadonly())
 
-    @staticmethod
-    def _unpack(head: _Head, payload: Buffer) -> Frame:
+    def _unpack(self, head: _Head, payload: Buffer) -> Frame:
         spec, flags, seq, offset, length, _, _ = head
         try:
-            return spec.cls._unpack(flags, seq, offset, length, payload)
+            frame = spec.cls._unpack(flags, seq, offset, length, payload)
         except (ValueError, TypeError, struct.error) as err:
             raise ProtocolError(f"{spec.name} frame payload is malformed: {err}") from None
+        _check_extents_inside(frame, self.size)
+        return frame
 
     def _short(self) -> NeedData | PeerClosed:
         if not self._eof:
@@ -1163,6 +1271,7 @@ class Connection:
             # What the peer's decoder will check, checked here so a bug shows at its source.
             _check_header(_BY_CLASS[cls], flags, offset, length, len(payload),
                           self._decoder.size, self._decoder.region_size)
+            _check_extents_inside(frame, self._decoder.size)
         except (AttributeError, TypeError, ValueError, ProtocolError) as err:
             raise self._broken(f"local: cannot send {frame_name(frame)}: {err}") from None
         return _encode(frame, flags, seq, offset, length, payload)

@@ -184,6 +184,16 @@ class _Entry:
     recovery: _Recovery | None = None
     sent_at: float = 0.0
     link: int = 0  # the connection it came on (Receiver._link): answers go on that one only
+    #: a WRITEV's scattered (offset, length) ranges, within [offset, offset + length);
+    #: None: the one range [offset, offset + length)
+    extents: np.ndarray | None = None
+    nbytes: int = 0  # bytes of data it writes (a WRITEV's: less than its span)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of each range it writes."""
+        if self.extents is None:
+            return [(self.offset, self.length)]
+        return [(int(o), int(n)) for o, n in self.extents.tolist()]
 
 
 class _Landed:
@@ -400,6 +410,16 @@ class Receiver:
         entry.data, entry.ready = frame.data, True
         self._admit(entry)
 
+    def _on_write_v(self, frame: p.WriteV) -> None:
+        """Async: a cycle's scattered chunks in one frame, applied (or staged) and
+        acknowledged as one."""
+        self._async_only(frame)
+        offset, length = frame.span
+        entry = self._write_entry(frame.seq, WRITE, offset, length, fua=True)
+        entry.extents, entry.data, entry.ready = frame.extents, frame.data, True
+        entry.nbytes = len(entry.data)
+        self._admit(entry)
+
     def _on_trim(self, frame: p.Trim) -> None:
         entry = self._write_entry(frame.seq, TRIM, frame.offset, frame.length, frame.fua)
         entry.ready = True
@@ -441,7 +461,7 @@ class Receiver:
             _same_range(frame, entry, f"DATA for write {frame.seq}", "its META said")
             entry.data, entry.ready = frame.data, True
             self._applicable += entry.acked
-            self._waiting_bytes += entry.length
+            self._waiting_bytes += entry.nbytes
         self._kick()
         self._throttle()
 
@@ -459,7 +479,7 @@ class Receiver:
                         "the request was")
             entry.data, entry.ready = frame.data, True
             self._applicable += 1
-            self._waiting_bytes += entry.length
+            self._waiting_bytes += entry.nbytes
         self._kick()
 
     def _on_flush(self, frame: p.Flush) -> None:
@@ -617,7 +637,8 @@ class Receiver:
             return False  # the initial pass, cycle 1 (no image to keep), or one that spilled
         if log_.records and log_.cycle != cycle:
             self._spill()  # an earlier, abandoned cycle's chunks
-        if not log_.fits(entry.length):
+        extents = 0 if entry.extents is None else len(entry.extents)
+        if not log_.fits(entry.nbytes, extents):
             self._unstaged_cycle = cycle
             return False
         log_.begin(cycle)
@@ -653,7 +674,8 @@ class Receiver:
             raise ProtocolError(f"{p.frame_name(frame)} {frame.seq} in {self.mode} mode")
 
     _HANDLERS: dict[type, Callable[[Receiver, Any], None]] = {
-        p.Write: _on_write, p.Trim: _on_trim, p.Zero: _on_zero, p.Meta: _on_meta,
+        p.Write: _on_write, p.WriteV: _on_write_v, p.Trim: _on_trim, p.Zero: _on_zero,
+        p.Meta: _on_meta,
         p.Data: _on_data, p.RegionData: _on_region_data, p.Flush: _on_flush,
         p.Ping: _on_ping, p.Pong: _on_pong, p.ResyncBegin: _on_resync_begin,
         p.ResyncEnd: _on_resync_end, p.CycleBegin: _on_cycle_begin,
@@ -665,6 +687,13 @@ class Receiver:
         """The regions [first, stop) under a byte range."""
         return offset >> self._shift, ((offset + length - 1) >> self._shift) + 1
 
+    def _region_spans(self, entry: _Entry) -> list[tuple[int, int]]:
+        """The regions [first, stop) under each range an entry writes (a WRITEV's span
+        also covers regions between its ranges, which it does not write)."""
+        if entry.extents is None:
+            return [(entry.first, entry.stop)]
+        return [self._span(offset, length) for offset, length in entry.ranges()]
+
     def _write_entry(self, seq: int, kind: str, offset: int, length: int, fua: bool,
                      may_trim: bool = False) -> _Entry:
         if length <= 0 or offset < 0 or offset + length > self.engine.size:
@@ -672,7 +701,7 @@ class Receiver:
                                 f"the volume ({self.engine.size} bytes)")
         first, stop = self._span(offset, length)
         entry = _Entry((seq, 0, 0), kind, seq, offset, length, first, stop, fua, may_trim)
-        entry.link = self._link
+        entry.link, entry.nbytes = self._link, length
         return entry
 
     def _admit(self, entry: _Entry) -> None:
@@ -698,7 +727,7 @@ class Receiver:
             i += 1
         del order[i]
         if entry.data is not None:
-            self._waiting_bytes -= entry.length
+            self._waiting_bytes -= entry.nbytes
             entry.data = None
         self._unindex(entry)
 
@@ -711,7 +740,7 @@ class Receiver:
     def _insert(self, entry: _Entry) -> None:
         bisect.insort(self._order, entry, key=_entry_key)
         if entry.data is not None:
-            self._waiting_bytes += entry.length
+            self._waiting_bytes += entry.nbytes
         if entry.ready and entry.acked:
             self._applicable += 1
 
@@ -777,10 +806,11 @@ class Receiver:
                     # Landed from now on, for a failed fdatasync (fsyncgate): one that
                     # fails once this write may be in the page cache must recover it.
                     # _finish notes it again, so only a sync after that clears it.
-                    self._landed.note(entry.first, entry.stop)
+                    for first, stop in self._region_spans(entry):
+                        self._landed.note(first, stop)
                 ok = False
                 try:
-                    if entry.length >= FLUSH_BEFORE:  # earlier acks need not wait for it
+                    if entry.nbytes >= FLUSH_BEFORE:  # earlier acks need not wait for it
                         self._send(frames)
                         frames = []
                         with contextlib.suppress(NbdMirrorError):
@@ -810,17 +840,17 @@ class Receiver:
         each write's own copy, which reports it."""
         if entry.ahead:
             return
-        spans = [(entry.offset, entry.length)]
+        spans = entry.ranges()
         with self._lock:
             entry.ahead = True
-            room = PRESERVE_AHEAD - entry.length
+            room = PRESERVE_AHEAD - entry.nbytes
             for e in self._order:
                 if room <= 0:
                     break
                 if e.ready and not e.applying and not e.ahead and self._is_chunk(e):
                     e.ahead = True
-                    spans.append((e.offset, e.length))
-                    room -= e.length
+                    spans += e.ranges()
+                    room -= e.nbytes
         try:
             self.engine.preserve_ahead(spans)
         except (OSError, NbdMirrorError) as err:
@@ -831,15 +861,18 @@ class Receiver:
         kind = WRITE if entry.kind == _RECOVER else entry.kind
         data = memoryview(entry.data) if entry.data is not None else None
         chunk = self._is_chunk(entry)
-        event = WriteEvent(entry.seq, kind, entry.offset, entry.length, data,
-                           entry.fua and not chunk, entry.may_trim)
         try:
             if self.faults is not None:
-                self.faults.check(entry.first, entry.stop)
+                for first, stop in self._region_spans(entry):
+                    self.faults.check(first, stop)
             if chunk and self._stages(entry):
                 try:
-                    entry.staged = self._staging.append(kind, entry.offset, entry.length, data,
-                                                        entry.may_trim)
+                    if entry.extents is not None:
+                        assert data is not None
+                        entry.staged = self._staging.append_extents(entry.extents, data)
+                    else:
+                        entry.staged = self._staging.append(kind, entry.offset, entry.length,
+                                                            data, entry.may_trim)
                 except OSError:
                     self._unstaged_cycle = self.cycle_in_progress  # its resend lands directly
                     raise
@@ -851,7 +884,14 @@ class Receiver:
                 # after (a sync that took the flag while this write ran does not cover it).
                 self._volume_dirty = True
                 try:
-                    self.engine.apply_replica(event, mark=not chunk)
+                    at = 0
+                    for offset, length in entry.ranges():
+                        part = None if data is None else data[at:at + length]
+                        at += length if data is not None else 0
+                        self.engine.apply_replica(
+                            WriteEvent(entry.seq, kind, offset, length, part,
+                                       entry.fua and not chunk, entry.may_trim),
+                            mark=not chunk)
                 finally:
                     self._volume_dirty = True
         except (OSError, NbdMirrorError) as err:
@@ -871,7 +911,8 @@ class Receiver:
     def _keep_marked(self, entry: _Entry) -> None:
         """A failed apply may have failed before its mark was durable: make sure it is."""
         try:
-            self.tracker.mark(entry.offset, entry.length)
+            for offset, length in entry.ranges():
+                self.tracker.mark(offset, length)
         except OSError as err:  # still counted unsettled: at least never cleared in this run
             log.error("cannot mark regions %d..%d of a failed write durably: %s", entry.first,
                       entry.stop - 1, err)
@@ -883,9 +924,10 @@ class Receiver:
             return self._recovery_done(entry, ok)
         if ok:
             self._counts.writes_applied += 1
-            self._counts.bytes_applied += entry.length
+            self._counts.bytes_applied += entry.nbytes
             if entry.staged < 0:  # (a staged chunk: whole on the volume once applied)
-                self._landed_whole(entry.offset, entry.length)
+                for offset, length in entry.ranges():
+                    self._landed_whole(offset, length)
             answer: list[Answer] = [
                 _DurableAck(entry.seq, entry.offset, entry.length, entry.staged)
                 if self._is_chunk(entry) else p.DataAck(entry.seq)]
@@ -946,7 +988,8 @@ class Receiver:
         self._next_request += 1
         rid = REQUEST_ID_BASE | self._next_request
         entry = _Entry((self._max_seq, 1, rid), _RECOVER, rid, rec.offset, rec.length,
-                       rec.first, rec.stop, recovery=rec, sent_at=self.clock())
+                       rec.first, rec.stop, recovery=rec, sent_at=self.clock(),
+                       nbytes=rec.length)
         rec.request, rec.due = entry, None
         rec.attempts += 1
         self._counts.recovery_attempts += 1
@@ -1025,7 +1068,8 @@ class Receiver:
             for entry in list(self._order):
                 if entry.applying:  # finished by drain(); its answer is dropped there
                     self._unindex(entry)
-                    self._suspect[entry.first:entry.stop] = True
+                    for first, stop in self._region_spans(entry):
+                        self._suspect[first:stop] = True
                     continue
                 if entry.kind == _RECOVER:
                     self._abandon(entry)
@@ -1033,7 +1077,8 @@ class Receiver:
                     entry.recovery.due = now
                     continue
                 self._remove(entry)
-                self._suspect[entry.first:entry.stop] = True  # before end(): kept marked
+                for first, stop in self._region_spans(entry):  # before end(): kept marked
+                    self._suspect[first:stop] = True
                 self.tracker.end(entry.first, entry.stop)
             self._applicable = 0
             # (abandoned request ids are kept: a late answer may still come, ids never repeat)
