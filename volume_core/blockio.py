@@ -87,6 +87,35 @@ def data_end(fd: int, region_size: int, first: int, stop: int) -> int:
     return max(first + 1, min(stop, -(-hole // region_size)))
 
 
+class Extents:
+    """``hole_end`` / ``data_end`` of one file for a pass that moves forward through it,
+    remembering how far the last SEEK_HOLE found data: a run of scattered regions inside
+    one stretch of data costs no system call each (a 1% delta cycle of 2 GiB: ~1000
+    lseeks, 3-8 ms). A hole filled meanwhile only makes it ask again; data punched
+    out meanwhile (a trim) is then read as zeros instead of skipped: never wrong."""
+
+    __slots__ = ("fd", "region_size", "_data_from", "_data_to")
+
+    def __init__(self, fd: int, region_size: int) -> None:
+        self.fd, self.region_size = fd, region_size
+        self._data_from = self._data_to = 0  # bytes [from, to) known to be data
+
+    def _known(self, first: int) -> bool:
+        return self._data_from <= first * self.region_size < self._data_to
+
+    def hole_end(self, first: int, stop: int) -> int:
+        if self._known(first):
+            return first
+        return hole_end(self.fd, self.region_size, first, stop)
+
+    def data_end(self, first: int, stop: int) -> int:
+        rs = self.region_size
+        if not self._known(first):
+            self._data_from = first * rs
+            self._data_to = next_hole(self.fd, self._data_from)
+        return max(first + 1, min(stop, -(-self._data_to // rs)))
+
+
 def _seek(fd: int, offset: int, whence: int, past_end: int | None) -> int | None:
     try:
         return os.lseek(fd, offset, whence)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import native
-from .blockio import data_end, hole_end, pread_full, preallocate, pwrite_full
+from .blockio import Extents, pread_full, preallocate, pwrite_full
 from .errors import VolumeCorrupt
 from .geometry import RegionGeometry, leading
 from .snapshots import CowStore
@@ -95,6 +95,11 @@ class CycleFreeze:
     cow: CowStore
     #: Unix time of the take: the point in time the cycle's image holds
     taken_at: float = 0.0
+    #: where the live file holds data (the conveyor's ``hole_end``/``data_end``)
+    _extents: Extents = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._extents = Extents(self.live_fd, self.geometry.region_size)
 
     def record_preserved(self, batch: list[np.ndarray]) -> None:
         """Copies made (``CowStore``): their map bytes, unsynced (see the module
@@ -288,7 +293,7 @@ class CycleFreeze:
         write lands only after its region became COPIED), so they read as zeros
         without reading them. ``first`` when it is not one."""
         before = self.preserved[first:stop] == KEEP
-        end = hole_end(self.live_fd, self.geometry.region_size, first, stop)
+        end = self._extents.hole_end(first, stop)
         if end <= first:
             return first
         return first + leading(before[:end - first] & (self.preserved[first:end] == KEEP))
@@ -297,7 +302,7 @@ class CycleFreeze:
         """Where (at most ``stop``, at least ``first + 1``) the data of the live volume
         from region ``first`` on next gives way to a hole: a chunk read from ``first``
         need not go further (what follows is for ``hole_end``)."""
-        return data_end(self.live_fd, self.geometry.region_size, first, stop)
+        return self._extents.data_end(first, stop)
 
     def _read_runs(self, fd: int, where: np.ndarray, first: int, view: memoryview) -> None:
         rs = self.geometry.region_size

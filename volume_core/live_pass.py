@@ -39,6 +39,7 @@ class LivePass:
         #: 1 = still to convey in this pass
         self.pending = (np.asarray(taken) != 0).view(np.uint8).copy()
         self.skipped = 0  # regions written during the pass before it reached them
+        self._extents = blockio.Extents(self.fd, self.geometry.region_size)
 
     def remaining(self) -> np.ndarray:
         return self.pending
@@ -55,12 +56,12 @@ class LivePass:
     def hole_end(self, first: int, stop: int) -> int:
         """How far from ``first`` the live volume is a hole (zeros, not read). A write
         landing there meanwhile marks its region: the next cycle carries it."""
-        return blockio.hole_end(self.fd, self.geometry.region_size, first, stop)
+        return self._extents.hole_end(first, stop)
 
     def data_end(self, first: int, stop: int) -> int:
         """Where a chunk read from ``first`` ends: at the next hole, or at the next region
         written since the take (the next cycle carries it; ``skip_end`` passes it)."""
-        end = blockio.data_end(self.fd, self.geometry.region_size, first, stop)
+        end = self._extents.data_end(first, stop)
         return first + 1 + leading(self.tracker.marks[first + 1:end] == 0)
 
     def read(self, first: int, stop: int) -> bytearray:

@@ -140,6 +140,23 @@ class StagingLog:
                 raise
         return log
 
+    def prepare(self) -> None:
+        """Write the log file whole once (zeros up to its capacity, synced): appends then
+        overwrite written blocks, and their fdatasync has no allocation to journal (a
+        new secondary's first staged cycle took 80 ms to convey, later ones 30-40).
+        OSError on failure (the log works without it)."""
+        with self.lock:
+            self._ensure_open()
+            pos = os.fstat(self._fd).st_size
+            if pos >= self.capacity:
+                return
+            zeros = bytes(min(1 << 20, self.capacity - pos))
+            while pos < self.capacity:
+                n = min(len(zeros), self.capacity - pos)
+                _pwritev_full(self._fd, [zeros[:n]], pos, n)
+                pos += n
+            os.fdatasync(self._fd)
+
     def _ensure_open(self) -> None:
         if self._fd < 0:
             new = not self.path.exists()

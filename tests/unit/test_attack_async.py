@@ -83,7 +83,7 @@ class FakeSecondary:
             self.mirror.on_frame(p.CycleAck(frame.seq))
 
     def send_bulk(self, frame: p.Frame, timeout: float | None = None, lent: bool = False,
-                  window: int | None = None) -> None:
+                  window: int | None = None, handoff: bool = False) -> None:
         if self.block_bulk is not None:
             self.in_bulk.set()
             self.block_bulk.wait(10)

@@ -68,7 +68,7 @@ class GatedSecondary(FakeSecondary):
         self.go = threading.Event()
         self.frames: list[p.Frame] = []
 
-    def send_bulk(self, frame, timeout=None, lent=False, window=None):
+    def send_bulk(self, frame, timeout=None, lent=False, window=None, handoff=False):
         if isinstance(frame, (p.Write, p.WriteV, p.Zero)):
             self.sent += 1
             self.frames.append(frame)

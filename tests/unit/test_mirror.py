@@ -32,7 +32,7 @@ class Recorder:
             self.sent.append(frame)
 
     def send_bulk(self, frame: p.Frame, timeout: float | None = None, lent: bool = False,
-                  window: int | None = None) -> None:
+                  window: int | None = None, handoff: bool = False) -> None:
         self.send_urgent(frame)
 
     def close(self, reason: str = "") -> None:
@@ -95,7 +95,7 @@ class Acking(Recorder):
             threading.Thread(target=self.mirror.on_frame, args=(p.CycleAck(frame.seq),)).start()
 
     def send_bulk(self, frame: p.Frame, timeout: float | None = None, lent: bool = False,
-                  window: int | None = None) -> None:
+                  window: int | None = None, handoff: bool = False) -> None:
         super().send_urgent(frame)
         threading.Thread(target=self.mirror.on_frame, args=(p.DataAck(frame.seq),)).start()
 

@@ -302,3 +302,33 @@ def test_records_round_trip_with_zero_runs_and_unaligned_lengths(replica):
     assert again.committed is None and again.cycle == 5
     again.close()
     assert REGIONS * RS < SIZE
+
+
+def test_prepare_writes_the_log_whole_once_and_keeps_what_it_holds(replica):
+    """Zeros up to its capacity (appends then overwrite written blocks), behind the records a
+    previous run left, which still load."""
+    rec = receiver(replica)
+    rng, _old, model = cycle_2(rec, 30)
+    send(rec, model, chunks(rng))
+    rec.drain()
+    staged = [(r.offset, r.length) for r in rec._staging.records]
+    end = rec._staging._end
+    rec._staging.close()
+    path = replica.volume.path / "staging" / "log"
+    os.truncate(path, end)  # as a log no receiver prepared (an older version) is
+    before = os.stat(path).st_size
+    log_ = staging.StagingLog.open(replica.volume)
+    try:
+        log_.prepare()
+        size = os.stat(path).st_size
+        assert size == log_.capacity > before
+        assert os.stat(path).st_blocks * 512 >= size  # written, not a hole
+        log_.prepare()  # whole already: nothing more
+        assert os.stat(path).st_size == size
+    finally:
+        log_.close()
+    again = staging.StagingLog.open(replica.volume)
+    try:
+        assert [(r.offset, r.length) for r in again.records] == staged
+    finally:
+        again.close()

@@ -365,9 +365,7 @@ class AsyncMirror:
         channel.send_urgent(p.CycleCommit(freeze.number, round(freeze.taken_at * 1e6)))
         self._wait(channel, lambda: self._cycle_acked >= freeze.number, COMMIT_TIMEOUT,
                    f"the secondary did not commit cycle {freeze.number}")
-        self._finish(freeze)
-        with self._lock:
-            self.last_cycle = {"number": freeze.number, **self._summary(since)}
+        self._finish(freeze, since)
         return True
 
     def _since(self) -> tuple[float, int, int]:
@@ -510,7 +508,7 @@ class AsyncMirror:
             self._sent[self._next_seq] = (runs, payload)
             self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
-        channel.send_bulk(made, timeout=self.ack_timeout)
+        channel.send_bulk(made, timeout=self.ack_timeout, handoff=True)
 
     def _wait(self, channel: Channel, done: Any, timeout: float, what: str) -> None:
         """Until ``done()`` (lock held while asked); _Lost with the channel, and the
@@ -527,22 +525,24 @@ class AsyncMirror:
         self._drop(channel, f"{what} within {timeout:g}s")
         raise _Lost
 
-    def _finish(self, freeze: CycleFreeze) -> None:
+    def _finish(self, freeze: CycleFreeze, since: tuple[float, int, int]) -> None:
         """The secondary holds cycle ``freeze.number``: record it, then close the cycle.
 
         volume.json first: a crash after it resumes a cycle numbered as the one
         committed, which commits again (the secondary takes a repeated commit),
-        never a later cycle under a number already used.
+        never a later cycle under a number already used. Committed from then on
+        (``sync --wait`` returns, ``last_cycle`` is timed): closing the cycle
+        (its files removed) is housekeeping, and a cycle left open by a failure
+        there is closed again later.
         """
         self.engine.volume.update_info(cycle=freeze.number, cycle_at=freeze.taken_at or None)
-        try:
-            self._close_cycle(freeze)
-        finally:  # committed either way: a cycle left open is closed again later
-            with self._lock:
-                self.committed = freeze.number
-                self._need_pass = False  # the secondary holds a consistent image
-                self.last_consistent_at = freeze.taken_at or None
-                self.stats["cycles"] += 1
+        with self._lock:
+            self.committed = freeze.number
+            self._need_pass = False  # the secondary holds a consistent image
+            self.last_consistent_at = freeze.taken_at or None
+            self.stats["cycles"] += 1
+            self.last_cycle = {"number": freeze.number, **self._summary(since)}
+        self._close_cycle(freeze)
 
     def _close_cycle(self, freeze: CycleFreeze, give_back: bool = False) -> None:
         """Stop copying on write for ``freeze``, release its take, remove its files.

@@ -48,7 +48,7 @@ from ..server_files import RECEIVER_KIND, ServerPlace, admin_socket
 from ..volume import Volume
 from . import link, memory, tls
 from .protocol import Frame, Hello, Identity, hello_problem
-from .secondary import MODES, SEMI_ASYNC, FaultInjector, Receiver
+from .secondary import ASYNC, MODES, SEMI_ASYNC, FaultInjector, Receiver
 from .session import parse_peer, read_secret
 
 log = logging.getLogger("nbdmirror.receiver")
@@ -201,6 +201,8 @@ class Secondary:
             self._channel, self._mode = channel, hello.mode
             self.connects += 1
             self.receiver.mode = hello.mode
+            if hello.mode == ASYNC:
+                self.receiver.prepare_staging()
             self.receiver.out = channel
             channel.start(self.receiver.handle, lambda reason: self._lost.set())
         log.info("primary volume %s connected from %s (%s)", hello.uuid, channel.peer,

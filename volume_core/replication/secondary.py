@@ -389,12 +389,22 @@ class Receiver:
         self.cycle_in_progress: int | None = None  # async: the cycle arriving
         # async: the arriving cycle's chunks, kept apart from the volume until its commit
         self._staging = staging.StagingLog.open(engine.volume)
+        if mode == ASYNC:
+            self.prepare_staging()
         self._volume_dirty = False  # written to since its last fdatasync
         self._unstaged_cycle: int | None = None  # a cycle that spilled: the rest is direct
         if self._staging.committed is not None:  # committed before a crash, maybe not applied
             self._apply_committed()
         #: async: (clock, bytes applied) when the arriving cycle began (its throughput)
         self._cycle_from: tuple[float, int] | None = None
+
+    def prepare_staging(self) -> None:
+        """For async mode: the staging log written whole ahead of its first cycle (see
+        ``StagingLog.prepare``); best effort."""
+        try:
+            self._staging.prepare()
+        except OSError as err:
+            log.warning("cannot write the staging log whole ahead of use: %s", err)
 
     # -- frames in -----------------------------------------------------------
     def handle(self, frame: p.Frame) -> None:
