@@ -24,7 +24,11 @@ it was made in (``/proc/sys/kernel/random/boot_id``); after a reboot ``open``
 discards it. Nothing is lost then: every region it had not conveyed is
 still marked durably (the take is released only at the commit), and those
 it conveyed are on the secondary; the next take (the same cycle number: it
-was never committed) carries them again with what was written since.
+was never committed) carries them again with what was written since. For
+the same reason the take itself syncs nothing while writes pause: ``prepare``
+writes and syncs the files and ``cycle.json`` (with this boot) beforehand,
+``create`` only writes the taken regions' state bytes and renames the
+directory into place.
 """
 
 from __future__ import annotations
@@ -71,10 +75,13 @@ class LeftOpen(NamedTuple):
 
 
 class Prepared(NamedTuple):
-    """What ``CycleFreeze.prepare`` made: its temporary directory, its state map."""
+    """What ``CycleFreeze.prepare`` made: its temporary directory, its state map, and the
+    cycle number and time of its ``cycle.json`` (written and synced already), if given."""
 
     path: Path
     state: np.ndarray
+    number: int | None = None
+    taken_at: float | None = None
 
 
 @dataclasses.dataclass
@@ -109,10 +116,17 @@ class CycleFreeze:
                 pwrite_full(self.map_fd, b"\x01" * count, start)
 
     @staticmethod
-    def prepare(volume: Volume) -> Prepared:
+    def prepare(volume: Volume, number: int | None = None,
+                taken_at: float | None = None) -> Prepared:
         """The files of a freeze with nothing in it yet (every region FREE), synced, in a
         temporary directory, and its state map in memory: the slow part of ``create``
-        (in this VM fresh memory alone costs ~2.5 ms per MiB), done before writes pause."""
+        (in this VM fresh memory alone costs ~2.5 ms per MiB), done before writes pause.
+
+        With ``number``, its ``cycle.json`` too: the cycle, this boot, and the time of
+        its take, ``taken_at`` (Unix time; now by default: a take follows at once, and
+        its image holds every write acknowledged before it, so the point in time it
+        claims is at most that early). ``create`` then syncs nothing: writes pause for
+        a few page-cache writes and a rename."""
         root = volume.path / DIR
         if root.exists():
             raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
@@ -126,10 +140,14 @@ class CycleFreeze:
                 preallocate(f.fileno(), volume.regions)  # copies then never fail to record
                 pwrite_full(f.fileno(), state, 0)
                 os.fdatasync(f.fileno())
+            if number is not None:
+                taken_at = _whole_us(time.time() if taken_at is None else taken_at)
+                write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
+                                               "boot_id": boot_id()})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return Prepared(tmp, state)
+        return Prepared(tmp, state, number, taken_at)
 
     @classmethod
     def create(cls, volume: Volume, live_fd: int, number: int, taken: np.ndarray,
@@ -138,12 +156,17 @@ class CycleFreeze:
         """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced), the
         volume as it is at ``taken_at`` (Unix time; now by default), in the files
         ``prepare`` made (made now if not given). Only the taken regions' bytes of the
-        state map are written and synced here: writes pause for little more than them."""
-        # whole microseconds: what CYCLE_COMMIT carries, so both sides record one value
-        taken_at = round((time.time() if taken_at is None else taken_at) * 1e6) / 1e6
+        state map are written here, and when ``prepare`` wrote ``cycle.json`` nothing is
+        synced: a freeze is trusted only in the boot that made it (the module
+        docstring), and a SIGKILL keeps what is in the page cache. After a power loss
+        ``open`` finds the boot of the synced ``cycle.json`` gone, or no ``cycle``
+        directory at all (the rename lost): either way it is taken again."""
         root = volume.path / DIR
-        tmp, state = prepared or cls.prepare(volume)
+        prepared = prepared or cls.prepare(volume)
+        tmp, state = prepared.path, prepared.state
         try:
+            if prepared.number is not None and prepared.number != number:
+                raise ValueError(f"prepared for cycle {prepared.number}, not {number}")
             if root.exists():
                 raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
             with open(tmp / STATE, "r+b") as f:
@@ -155,15 +178,23 @@ class CycleFreeze:
                     for first, count in runs.tolist():
                         state[first:first + count] = KEEP
                         pwrite_full(f.fileno(), state[first:first + count], first)
-                os.fdatasync(f.fileno())
-            write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
-                                           "boot_id": boot_id()})
+                synced = prepared.number is not None
+                if not synced:
+                    os.fdatasync(f.fileno())
+            if synced:
+                assert prepared.taken_at is not None
+                taken_at = prepared.taken_at
+            else:
+                taken_at = _whole_us(time.time() if taken_at is None else taken_at)
+                write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
+                                               "boot_id": boot_id()})
             os.rename(tmp, root)
-            fsync_dir(volume.path)
+            if not synced:
+                fsync_dir(volume.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls._open(volume, live_fd, root, number, taken_at, state)
+        return cls._open(volume, live_fd, root, number, taken_at, state, sync=False)
 
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
@@ -232,17 +263,16 @@ class CycleFreeze:
 
     @classmethod
     def _open(cls, volume: Volume, live_fd: int, root: Path, number: int, taken_at: float,
-              state: np.ndarray) -> CycleFreeze:
+              state: np.ndarray, sync: bool = True) -> CycleFreeze:
         store_fd = os.open(root / STORE, os.O_RDWR | os.O_CLOEXEC)
         try:
             map_fd = os.open(root / STATE, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             os.close(store_fd)
             raise
-        # A SIGKILL between a copy's pwrite and its fdatasync leaves page-cache bytes that
-        # are not on disk: sync before trusting the map (as the snapshot chain does).
-        os.fdatasync(store_fd)
-        os.fdatasync(map_fd)
+        if sync:  # (one left open) what a previous run left in the page cache, on disk now
+            os.fdatasync(store_fd)
+            os.fdatasync(map_fd)
         return cls(number, root, live_fd, store_fd, map_fd, volume.geometry, state,
                    np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd), taken_at)
 
@@ -331,6 +361,11 @@ class CycleFreeze:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
         fsync_dir(self.path.parent)
+
+
+def _whole_us(unix_time: float) -> float:
+    """Whole microseconds: what CYCLE_COMMIT carries, so both sides record one value."""
+    return round(unix_time * 1e6) / 1e6
 
 
 def boot_id() -> str:

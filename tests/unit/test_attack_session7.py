@@ -383,11 +383,11 @@ def test_a_new_secondary_connecting_while_a_cycle_is_prepared_gets_everything(
     preparing = threading.Event()
     real_prepare = CycleFreeze.prepare
 
-    def prepare(volume):
+    def prepare(volume, *args, **kw):
         if armed.is_set():
             preparing.set()
             marked.wait(5)  # the slow part of a take (1 TiB: tens of ms)
-        return real_prepare(volume)
+        return real_prepare(volume, *args, **kw)
 
     monkeypatch.setattr(CycleFreeze, "prepare", staticmethod(prepare))
     with mirrored(engine) as mirror:

@@ -414,7 +414,7 @@ class AsyncMirror:
     def _take(self) -> CycleFreeze:
         engine = self.engine
         number = self.committed + 1
-        prepared = CycleFreeze.prepare(engine.volume)  # before writes pause
+        prepared = CycleFreeze.prepare(engine.volume, number)  # before writes pause
         with engine.quiesce():
             taken = engine.tracker.swap_and_reset()
             try:
