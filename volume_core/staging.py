@@ -216,7 +216,10 @@ class StagingLog:
                 pread_full(self._fd, memoryview(block)[BLOCK:], pos + BLOCK)
             rows = block[_HEADER.size:_HEADER.size + _EXTENT.size * offset]
             check = crc32c.crc32c(rows, check)
-            table = np.frombuffer(rows, dtype="<u8").reshape(-1, 2).astype(np.int64)
+            raw = np.frombuffer(rows, dtype="<u8").reshape(-1, 2)
+            if int(raw.max()) >= self.volume.size:  # (read as int64 it could wrap below 0)
+                return None
+            table = raw.astype(np.int64)
         if check != hcrc or kind is None or not epoch:
             return None
         if kind == WRITEV:
@@ -277,7 +280,7 @@ class StagingLog:
 
     def append_extents(self, extents: np.ndarray, data: memoryview) -> int:
         """Write one WRITEV record: scattered ranges (``extents``: (offset, length) rows,
-        ascending and apart) and their ``data`` in that order; as ``append``."""
+        ascending, not overlapping) and their ``data`` in that order; as ``append``."""
         count = len(extents)
         if not 0 < count <= MAX_EXTENTS or int(extents[:, 1].sum()) != len(data):
             raise ValueError(f"{count} extents for {len(data)} bytes of data")

@@ -48,8 +48,8 @@ before the decoder waits for (or buffers) a payload that is not coming.
     0x14  ZERO          P     seq, offset, length; MAY_TRIM: holes allowed       DATA_ACK
     0x15  FLUSH         P     seq                                                FLUSH_ACK
     0x16  WRITEV        P     seq, length = n extents (1..MAX_EXTENTS); payload  DATA_ACK
-                              = n (u64 offset, u64 length) pairs, ascending
-                              and apart, inside the volume, then their data
+                              = n (u64 offset, u64 length) pairs, ascending,
+                              not overlapping, inside the volume, then their data
                               in that order (async cycles; always FUA)
     0x20  META_ACK      S     seq .. seq+length-1 (length = count >= 1)
     0x21  DATA_ACK      S     seq .. seq+length-1 are on the secondary's disk
@@ -405,8 +405,8 @@ class WriteV(Frame):
     """Scattered ranges written as one frame (async cycles): one header, one answer.
 
     ``payload`` is the wire payload: ``count`` extents (u64 offset, u64 length),
-    ascending and apart, then their data in that order. A sender may build it in
-    place (``table``) and read the data in behind it: nothing is copied.
+    ascending and not overlapping, then their data in that order. A sender may build
+    it in place (``table``) and read the data in behind it: nothing is copied.
     """
 
     CODE: ClassVar[int] = 0x16
@@ -461,8 +461,8 @@ class WriteV(Frame):
 
 
 def _check_extents(rows: np.ndarray, payload_len: int) -> None:
-    """ProtocolError unless WRITEV extents are non-empty, ascending and apart, and their
-    data is the rest of the payload."""
+    """ProtocolError unless WRITEV extents are non-empty, ascending and not overlapping
+    (they may touch), and their data is the rest of the payload."""
     offsets, lengths = rows[:, 0], rows[:, 1]
     if not rows.size or not lengths.all() or int(lengths.max()) > MAX_DATA:
         raise ProtocolError("WRITEV frame has an empty extent, or one over the data limit")
