@@ -47,6 +47,7 @@ import numpy as np
 
 from . import native
 from .blockio import Extents, pread_full, preallocate, pwrite_full
+from .boot import boot_id
 from .errors import VolumeCorrupt
 from .geometry import RegionGeometry, leading
 from .snapshots import CowStore
@@ -366,14 +367,6 @@ class CycleFreeze:
 def _whole_us(unix_time: float) -> float:
     """Whole microseconds: what CYCLE_COMMIT carries, so both sides record one value."""
     return round(unix_time * 1e6) / 1e6
-
-
-def boot_id() -> str:
-    """This boot of the machine (a reboot changes it; the page cache does not outlive it)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def _clear_leftover(volume: Volume) -> Path:

@@ -14,12 +14,28 @@ as DRBD's activity log does: a sequential writer pays one sync per extent,
 not one per region. So after a crash the persisted map may hold a few
 regions that were never written (resynced for nothing, never missed); a
 clean close() trims it back to the exact marks.
+
+Kept intents (async cycles: ``release``/``release_part`` with ``keep_hot``):
+a region an async cycle conveyed is clean, but if its extent was written in
+the last ``HOT_SECONDS`` the host is likely to write it again soon, and
+clearing its intent would make that write wait for an fdatasync to set it
+again (with cycles run back to back, every write did). Its byte becomes 2
+instead of 0 (*kept*): still an intent on disk, which after a reboot is
+what it is (a 2 may hide a later 1 that never reached the disk), but in the
+boot that wrote it (``marks.boot`` names it; the page cache is intact) it
+means clean, so a SIGKILL and a restart still send nothing conveyed again.
+A write to a kept region turns its byte back to 1 in the page cache before
+it lands: a pwrite, no fdatasync (the disk holds a non-zero byte either
+way). A failed fdatasync of the map forgets the boot: nothing kept is
+trusted after a restart.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,13 +43,22 @@ import numpy as np
 
 from . import native
 from .blockio import preallocate, pwrite_full
+from .boot import forget_boot, record_this_boot, recorded_in_this_boot
 from .errors import MarksTaken, VolumeCorrupt
 from .geometry import region_shift
+
+log = logging.getLogger(__name__)
 
 # States of a region in the persisted map, as held in memory.
 _CLEAR = 0  # 0 on disk
 _WRITTEN = 1  # 1 written to the map file, not yet fdatasync'ed
 _DURABLE = 2  # 1 on disk and synced
+_KEPT = 3  # 2 on disk: a clean region's intent left in place (module docstring)
+KEPT_BYTE = 2
+#: seconds since an extent was last written for its clean regions' intent to be kept
+HOT_SECONDS = 2.0
+#: beside the map: the boot whose kept bytes mean clean
+BOOT_FILE = "marks.boot"
 
 #: regions per step of a whole-map pass (release, trim, clear): the lock every write
 #: takes is held for one step (about a millisecond), not for the whole map
@@ -63,6 +88,18 @@ class RegionTracker:
             on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
             if on_disk.size != regions:
                 raise VolumeCorrupt(f"{path}: shrank to {on_disk.size} bytes while read")
+            self._boot_file = path.with_name(BOOT_FILE)
+            self._boot_recorded = recorded_in_this_boot(self._boot_file)
+            kept = on_disk == KEPT_BYTE
+            if kept.any() and not self._boot_recorded:
+                # Kept in another boot: a 2 may hide a 1 that never reached the disk. An
+                # intent like any other (and written as one, before this boot's kept
+                # bytes could be taken for clean).
+                for start, count in native.scan_runs(kept.view(np.uint8)).tolist():
+                    pwrite_full(self._fd, b"\x01" * count, start)
+                os.fdatasync(self._fd)
+                on_disk[kept] = 1
+                kept[:] = False
             # A volume made before maps were preallocated, or a copied one, may be sparse.
             preallocate(self._fd, regions)
         except BaseException:
@@ -71,10 +108,11 @@ class RegionTracker:
         # Each map is a bytearray (cheap to index on the hot path) with a numpy view of the
         # same memory (for bulk work).
         # What a crash would recover: the persisted marks (and their state in memory).
-        self._state = bytearray(np.where(on_disk != 0, _DURABLE, _CLEAR).astype(np.uint8))
+        self._state = bytearray(np.where(kept, _KEPT, np.where(on_disk != 0, _DURABLE, _CLEAR)
+                                         ).astype(np.uint8))
         self._persisted = np.frombuffer(self._state, dtype=np.uint8)
         # The logical marks: regions written since the last swap_and_reset()/clear().
-        self._marks = bytearray((on_disk != 0).astype(np.uint8))
+        self._marks = bytearray(((on_disk != 0) & ~kept).astype(np.uint8))
         self.marks = np.frombuffer(self._marks, dtype=np.uint8)
         # Taken by swap_and_reset() and not yet released: must stay persisted.
         self._outstanding = np.zeros(regions, dtype=np.uint8)
@@ -82,6 +120,9 @@ class RegionTracker:
         # Unsettled writes per region, counted only while replicating (see begin()).
         self._pending: np.ndarray | None = None
         self.extent = max(1, INTENT_EXTENT // region_size)
+        # time.monotonic() each extent was last written (kept intents: HOT_SECONDS)
+        self._touched = np.zeros(-(-regions // self.extent), dtype=np.float64)
+        self._keeping = durable  # kept intents in use (off after a failed fdatasync)
         #: guards the maps; an owner may share it (see try_mark)
         self.lock = self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -139,10 +180,12 @@ class RegionTracker:
         shift = self.shift
         first = offset >> shift
         last = (offset + length - 1) >> shift
+        self._touched[first // self.extent] = time.monotonic()
         if first == last:
             self._marks[first] = 1
             return self._state[first] == _DURABLE
         self.marks[first:last + 1] = 1
+        self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
         return bool((self._persisted[first:last + 1] == _DURABLE).all())
 
     def _persist(self, start: int, stop: int) -> int:
@@ -153,17 +196,30 @@ class RegionTracker:
         EIO) leaves them CLEAR, so the next writer tries again, and at worst leaves
         extra 1s on disk (intent for nothing, never a missed mark).
         """
-        ext = self.extent
+        ext, first, last = self.extent, start, stop
+        # Kept regions hold an intent on disk already: it need only say so again (in the
+        # page cache: see the module docstring), never wait for a sync.
+        kept = (self._persisted[first:last] == _KEPT).view(np.uint8)
+        for run, count in native.scan_runs(kept).tolist():
+            pwrite_full(self._fd, b"\x01" * count, first + run)
+            self._persisted[first + run:first + run + count] = _DURABLE
         start = start // ext * ext
         stop = min(self.regions, -(-stop // ext) * ext)
         clear = np.flatnonzero(self._persisted[start:stop] == _CLEAR)
         if clear.size:
-            pwrite_full(self._fd, b"\x01" * (stop - start), start)
+            if clear.size == stop - start:
+                pwrite_full(self._fd, b"\x01" * (stop - start), start)
+            else:  # around kept (and durable) ones, which stay as they are
+                todo = (self._persisted[start:stop] == _CLEAR).view(np.uint8)
+                for run, count in native.scan_runs(todo).tolist():
+                    pwrite_full(self._fd, b"\x01" * count, start + run)
             written = clear + start
             self._persisted[written] = _WRITTEN
             self._write_seq += 1
             self._unsynced.append(written)
         # Regions already written by another thread still need that thread's sync to finish.
+        if not (self._persisted[first:last] == _WRITTEN).any():
+            return 0
         return self._write_seq
 
     def _sync_upto(self, seq: int) -> None:
@@ -189,6 +245,7 @@ class RegionTracker:
                 with self._lock:
                     self._persisted[self._persisted == _WRITTEN] = _CLEAR
                     self._unsynced = []
+                    self._stop_keeping()
                 raise
             self.syncs += 1
             self._settle(batch, _DURABLE)
@@ -246,29 +303,32 @@ class RegionTracker:
             native.merge_or(self._outstanding, regions)
             self._taken = True
 
-    def release_part(self, first: int, stop: int) -> None:
+    def release_part(self, first: int, stop: int, keep_hot: bool = False) -> None:
         """Regions [first, stop) of the outstanding take are done with (an async cycle
         conveyed them): their intent goes now, unless marked again since, so that a
-        write from now on records its mark durably again (``release`` does the rest)."""
+        write from now on records its mark durably again (``release`` does the rest).
+        ``keep_hot``: kept instead where their extent was written lately (module
+        docstring)."""
         with self._lock:
             self._outstanding[first:stop] = 0
-            self._trim_range(first, stop)
+            self._trim_range(first, stop, keep_hot)
 
     def merge(self, other: np.ndarray) -> None:
         """OR ``other`` into the marks (e.g. give back marks a failed cycle took)."""
         with self._lock:
             native.merge_or(self.marks, other)
 
-    def give_back(self, taken: np.ndarray) -> int:
+    def give_back(self, taken: np.ndarray, keep_hot: bool = False) -> int:
         """A take whose regions were not all conveyed (a failed or abandoned cycle): mark
         them all again, then release it."""
         self.merge(taken)
-        return self.release(taken)
+        return self.release(taken, keep_hot)
 
-    def release(self, taken: np.ndarray) -> int:
+    def release(self, taken: np.ndarray, keep_hot: bool = False) -> int:
         """Clear on disk the regions of ``taken`` not marked again since; return how many.
 
-        Intent persisted for unmarked neighbours (whole extents) is trimmed too.
+        Intent persisted for unmarked neighbours (whole extents) is trimmed too;
+        ``keep_hot``: kept instead in extents written lately (module docstring).
         A pass over the whole map, a chunk at a time: every write takes the same
         lock, so it is held for one chunk, never for the whole map.
         """
@@ -279,7 +339,7 @@ class RegionTracker:
                 self._outstanding[a:b][part] = 0
                 done = part & (self.marks[a:b] == 0) & (self._persisted[a:b] != _CLEAR)
                 count += int(np.count_nonzero(done))
-                self._trim_range(a, b)
+                self._trim_range(a, b, keep_hot)
         with self._lock:
             self._taken = False
         return count
@@ -288,8 +348,9 @@ class RegionTracker:
         for a in range(0, self.regions, PASS_CHUNK):
             yield a, min(self.regions, a + PASS_CHUNK)
 
-    def _trim_range(self, a: int, b: int) -> None:
-        """Clear persisted regions of [a, b) neither marked nor outstanding (lock held).
+    def _trim_range(self, a: int, b: int, keep_hot: bool = False) -> None:
+        """Clear persisted regions of [a, b) neither marked nor outstanding (lock held);
+        ``keep_hot``: those of extents written in the last ``HOT_SECONDS`` are kept.
 
         Safe: a write in flight has set its mark before it checked the persisted state.
         """
@@ -297,7 +358,44 @@ class RegionTracker:
         if not persisted.any():
             return
         extra = (persisted != _CLEAR) & (self.marks[a:b] == 0) & (self._outstanding[a:b] == 0)
+        if keep_hot and self._keeping and extra.any():
+            ext = self.extent
+            touched = self._touched[a // ext:-(-b // ext)]
+            hot = np.repeat(touched > time.monotonic() - HOT_SECONDS, ext)
+            hot = hot[a - a // ext * ext:][:b - a]
+            keep = extra & hot
+            if keep.any():
+                self._keep_persisted(keep, a)
+                extra &= ~hot
         self._clear_persisted(extra, a)
+
+    def _keep_persisted(self, keep: np.ndarray, base: int) -> None:
+        """Turn the durable intents of ``keep`` (regions from ``base``) into kept ones: 2
+        on disk, no sync (lock held). This boot is recorded first (once)."""
+        persisted = self._persisted[base:base + keep.size]
+        todo = (keep & (persisted == _DURABLE)).view(np.uint8)
+        runs = native.scan_runs(todo).tolist()
+        if not runs:
+            return
+        if not self._boot_recorded:
+            record_this_boot(self._boot_file)
+            self._boot_recorded = True
+        for start, count in runs:
+            pwrite_full(self._fd, bytes([KEPT_BYTE]) * count, base + start)
+            persisted[start:start + count] = _KEPT
+
+    def _stop_keeping(self) -> None:
+        """(lock held) After a failed fdatasync of the map: kept bytes are trusted no more
+        (a page that said 1 again may be lost, leaving the disk's 2); from now on only
+        durable intents, as they are on disk."""
+        self._keeping = False
+        self._persisted[self._persisted == _KEPT] = _DURABLE  # non-zero on disk: an intent
+        try:
+            forget_boot(self._boot_file)
+        except OSError as err:  # then a restart in this boot trusts them: say so loudly
+            log.error("cannot remove %s after a failed fdatasync of the marks: %s; restart "
+                      "nothing in this boot before removing it", self._boot_file, err)
+        self._boot_recorded = False
 
     def _trim_intent(self) -> None:
         """Trim the whole persisted map to the marks and takes, a chunk at a time."""
@@ -360,7 +458,7 @@ class RegionTracker:
         synced are left alone: their sync must settle them.
         """
         persisted = self._persisted[base:base + done.size]
-        done_u8 = (done & (persisted == _DURABLE)).astype(np.uint8)
+        done_u8 = (done & ((persisted == _DURABLE) | (persisted == _KEPT))).astype(np.uint8)
         runs = native.scan_runs(done_u8)
         for start, count in runs.tolist():
             persisted[start:start + count] = _CLEAR
@@ -380,9 +478,12 @@ class RegionTracker:
 
 
 def load_marks(path: Path, regions: int) -> np.ndarray:
-    """Read a persisted map without opening a tracker (for offline inspection)."""
+    """Read a persisted map without opening a tracker (for offline inspection): kept
+    bytes count as marks unless this boot kept them (module docstring)."""
     on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
     if on_disk.size != regions:
         raise VolumeCorrupt(f"{path}: {on_disk.size} bytes, expected {regions} "
                             "(one byte per region)")
+    if recorded_in_this_boot(path.with_name(BOOT_FILE)):
+        return ((on_disk != 0) & (on_disk != KEPT_BYTE)).astype(np.uint8)
     return (on_disk != 0).astype(np.uint8)

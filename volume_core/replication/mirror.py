@@ -254,7 +254,7 @@ class AsyncMirror:
                 elif image is not None:
                     for first, stop in runs:
                         image.conveyed(first, stop)
-                        self.engine.tracker.release_part(first, stop)
+                        self.engine.tracker.release_part(first, stop, keep_hot=True)
                         nbytes = self._geometry.byte_range(first, stop)[1]
                         self.progress["conveyed_regions"] += stop - first
                         self.progress["conveyed_bytes"] += nbytes
@@ -408,7 +408,7 @@ class AsyncMirror:
         if give_back:
             self.engine.tracker.give_back(lp.taken)
         else:
-            self.engine.tracker.release(lp.taken)
+            self.engine.tracker.release(lp.taken, keep_hot=True)
         self._pass = None
 
     def _take(self) -> CycleFreeze:
@@ -561,7 +561,7 @@ class AsyncMirror:
                 if give_back:
                     engine.tracker.give_back(self._taken)
                 else:
-                    engine.tracker.release(self._taken)
+                    engine.tracker.release(self._taken, keep_hot=True)
             freeze.drop()
         finally:
             with self._lock:
