@@ -32,6 +32,7 @@ trusted after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -82,20 +83,28 @@ class RegionTracker:
             if size != regions:
                 raise VolumeCorrupt(f"{path}: {size} bytes, expected {regions} "
                                     "(one byte per region)")
+            self._boot_file = path.with_name(BOOT_FILE)
             # What is in the page cache may not be on disk yet (a SIGKILL between pwrite and
-            # fdatasync): sync before trusting it as durable.
-            os.fdatasync(self._fd)
+            # fdatasync): sync before trusting it as durable. If that fails, a page that
+            # said 1 again may be lost under a kept 2: trust no kept byte any more (Linux
+            # reports the failure once: the next start's sync would succeed).
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                forget_boot(self._boot_file)
+                raise
             on_disk = np.fromfile(path, dtype=np.uint8, count=regions)
             if on_disk.size != regions:
                 raise VolumeCorrupt(f"{path}: shrank to {on_disk.size} bytes while read")
-            self._boot_file = path.with_name(BOOT_FILE)
             self._boot_recorded = recorded_in_this_boot(self._boot_file)
             kept = on_disk == KEPT_BYTE
-            if kept.any() and not self._boot_recorded:
-                # Kept in another boot: a 2 may hide a 1 that never reached the disk. An
-                # intent like any other (and written as one, before this boot's kept
-                # bytes could be taken for clean).
-                for start, count in native.scan_runs(kept.view(np.uint8)).tolist():
+            if not self._boot_recorded and on_disk.any():
+                # Kept in another boot (or trust withdrawn): a 2 may hide a 1 that never
+                # reached the disk, and a 1 read from the page cache may sit over a 2 on
+                # disk. Every intent written again as 1 and synced, before this boot's
+                # kept bytes could be taken for clean.
+                intents = (on_disk != 0).view(np.uint8)
+                for start, count in native.scan_runs(intents).tolist():
                     pwrite_full(self._fd, b"\x01" * count, start)
                 os.fdatasync(self._fd)
                 on_disk[kept] = 1
@@ -121,7 +130,7 @@ class RegionTracker:
         self._pending: np.ndarray | None = None
         self.extent = max(1, INTENT_EXTENT // region_size)
         # time.monotonic() each extent was last written (kept intents: HOT_SECONDS)
-        self._touched = np.zeros(-(-regions // self.extent), dtype=np.float64)
+        self._touched = np.full(-(-regions // self.extent), -np.inf)
         self._keeping = durable  # kept intents in use (off after a failed fdatasync)
         #: guards the maps; an owner may share it (see try_mark)
         self.lock = self._lock = threading.Lock()
@@ -164,7 +173,7 @@ class RegionTracker:
                     self.marks[a:b][want] = 1
                     todo = (want & (self._persisted[a:b] != _DURABLE)).astype(np.uint8)
                     for start, count in native.scan_runs(todo).tolist():
-                        seq = self._persist(a + start, a + start + count)
+                        seq = max(seq, self._persist(a + start, a + start + count))
             if not seq:
                 return
             # As in mark(): another thread's failed sync may have rolled ours back.
@@ -364,25 +373,32 @@ class RegionTracker:
             hot = np.repeat(touched > time.monotonic() - HOT_SECONDS, ext)
             hot = hot[a - a // ext * ext:][:b - a]
             keep = extra & hot
-            if keep.any():
-                self._keep_persisted(keep, a)
+            if keep.any() and self._keep_persisted(keep, a):
                 extra &= ~hot
         self._clear_persisted(extra, a)
 
-    def _keep_persisted(self, keep: np.ndarray, base: int) -> None:
+    def _keep_persisted(self, keep: np.ndarray, base: int) -> bool:
         """Turn the durable intents of ``keep`` (regions from ``base``) into kept ones: 2
-        on disk, no sync (lock held). This boot is recorded first (once)."""
+        on disk, no sync (lock held). This boot is recorded first (once); False when it
+        cannot be (nothing kept then)."""
         persisted = self._persisted[base:base + keep.size]
         todo = (keep & (persisted == _DURABLE)).view(np.uint8)
         runs = native.scan_runs(todo).tolist()
         if not runs:
-            return
+            return True
         if not self._boot_recorded:
-            record_this_boot(self._boot_file)
+            try:
+                record_this_boot(self._boot_file)
+            except OSError as err:  # (ENOSPC): clear them instead, as without keeping
+                log.warning("cannot record this boot in %s: %s; conveyed regions' intents "
+                            "are cleared, not kept", self._boot_file, err)
+                self._keeping = False
+                return False
             self._boot_recorded = True
         for start, count in runs:
             pwrite_full(self._fd, bytes([KEPT_BYTE]) * count, base + start)
             persisted[start:start + count] = _KEPT
+        return True
 
     def _stop_keeping(self) -> None:
         """(lock held) After a failed fdatasync of the map: kept bytes are trusted no more
@@ -471,7 +487,12 @@ class RegionTracker:
         if self._fd >= 0:
             try:
                 self._trim_intent()
-                os.fdatasync(self._fd)
+                try:
+                    os.fdatasync(self._fd)
+                except OSError:  # as in _sync_upto: a lost 1 may leave a kept 2 on disk
+                    with contextlib.suppress(OSError):
+                        forget_boot(self._boot_file)
+                    raise
             finally:
                 os.close(self._fd)
                 self._fd = -1

@@ -162,3 +162,20 @@ def test_a_write_over_a_kept_region_and_a_clear_neighbour_persists_its_extent(vo
     assert on_disk(vol)[3] == KEPT_BYTE  # the extent's intent was written around it
     again.close()
     t._fd = -1
+
+
+def test_a_start_without_this_boot_recorded_writes_every_intent_as_1_and_syncs(
+        vol, monkeypatch):
+    """A page that said 1 may sit over a 2 on disk (a failed writeback): before kept bytes
+    can be trusted again, every non-zero byte is written as 1 and synced."""
+    raw = np.zeros(vol.regions, dtype=np.uint8)
+    raw[[3, 4, EXT + 1]] = [1, KEPT_BYTE, 1]
+    raw.tofile(vol.marks_path)
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    t = tracker(vol)
+    assert np.flatnonzero(on_disk(vol)).tolist() == [3, 4, EXT + 1]
+    assert set(on_disk(vol)[[3, 4, EXT + 1]].tolist()) == {1} and len(syncs) >= 2
+    assert np.flatnonzero(t.marks).tolist() == [3, 4, EXT + 1]
+    t.close()
