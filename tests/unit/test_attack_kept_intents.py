@@ -28,6 +28,7 @@ import types
 import numpy as np
 import pytest
 
+from tests.unit.test_kept_intents import count_syncs
 from volume_core import boot, regions
 from volume_core.regions import (
     _CLEAR,
@@ -129,18 +130,6 @@ def fail_fdatasync(monkeypatch, times: int = 1, fd: int | None = None) -> list[i
 
     monkeypatch.setattr(os, "fdatasync", flaky)
     return failed
-
-
-def count_syncs(monkeypatch, t: RegionTracker) -> list[int]:
-    real, calls = os.fdatasync, []
-
-    def counting(f):
-        if f == t._fd:
-            calls.append(f)
-        real(f)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
-    return calls
 
 
 def check_consistent(vol, t: RegionTracker) -> None:
