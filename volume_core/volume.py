@@ -5,7 +5,8 @@ Layout of a volume ``VOL/``::
     volume.json     description: format, uuid, size, region size, role, generation,
                     and on a secondary the uuid and generation of its primary
     data.img        the live data, a raw sparse image (qemu-img, cmp, losetup read it)
-    marks.map       the persisted write-intent map, one byte per region
+    marks.map       the persisted write-intent map, one byte per region (regions.py)
+    marks.boot      the boot whose kept intents (2s in marks.map) mean clean
     snapshots/      copy-on-write snapshots
     lock            flock()ed by whichever process has the volume open for writing
 
