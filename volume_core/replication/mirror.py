@@ -530,19 +530,20 @@ class AsyncMirror:
 
         volume.json first: a crash after it resumes a cycle numbered as the one
         committed, which commits again (the secondary takes a repeated commit),
-        never a later cycle under a number already used. Committed from then on
-        (``sync --wait`` returns, ``last_cycle`` is timed): closing the cycle
-        (its files removed) is housekeeping, and a cycle left open by a failure
-        there is closed again later.
+        never a later cycle under a number already used. ``committed`` (what
+        ``sync --wait`` waits for) and ``last_cycle`` follow once the cycle is
+        closed (its files removed), or closing it failed (closed again later).
         """
         self.engine.volume.update_info(cycle=freeze.number, cycle_at=freeze.taken_at or None)
-        with self._lock:
-            self.committed = freeze.number
-            self._need_pass = False  # the secondary holds a consistent image
-            self.last_consistent_at = freeze.taken_at or None
-            self.stats["cycles"] += 1
-            self.last_cycle = {"number": freeze.number, **self._summary(since)}
-        self._close_cycle(freeze)
+        try:
+            self._close_cycle(freeze)
+        finally:  # committed either way: a cycle left open is closed again later
+            with self._lock:
+                self.committed = freeze.number
+                self._need_pass = False  # the secondary holds a consistent image
+                self.last_consistent_at = freeze.taken_at or None
+                self.stats["cycles"] += 1
+                self.last_cycle = {"number": freeze.number, **self._summary(since)}
 
     def _close_cycle(self, freeze: CycleFreeze, give_back: bool = False) -> None:
         """Stop copying on write for ``freeze``, release its take, remove its files.
