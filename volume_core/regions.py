@@ -208,10 +208,15 @@ class RegionTracker:
         ext, first, last = self.extent, start, stop
         # Kept regions hold an intent on disk already: it need only say so again (in the
         # page cache: see the module docstring), never wait for a sync.
-        kept = (self._persisted[first:last] == _KEPT).view(np.uint8)
-        for run, count in native.scan_runs(kept).tolist():
-            pwrite_full(self._fd, b"\x01" * count, first + run)
-            self._persisted[first + run:first + run + count] = _DURABLE
+        if last - first == 1:  # (most writes: no array work)
+            if self._state[first] == _KEPT:
+                pwrite_full(self._fd, b"\x01", first)
+                self._state[first] = _DURABLE
+        else:
+            kept = (self._persisted[first:last] == _KEPT).view(np.uint8)
+            for run, count in native.scan_runs(kept).tolist():
+                pwrite_full(self._fd, b"\x01" * count, first + run)
+                self._persisted[first + run:first + run + count] = _DURABLE
         start = start // ext * ext
         stop = min(self.regions, -(-stop // ext) * ext)
         clear = np.flatnonzero(self._persisted[start:stop] == _CLEAR)
