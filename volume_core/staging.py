@@ -43,14 +43,14 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import crc32c
 import numpy as np
 
 from .blockio import pread_full
 from .errors import VolumeBusy
-from .replication.protocol import MAX_EXTENTS
+from .replication.protocol import MAX_EXTENTS, extents_problem
 from .snapshots import try_flock
 from .volume import Volume, fsync_dir
 from .write_events import TRIM, WRITE, ZERO
@@ -216,18 +216,14 @@ class StagingLog:
                 pread_full(self._fd, memoryview(block)[BLOCK:], pos + BLOCK)
             rows = block[_HEADER.size:_HEADER.size + _EXTENT.size * offset]
             check = crc32c.crc32c(rows, check)
-            raw = np.frombuffer(rows, dtype="<u8").reshape(-1, 2)
-            if int(raw.max()) >= self.volume.size:  # (read as int64 it could wrap below 0)
+            raw = np.frombuffer(rows, dtype="<u8").reshape(-1, 2)  # (as int64 it could wrap)
+            if (extents_problem(raw, length) is not None
+                    or int(raw[-1, 0] + raw[-1, 1]) > self.volume.size):
                 return None
             table = raw.astype(np.int64)
-        if check != hcrc or kind is None or not epoch:
-            return None
-        if kind == WRITEV:
-            ends = table[:, 0] + table[:, 1]
-            if (not table[:, 1].all() or (table[1:, 0] < ends[:-1]).any()
-                    or int(ends[-1]) > self.volume.size or int(table[:, 1].sum()) != length):
-                return None
         elif offset + length > self.volume.size:
+            return None
+        if check != hcrc or kind is None or not epoch:
             return None
         return epoch, cycle, kind, bool(may_trim), offset, length, taken_us, dcrc, table
 
@@ -259,24 +255,10 @@ class StagingLog:
         """Write one chunk's record at the end of the log (no sync); -> the generation
         its durability is judged by (``generation``). OSError on failure: then nothing is
         staged of it."""
-        with self.lock:
-            self._ensure_open()
-            if self.cycle is None or self.committed is not None:
-                raise ValueError("the staging log takes no chunks now (no cycle begun, or "
-                                 "its cycle committed)")
-            pos = self._end
-            parts = [self._header_block(kind, offset, length, data, may_trim)]
-            size = BLOCK
-            if kind == WRITE:
-                assert data is not None and len(data) == length
-                parts.append(data)
-                if length % BLOCK:
-                    parts.append(bytes(BLOCK - length % BLOCK))
-                size += _padded(length)
-            _pwritev_full(self._fd, parts, pos, size)
-            self._end = pos + size
-            self.records.append(Staged(kind, offset, length, may_trim, pos + BLOCK))
-            return self.generation
+        if kind == WRITE:
+            assert data is not None and len(data) == length
+        return self._append(kind, offset, length, data if kind == WRITE else None, may_trim,
+                            b"", lambda at: [Staged(kind, offset, length, may_trim, at)])
 
     def append_extents(self, extents: np.ndarray, data: memoryview) -> int:
         """Write one WRITEV record: scattered ranges (``extents``: (offset, length) rows,
@@ -284,34 +266,44 @@ class StagingLog:
         count = len(extents)
         if not 0 < count <= MAX_EXTENTS or int(extents[:, 1].sum()) != len(data):
             raise ValueError(f"{count} extents for {len(data)} bytes of data")
+        return self._append(WRITEV, count, len(data), data, False,
+                            np.asarray(extents, dtype="<u8").tobytes(),
+                            lambda at: _extent_records(extents, at))
+
+    def _append(self, kind: str, offset: int, length: int, data: memoryview | None,
+                may_trim: bool, table: bytes, staged: Callable[[int], list[Staged]]) -> int:
+        """Write a record at the end of the log: its header blocks, then ``data`` padded to
+        whole blocks; ``staged(where its data starts)`` are its records in memory."""
         with self.lock:
             self._ensure_open()
             if self.cycle is None or self.committed is not None:
                 raise ValueError("the staging log takes no chunks now (no cycle begun, or "
                                  "its cycle committed)")
-            pos, length = self._end, len(data)
-            head = bytearray(_head_size(count))
-            rows = np.asarray(extents, dtype="<u8").tobytes()
-            head[_HEADER.size:_HEADER.size + len(rows)] = rows
-            _HEADER.pack_into(head, 0, MAGIC, self._epoch, self.cycle, _KIND_CODES[WRITEV],
-                              False, count, length, 0, crc32c.crc32c(data), 0)
-            _HCRC.pack_into(head, _HEADER.size - 4,
-                            crc32c.crc32c(rows, crc32c.crc32c(head[:_HEADER.size - 4])))
-            parts: list = [head, data]
-            if length % BLOCK:
-                parts.append(bytes(BLOCK - length % BLOCK))
-            _pwritev_full(self._fd, parts, pos, len(head) + _padded(length))
-            self._end = pos + len(head) + _padded(length)
-            self.records += _extent_records(extents, pos + len(head))
+            pos = self._end
+            head = self._header_block(kind, offset, length, data, may_trim, table=table)
+            parts: list = [head]
+            size = len(head)
+            if data is not None:
+                parts.append(data)
+                if length % BLOCK:
+                    parts.append(bytes(BLOCK - length % BLOCK))
+                size += _padded(length)
+            _pwritev_full(self._fd, parts, pos, size)
+            self._end = pos + size
+            self.records += staged(pos + len(head))
             return self.generation
 
     def _header_block(self, kind: str, offset: int, length: int, data: memoryview | None,
-                      may_trim: bool, taken_us: int = 0) -> bytearray:
-        block = self._header
+                      may_trim: bool, taken_us: int = 0, table: bytes = b"") -> bytearray:
+        """A record's header blocks: the fixed header, then ``table`` (a WRITEV record's
+        extents), under one CRC."""
+        block = bytearray(_head_size(len(table) // _EXTENT.size)) if table else self._header
+        block[_HEADER.size:_HEADER.size + len(table)] = table
         dcrc = crc32c.crc32c(data) if data is not None else 0
         _HEADER.pack_into(block, 0, MAGIC, self._epoch, self.cycle, _KIND_CODES[kind],
                           may_trim, offset, length, taken_us, dcrc, 0)
-        _HCRC.pack_into(block, _HEADER.size - 4, crc32c.crc32c(block[:_HEADER.size - 4]))
+        hcrc = crc32c.crc32c(table, crc32c.crc32c(block[:_HEADER.size - 4]))
+        _HCRC.pack_into(block, _HEADER.size - 4, hcrc)
         return block
 
     def sync(self) -> None:

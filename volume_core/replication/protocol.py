@@ -460,20 +460,29 @@ class WriteV(Frame):
         return cls(seq, length, payload)
 
 
-def _check_extents(rows: np.ndarray, payload_len: int) -> None:
-    """ProtocolError unless WRITEV extents are non-empty, ascending and not overlapping
-    (they may touch), and their data is the rest of the payload."""
+def extents_problem(rows: np.ndarray, data_len: int) -> str | None:
+    """What is wrong with WRITEV extents ((offset, length) rows as read from the wire or
+    a staging log: uint64), or None: each non-empty and at most ``MAX_DATA`` bytes,
+    ascending and not overlapping (they may touch), ``data_len`` bytes in all."""
     offsets, lengths = rows[:, 0], rows[:, 1]
     if not rows.size or not lengths.all() or int(lengths.max()) > MAX_DATA:
-        raise ProtocolError("WRITEV frame has an empty extent, or one over the data limit")
-    if int(offsets.max()) >= 1 << 62:
-        raise ProtocolError("WRITEV frame has an extent out of range")
+        return "has an empty extent, or one over the data limit"
+    if int(offsets.max()) >= 1 << 62:  # (so that no end below overflows)
+        return "has an extent out of range"
     ends = offsets + lengths
     if (offsets[1:] < ends[:-1]).any():
-        raise ProtocolError("WRITEV frame extents overlap or do not ascend")
-    if int(lengths.sum()) != payload_len - _EXTENT_SIZE * len(rows):
-        raise ProtocolError(f"WRITEV frame extents hold {int(lengths.sum())} bytes of data; "
-                            f"its payload carries {payload_len - _EXTENT_SIZE * len(rows)}")
+        return "extents overlap or do not ascend"
+    if int(lengths.sum()) != data_len:
+        return f"extents hold {int(lengths.sum())} bytes of data; its payload carries {data_len}"
+    return None
+
+
+def _check_extents(rows: np.ndarray, payload_len: int) -> None:
+    """ProtocolError unless a WRITEV frame's extents are right (``extents_problem``) for
+    the data that follows their table in its payload."""
+    problem = extents_problem(rows, payload_len - _EXTENT_SIZE * len(rows))
+    if problem is not None:
+        raise ProtocolError(f"WRITEV frame {problem}")
 
 
 def _check_extents_inside(frame: Frame, size: int | None) -> None:
