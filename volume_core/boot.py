@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .volume import fsync_dir
+from .volume import fsync_dir, write_atomic
 
 
 def boot_id() -> str:
@@ -33,18 +33,7 @@ def recorded_in_this_boot(path: Path) -> bool:
 
 def record_this_boot(path: Path) -> None:
     """Write this boot's id to ``path`` durably (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    try:
-        os.write(fd, (boot_id() + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, (boot_id() + "\n").encode())
 
 
 def forget_boot(path: Path) -> None:

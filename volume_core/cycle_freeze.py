@@ -77,12 +77,12 @@ class LeftOpen(NamedTuple):
 
 class Prepared(NamedTuple):
     """What ``CycleFreeze.prepare`` made: its temporary directory, its state map, and the
-    cycle number and time of its ``cycle.json`` (written and synced already), if given."""
+    cycle number and time of its ``cycle.json`` (written and synced already)."""
 
     path: Path
     state: np.ndarray
-    number: int | None = None
-    taken_at: float | None = None
+    number: int
+    taken_at: float
 
 
 @dataclasses.dataclass
@@ -117,17 +117,15 @@ class CycleFreeze:
                 pwrite_full(self.map_fd, b"\x01" * count, start)
 
     @staticmethod
-    def prepare(volume: Volume, number: int | None = None,
-                taken_at: float | None = None) -> Prepared:
-        """The files of a freeze with nothing in it yet (every region FREE), synced, in a
-        temporary directory, and its state map in memory: the slow part of ``create``
-        (in this VM fresh memory alone costs ~2.5 ms per MiB), done before writes pause.
-
-        With ``number``, its ``cycle.json`` too: the cycle, this boot, and the time of
-        its take, ``taken_at`` (Unix time; now by default: a take follows at once, and
-        its image holds every write acknowledged before it, so the point in time it
-        claims is at most that early). ``create`` then syncs nothing: writes pause for
-        a few page-cache writes and a rename."""
+    def prepare(volume: Volume, number: int, taken_at: float | None = None) -> Prepared:
+        """The files of cycle ``number``'s freeze with nothing in it yet (every region
+        FREE), synced, in a temporary directory, and its state map in memory: the slow
+        part of ``create`` (in this VM fresh memory alone costs ~2.5 ms per MiB), done
+        before writes pause. Its ``cycle.json`` too: the cycle, this boot, and the time
+        of its take, ``taken_at`` (Unix time; now by default: a take follows at once,
+        and its image holds every write acknowledged before it, so the point in time
+        it claims is at most that early). ``create`` then syncs nothing: writes pause
+        for a few page-cache writes and a rename."""
         root = volume.path / DIR
         if root.exists():
             raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
@@ -141,10 +139,9 @@ class CycleFreeze:
                 preallocate(f.fileno(), volume.regions)  # copies then never fail to record
                 pwrite_full(f.fileno(), state, 0)
                 os.fdatasync(f.fileno())
-            if number is not None:
-                taken_at = _whole_us(time.time() if taken_at is None else taken_at)
-                write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
-                                               "boot_id": boot_id()})
+            taken_at = _whole_us(time.time() if taken_at is None else taken_at)
+            write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
+                                           "boot_id": boot_id()})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -154,19 +151,19 @@ class CycleFreeze:
     def create(cls, volume: Volume, live_fd: int, number: int, taken: np.ndarray,
                taken_at: float | None = None,
                prepared: Prepared | None = None) -> CycleFreeze:
-        """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced), the
-        volume as it is at ``taken_at`` (Unix time; now by default), in the files
-        ``prepare`` made (made now if not given). Only the taken regions' bytes of the
-        state map are written here, and when ``prepare`` wrote ``cycle.json`` nothing is
-        synced: a freeze is trusted only in the boot that made it (the module
-        docstring), and a SIGKILL keeps what is in the page cache. After a power loss
-        ``open`` finds the boot of the synced ``cycle.json`` gone, or no ``cycle``
-        directory at all (the rename lost): either way it is taken again."""
+        """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced), in
+        the files ``prepare`` made (made now if not given, its point in time
+        ``taken_at``). Only the taken regions' bytes of the state map are written
+        here, and nothing is synced: a freeze is trusted only in the boot that made
+        it (the module docstring), and a SIGKILL keeps what is in the page cache.
+        After a power loss ``open`` finds the boot of the synced ``cycle.json`` gone,
+        or no ``cycle`` directory at all (the rename lost): either way it is taken
+        again."""
         root = volume.path / DIR
-        prepared = prepared or cls.prepare(volume)
+        prepared = prepared or cls.prepare(volume, number, taken_at)
         tmp, state = prepared.path, prepared.state
         try:
-            if prepared.number is not None and prepared.number != number:
+            if prepared.number != number:
                 raise ValueError(f"prepared for cycle {prepared.number}, not {number}")
             if root.exists():
                 raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
@@ -179,23 +176,11 @@ class CycleFreeze:
                     for first, count in runs.tolist():
                         state[first:first + count] = KEEP
                         pwrite_full(f.fileno(), state[first:first + count], first)
-                synced = prepared.number is not None
-                if not synced:
-                    os.fdatasync(f.fileno())
-            if synced:
-                assert prepared.taken_at is not None
-                taken_at = prepared.taken_at
-            else:
-                taken_at = _whole_us(time.time() if taken_at is None else taken_at)
-                write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
-                                               "boot_id": boot_id()})
             os.rename(tmp, root)
-            if not synced:
-                fsync_dir(volume.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls._open(volume, live_fd, root, number, taken_at, state, sync=False)
+        return cls._open(volume, live_fd, root, number, prepared.taken_at, state, sync=False)
 
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:

@@ -32,7 +32,6 @@ trusted after a restart.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -189,12 +188,12 @@ class RegionTracker:
         shift = self.shift
         first = offset >> shift
         last = (offset + length - 1) >> shift
-        self._touched[first // self.extent] = time.monotonic()
         if first == last:
+            self._touched[first // self.extent] = time.monotonic()
             self._marks[first] = 1
             return self._state[first] == _DURABLE
-        self.marks[first:last + 1] = 1
         self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
+        self.marks[first:last + 1] = 1
         return bool((self._persisted[first:last + 1] == _DURABLE).all())
 
     def _persist(self, start: int, stop: int) -> int:
@@ -495,8 +494,8 @@ class RegionTracker:
                 try:
                     os.fdatasync(self._fd)
                 except OSError:  # as in _sync_upto: a lost 1 may leave a kept 2 on disk
-                    with contextlib.suppress(OSError):
-                        forget_boot(self._boot_file)
+                    with self._lock:
+                        self._stop_keeping()
                     raise
             finally:
                 os.close(self._fd)

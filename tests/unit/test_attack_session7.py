@@ -432,7 +432,7 @@ def test_prepare_refuses_while_a_cycle_is_open_and_leaves_it_alone(engine):
     try:
         files = {f.name: f.read_bytes() for f in freeze.path.iterdir()}
         with pytest.raises(FileExistsError):
-            CycleFreeze.prepare(vol)
+            CycleFreeze.prepare(vol, 2)
         assert {f.name: f.read_bytes() for f in freeze.path.iterdir()} == files
         assert not (vol.path / ".cycle-creating").exists()
     finally:
@@ -443,7 +443,7 @@ def test_a_prepared_freeze_made_before_a_write_freezes_what_was_taken_after_it(e
     """prepare() runs before writes pause: a write between prepare and the take is in the
     take (KEEP), and its region's bytes at the take are what the freeze reads."""
     vol = engine.volume
-    prepared = CycleFreeze.prepare(vol)
+    prepared = CycleFreeze.prepare(vol, 1)
     engine.pwrite(pattern(0x31, 2), 7 * RS)  # after prepare, before the take
     with engine.quiesce():
         taken = engine.tracker.swap_and_reset()

@@ -261,7 +261,7 @@ def test_a_prepared_freeze_records_exactly_the_taken_regions(fresh, monkeypatch,
     vol, engine, _ = fresh
     monkeypatch.setattr(cf, "MAX_RUN_WRITES", max_runs)
     taken = (np.random.default_rng(7).random(REGIONS) < 0.3).astype(np.uint8)
-    prepared = CycleFreeze.prepare(vol)
+    prepared = CycleFreeze.prepare(vol, 1)
     freeze = CycleFreeze.create(vol, engine.fd, 1, taken, prepared=prepared)
     want = np.where(taken != 0, KEEP, FREE)
     on_disk = np.fromfile(vol.path / "cycle" / "state.map", dtype=np.uint8)

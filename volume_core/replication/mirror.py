@@ -7,9 +7,10 @@ thread, while a channel to the secondary is up:
     take      with writes quiesced: the tracker's marks are taken
               (``swap_and_reset``) and frozen (``CycleFreeze``: a region still to
               convey is copied before a host write lands on it)
-    convey    the frozen regions, as WRITEV frames of up to 1 MiB of data each, from
-              one run or from up to ``MAX_EXTENTS`` scattered ones (a hole of the
-              live volume goes unread as ZERO, up to 1 GiB a frame), with FUA:
+    convey    the frozen regions, in frames of up to 1 MiB of data: WRITE for one
+              run (ZERO when it is all zeros), WRITEV for up to ``MAX_EXTENTS``
+              scattered ones (a hole of the live volume goes unread as ZERO, up to
+              1 GiB a frame), with FUA:
               the secondary's DATA_ACK means the frame is durable there;
               the region is then FREE (never copied again). At most
               ``CYCLE_WINDOW`` bytes of data (``CYCLE_WINDOW_CHUNKS`` chunks)
@@ -72,9 +73,9 @@ MAX_PASSES = 5
 
 def _gather(image: CycleFreeze | LivePass, geometry: Any, runs: list[tuple[int, int]],
             seq: int) -> p.WriteV | p.Write | p.Zero:
-    """A WRITEV frame of the regions of ``runs`` (ascending, apart), read from ``image``
-    straight into its payload, behind its extent table; for one run, WRITE (ZERO when
-    it is all zeros)."""
+    """A WRITEV frame of the regions of ``runs`` (ascending, apart: touching runs are
+    joined before), read from ``image`` straight into its payload, behind its extent
+    table; for one run, WRITE (ZERO when it is all zeros)."""
     if len(runs) == 1:
         first, stop = runs[0]
         return chunk_frame(seq, geometry.byte_range(first, stop)[0], image.read(first, stop),
