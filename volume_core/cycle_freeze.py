@@ -103,6 +103,9 @@ class CycleFreeze:
     cow: CowStore
     #: Unix time of the take: the point in time the cycle's image holds
     taken_at: float = 0.0
+    #: per region, the blocks written before the take (``blocks.py``): only those are
+    #: conveyed; None (a cycle resumed after a restart): whole regions
+    blocks: np.ndarray | None = None
     #: where the live file holds data (the conveyor's ``hole_end``/``data_end``)
     _extents: Extents = dataclasses.field(init=False, repr=False)
 
@@ -150,13 +153,15 @@ class CycleFreeze:
     @classmethod
     def create(cls, volume: Volume, live_fd: int, number: int, taken: np.ndarray,
                taken_at: float | None = None,
-               prepared: Prepared | None = None) -> CycleFreeze:
+               prepared: Prepared | None = None,
+               blocks: np.ndarray | None = None) -> CycleFreeze:
         """Freeze the regions set in ``taken`` for cycle ``number`` (writes quiesced), in
         the files ``prepare`` made (made now if not given, its point in time
         ``taken_at``). Only the taken regions' bytes of the state map are written
         here, and nothing is synced: a freeze is trusted only in the boot that made
         it (the module docstring), and a SIGKILL keeps what is in the page cache.
-        After a power loss ``open`` finds the boot of the synced ``cycle.json`` gone,
+        ``blocks``: the take's written blocks (``RegionTracker.take``), if only they
+        are to travel. After a power loss ``open`` finds the boot of the synced ``cycle.json`` gone,
         or no ``cycle`` directory at all (the rename lost): either way it is taken
         again."""
         root = volume.path / DIR
@@ -180,7 +185,8 @@ class CycleFreeze:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls._open(volume, live_fd, root, number, prepared.taken_at, state, sync=False)
+        return cls._open(volume, live_fd, root, number, prepared.taken_at, state, sync=False,
+                         blocks=blocks)
 
     @classmethod
     def open(cls, volume: Volume, live_fd: int) -> CycleFreeze | None:
@@ -249,7 +255,8 @@ class CycleFreeze:
 
     @classmethod
     def _open(cls, volume: Volume, live_fd: int, root: Path, number: int, taken_at: float,
-              state: np.ndarray, sync: bool = True) -> CycleFreeze:
+              state: np.ndarray, sync: bool = True,
+              blocks: np.ndarray | None = None) -> CycleFreeze:
         store_fd = os.open(root / STORE, os.O_RDWR | os.O_CLOEXEC)
         try:
             map_fd = os.open(root / STATE, os.O_RDWR | os.O_CLOEXEC)
@@ -260,7 +267,8 @@ class CycleFreeze:
             os.fdatasync(store_fd)
             os.fdatasync(map_fd)
         return cls(number, root, live_fd, store_fd, map_fd, volume.geometry, state,
-                   np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd), taken_at)
+                   np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd), taken_at,
+                   blocks)
 
     # -- the host's side --------------------------------------------------------
     def preserve(self, offset: int, length: int) -> None:
@@ -279,25 +287,30 @@ class CycleFreeze:
         return buf
 
     def read_into(self, first: int, stop: int, view: memoryview) -> None:
-        """``read`` into ``view`` (exactly as long as the regions' bytes).
+        """``read`` into ``view`` (exactly as long as the regions' bytes)."""
+        self.read_range(first << self.geometry.shift, view)
+
+    def read_range(self, offset: int, view: memoryview) -> None:
+        """The frozen contents of ``len(view)`` bytes at ``offset`` (inside regions still
+        to convey), into ``view``.
 
         A KEEP region is read live, then its state looked at again: a host
         write lands only after its region became COPIED, so a region still
         KEEP after the read was read before any write to it; one that became
         COPIED meanwhile is read again from the store.
         """
+        first, stop = self.geometry.span(offset, len(view))
         state = self.preserved[first:stop].copy()
         if stop - first == 1 or not (state != state[0]).any():  # one source (most chunks)
             whole = state[0]
             if whole in (KEEP, COPIED):
-                pread_full(self.live_fd if whole == KEEP else self.store_fd, view,
-                           first * self.geometry.region_size)
+                pread_full(self.live_fd if whole == KEEP else self.store_fd, view, offset)
         else:
             for fd, want in ((self.store_fd, COPIED), (self.live_fd, KEEP)):
-                self._read_runs(fd, state == want, first, view)
+                self._read_runs(fd, state == want, first, offset, view)
         moved = (state == KEEP) & (self.preserved[first:stop] == COPIED)
         if moved.any():
-            self._read_runs(self.store_fd, moved, first, view)
+            self._read_runs(self.store_fd, moved, first, offset, view)
 
     def skip_end(self, first: int, stop: int) -> int:
         """A cycle skips nothing it froze (``LivePass`` skips what was written since)."""
@@ -320,12 +333,15 @@ class CycleFreeze:
         need not go further (what follows is for ``hole_end``)."""
         return self._extents.data_end(first, stop)
 
-    def _read_runs(self, fd: int, where: np.ndarray, first: int, view: memoryview) -> None:
-        rs = self.geometry.region_size
+    def _read_runs(self, fd: int, where: np.ndarray, first: int, offset: int,
+                   view: memoryview) -> None:
+        """From ``fd``, the bytes of ``view`` (``offset`` on) in the regions ``where``
+        (a map of the regions from ``first``) sets."""
+        shift, end = self.geometry.shift, offset + len(view)
         for start, count in native.scan_runs(where.view(np.uint8)).tolist():
-            lo = start * rs
-            hi = min((start + count) * rs, len(view))
-            pread_full(fd, view[lo:hi], (first + start) * rs)
+            lo = max((first + start) << shift, offset)
+            hi = min((first + start + count) << shift, end)
+            pread_full(fd, view[lo - offset:hi - offset], lo)
 
     def conveyed(self, first: int, stop: int) -> None:
         """Regions [first, stop) are on the secondary: no copy needed from now on.

@@ -12,7 +12,7 @@ first consistent image.
 
 The pass has the interface of a ``CycleFreeze`` as the conveyor sees it:
 ``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read``, ``read_into``,
-``conveyed``.
+``read_range``, ``conveyed``, ``blocks`` (None: whole regions travel).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class LivePass:
     """Conveys the regions of ``taken`` from the live volume (see the module docstring)."""
 
     number = None  # not a cycle: nothing commits at its end
+    blocks = None  # whole regions travel
 
     def __init__(self, engine: Any, taken: np.ndarray) -> None:
         self.tracker = engine.tracker
@@ -70,7 +71,10 @@ class LivePass:
         return buf
 
     def read_into(self, first: int, stop: int, view: memoryview) -> None:
-        blockio.pread_full(self.fd, view, self.geometry.byte_range(first, stop)[0])
+        self.read_range(first << self.geometry.shift, view)
+
+    def read_range(self, offset: int, view: memoryview) -> None:
+        blockio.pread_full(self.fd, view, offset)
 
     def conveyed(self, first: int, stop: int) -> None:
         self.pending[first:stop] = 0

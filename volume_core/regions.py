@@ -32,17 +32,20 @@ trusted after a restart.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import native
 from .blockio import preallocate, pwrite_full
+from .blocks import BlockGeometry
 from .boot import forget_boot, record_this_boot, recorded_in_this_boot
 from .errors import MarksTaken, VolumeCorrupt
 from .geometry import region_shift
@@ -68,6 +71,16 @@ PASS_CHUNK = 1 << 18
 INTENT_EXTENT = 4 << 20
 
 
+class Take(NamedTuple):
+    """What ``RegionTracker.take`` hands over."""
+
+    #: the marks (uint8 map)
+    marks: np.ndarray
+    #: per region, the blocks written since the last take (uint16 masks, ``blocks.py``):
+    #: the whole region where unknown; meaningful where ``marks`` is set
+    blocks: np.ndarray
+
+
 class RegionTracker:
     """Marks of regions written since they were last clean, persisted as a write-intent map."""
 
@@ -75,6 +88,8 @@ class RegionTracker:
         self.regions = regions
         self.region_size = region_size
         self.shift = region_shift(region_size)  # cached: try_mark() runs on every write
+        self.block_geometry = BlockGeometry(regions * region_size, self.shift)
+        self._block_shift = self.block_geometry.shift
         self._durable_sync = durable
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -122,6 +137,8 @@ class RegionTracker:
         # The logical marks: regions written since the last swap_and_reset()/clear().
         self._marks = bytearray(((on_disk != 0) & ~kept).astype(np.uint8))
         self.marks = np.frombuffer(self._marks, dtype=np.uint8)
+        # The blocks written per region (blocks.py), whole where unknown (marks from disk).
+        self._new_blocks(self.block_geometry.full)
         # Taken by swap_and_reset() and not yet released: must stay persisted.
         self._outstanding = np.zeros(regions, dtype=np.uint8)
         self._taken = False  # a swap_and_reset() not yet released
@@ -170,6 +187,7 @@ class RegionTracker:
                     continue
                 with self._lock:
                     self.marks[a:b][want] = 1
+                    self.blocks[a:b][want] = self.block_geometry.full
                     todo = (want & (self._persisted[a:b] != _DURABLE)).astype(np.uint8)
                     for start, count in native.scan_runs(todo).tolist():
                         seq = max(seq, self._persist(a + start, a + start + count))
@@ -188,12 +206,19 @@ class RegionTracker:
         shift = self.shift
         first = offset >> shift
         last = (offset + length - 1) >> shift
+        bs = self._block_shift
         if first == last:
             self._touched[first // self.extent] = time.monotonic()
             self._marks[first] = 1
+            rel = offset - (first << shift)
+            self._blocks[first] |= (2 << ((rel + length - 1) >> bs)) - (1 << (rel >> bs))
             return self._state[first] == _DURABLE
         self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
         self.marks[first:last + 1] = 1
+        full = self.block_geometry.full
+        self._blocks[first] |= full & -(1 << ((offset - (first << shift)) >> bs))
+        self._blocks[last] |= (2 << ((offset + length - 1 - (last << shift)) >> bs)) - 1
+        self.blocks[first + 1:last] = full
         return bool((self._persisted[first:last + 1] == _DURABLE).all())
 
     def _persist(self, start: int, stop: int) -> int:
@@ -283,7 +308,11 @@ class RegionTracker:
             return native.scan_runs(self.marks)
 
     def swap_and_reset(self) -> np.ndarray:
-        """Atomically take the current marks and start afresh.
+        """``take()``'s marks alone."""
+        return self.take().marks
+
+    def take(self) -> Take:
+        """Atomically take the current marks and written blocks and start afresh.
 
         The taken regions stay marked on disk until ``release(taken)``: a crash
         before the caller has finished with them must still find them. Call it
@@ -296,12 +325,25 @@ class RegionTracker:
             if self._taken:
                 raise MarksTaken("the marks were taken and not released yet; release that "
                                  "take before taking again")
-            taken = self.marks
+            taken = Take(self.marks, self.blocks)
             self._marks = bytearray(self.regions)
             self.marks = np.frombuffer(self._marks, dtype=np.uint8)
-            native.merge_or(self._outstanding, taken)
+            self._new_blocks(0)
+            native.merge_or(self._outstanding, taken.marks)
             self._taken = True
         return taken
+
+    def _new_blocks(self, mask: int) -> None:
+        """Every region's written blocks: ``mask`` (lock held, or not shared yet)."""
+        # an array.array for the hot path (a third of numpy's indexing time), and a view
+        self._blocks = array.array("H", np.full(self.regions, mask, np.uint16).tobytes())
+        self.blocks = np.frombuffer(self._blocks, dtype=np.uint16)
+
+    def forget_blocks(self) -> None:
+        """Every region counts as written whole: what is marked now travels whole (a
+        pass that skipped regions written meanwhile conveyed none of them)."""
+        with self._lock:
+            self.blocks[:] = self.block_geometry.full
 
     def retake(self, regions: np.ndarray) -> None:
         """After a restart: ``regions`` were taken by a take that was never released (an
@@ -327,9 +369,11 @@ class RegionTracker:
             self._trim_range(first, stop, keep_hot)
 
     def merge(self, other: np.ndarray) -> None:
-        """OR ``other`` into the marks (e.g. give back marks a failed cycle took)."""
+        """OR ``other`` into the marks (e.g. give back marks a failed cycle took); their
+        regions count as written whole."""
         with self._lock:
             native.merge_or(self.marks, other)
+            self.blocks[np.asarray(other) != 0] = self.block_geometry.full
 
     def give_back(self, taken: np.ndarray, keep_hot: bool = False) -> int:
         """A take whose regions were not all conveyed (a failed or abandoned cycle): mark

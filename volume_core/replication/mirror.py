@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .. import native
+from ..blocks import BlockGeometry
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
 from ..live_pass import LivePass
@@ -71,22 +72,22 @@ COMMIT_TIMEOUT = 60.0
 MAX_PASSES = 5
 
 
-def _gather(image: CycleFreeze | LivePass, geometry: Any, runs: list[tuple[int, int]],
+def _gather(image: CycleFreeze | LivePass, extents: np.ndarray,
             seq: int) -> p.WriteV | p.Write | p.Zero:
-    """A WRITEV frame of the regions of ``runs`` (ascending, apart: touching runs are
-    joined before), read from ``image`` straight into its payload, behind its extent
-    table; for one run, WRITE (ZERO when it is all zeros)."""
-    if len(runs) == 1:
-        first, stop = runs[0]
-        return chunk_frame(seq, geometry.byte_range(first, stop)[0], image.read(first, stop),
-                           fua=True)
-    extents = [geometry.byte_range(first, stop) for first, stop in runs]
+    """A WRITEV frame of ``extents`` ((offset, length) rows, ascending, apart), read from
+    ``image`` straight into its payload, behind its extent table; for one extent, WRITE
+    (ZERO when it is all zeros)."""
+    if len(extents) == 1:
+        offset, length = (int(x) for x in extents[0])
+        buf = bytearray(length)
+        image.read_range(offset, memoryview(buf))
+        return chunk_frame(seq, offset, buf, fua=True)
     table = p.WriteV.table_size(len(extents))
-    buf = bytearray(table + sum(length for _, length in extents))
+    buf = bytearray(table + int(extents[:, 1].sum()))
     p.WriteV.table(buf, len(extents))[:] = extents
     view, at = memoryview(buf), table
-    for (first, stop), (_, length) in zip(runs, extents, strict=True):
-        image.read_into(first, stop, view[at:at + length])
+    for offset, length in extents.tolist():
+        image.read_range(offset, view[at:at + length])
         at += length
     return p.WriteV(seq, len(extents), buf)
 
@@ -107,11 +108,13 @@ class AsyncMirror:
         self.interval = interval
         self.ack_timeout = ack_timeout
         self._geometry = engine.volume.geometry
+        self._blocks = BlockGeometry(engine.size, self._geometry.shift)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._channel: Channel | None = None
-        # seq -> the region runs a frame carries, its data bytes
-        self._sent: dict[int, tuple[list[tuple[int, int]], int]] = {}
+        # seq -> the region runs a frame carries, its payload's bytes, the volume's bytes
+        # it covers
+        self._sent: dict[int, tuple[list[tuple[int, int]], int, int]] = {}
         self._inflight = 0  # data bytes in ``_sent``
         self._next_seq = 0
         self._cycle_acked = 0
@@ -248,7 +251,7 @@ class AsyncMirror:
                 sent = self._sent.pop(s, None)
                 if sent is None:
                     continue
-                runs, payload = sent
+                runs, payload, nbytes = sent
                 self._inflight -= payload
                 if not ok:
                     self.stats["chunks_refused"] += 1
@@ -256,11 +259,10 @@ class AsyncMirror:
                     for first, stop in runs:
                         image.conveyed(first, stop)
                         self.engine.tracker.release_part(first, stop, keep_hot=True)
-                        nbytes = self._geometry.byte_range(first, stop)[1]
                         self.progress["conveyed_regions"] += stop - first
-                        self.progress["conveyed_bytes"] += nbytes
                         self.stats["regions_conveyed"] += stop - first
-                        self.stats["bytes_conveyed"] += nbytes
+                    self.progress["conveyed_bytes"] += nbytes
+                    self.stats["bytes_conveyed"] += nbytes
             self._changed.notify_all()
 
     def _read_region(self, frame: p.ReadRegion) -> None:
@@ -404,8 +406,9 @@ class AsyncMirror:
 
     def _end_pass(self, lp: LivePass, give_back: bool = False) -> None:
         """The pass is over: its take goes; what it did not convey is still marked, or was
-        marked again. ``give_back`` (given up for a new secondary): all of it is marked
-        again first."""
+        marked again, whole (it may have skipped a region written in part). ``give_back``
+        (given up for a new secondary): all of it is marked again first."""
+        self.engine.tracker.forget_blocks()
         if give_back:
             self.engine.tracker.give_back(lp.taken)
         else:
@@ -417,10 +420,10 @@ class AsyncMirror:
         number = self.committed + 1
         prepared = CycleFreeze.prepare(engine.volume, number)  # before writes pause
         with engine.quiesce():
-            taken = engine.tracker.swap_and_reset()
+            taken, blocks = engine.tracker.take()
             try:
                 freeze = CycleFreeze.create(engine.volume, engine.fd, number, taken,
-                                            prepared=prepared)
+                                            prepared=prepared, blocks=blocks)
             except BaseException:
                 engine.tracker.give_back(taken)
                 raise
@@ -438,16 +441,18 @@ class AsyncMirror:
         ``ZERO_SPAN`` bytes, unread: a sparse volume syncs in proportion to its data.
         Data runs are gathered into WRITEV frames of up to ``CYCLE_CHUNK`` bytes (a
         run longer than that is cut), scattered ones up to ``p.MAX_EXTENTS`` a frame:
-        one header, one acknowledgement and one staging record for all of them.
+        one header, one acknowledgement and one staging record for all of them. Of a
+        frozen region only the blocks written before the take travel
+        (``image.blocks``); a region's blocks never straddle two frames.
         """
         step = max(1, CYCLE_CHUNK // self._geometry.region_size)
         span = max(step, ZERO_SPAN // self._geometry.region_size)
-        rs = self._geometry.region_size
+        weigh, blocks = self._blocks.weigh_run, image.blocks
         with self._lock:
             self._image = image
         for _ in range(MAX_PASSES):
             batch: list[tuple[int, int]] = []
-            regions = 0
+            nbytes = extents = 0
             for first, count in native.scan_runs(image.remaining()).tolist():
                 at, stop = first, first + count
                 while at < stop:
@@ -464,15 +469,18 @@ class AsyncMirror:
                             p.Zero, offset=offset, length=length, may_trim=True, fua=True))
                         at = end
                         continue
-                    end = image.data_end(at, min(stop, at + step - regions))
-                    if batch and batch[-1][1] == at:  # runs that touch: one extent
+                    end = image.data_end(at, min(stop, at + step))
+                    more, parts = weigh(blocks, at, end)
+                    if batch and (nbytes + more > CYCLE_CHUNK
+                                  or extents + parts > p.MAX_EXTENTS):
+                        self._send_data(channel, image, batch)
+                        batch, nbytes, extents = [], 0, 0
+                    if batch and batch[-1][1] == at:  # runs that touch: joined
                         batch[-1] = (batch[-1][0], end)
                     else:
                         batch.append((at, end))
-                    regions += end - at
-                    if regions * rs >= CYCLE_CHUNK or len(batch) >= p.MAX_EXTENTS:
-                        self._send_data(channel, image, batch)
-                        batch, regions = [], 0
+                    nbytes += more
+                    extents += parts
                     at = end
             if batch:
                 self._send_data(channel, image, batch)
@@ -490,8 +498,9 @@ class AsyncMirror:
 
     def _send_data(self, channel: Channel, image: CycleFreeze | LivePass,
                    runs: list[tuple[int, int]]) -> None:
-        """The regions of ``runs`` as one WRITEV frame (see ``_send``)."""
-        self._send(channel, runs, functools.partial(_gather, image, self._geometry, runs))
+        """What ``image`` conveys of the regions of ``runs``, as one frame (``_send``)."""
+        extents = self._blocks.run_extents(image.blocks, runs)
+        self._send(channel, runs, functools.partial(_gather, image, extents))
 
     def _send(self, channel: Channel, runs: list[tuple[int, int]],
               frame: Callable[..., p.Frame]) -> None:
@@ -506,7 +515,7 @@ class AsyncMirror:
                 raise _Lost
             self._next_seq += 1
             payload = len(made.data) if isinstance(made, (p.Write, p.WriteV)) else 0
-            self._sent[self._next_seq] = (runs, payload)
+            self._sent[self._next_seq] = (runs, payload, made.length)
             self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
         channel.send_bulk(made, timeout=self.ack_timeout, handoff=True)
@@ -582,9 +591,13 @@ class AsyncMirror:
         if image is None:
             return {"number": None, "state": "idle", "regions": 0, "bytes": 0,
                     "conveyed_regions": 0, "conveyed_bytes": 0, "started": None}
-        regions = int(native.count(image.remaining()))
-        return {"number": number, "state": state, "regions": regions,
-                "bytes": min(regions * self._geometry.region_size, self.engine.size),
+        remaining = image.remaining()
+        regions = int(native.count(remaining))
+        if image.blocks is None:
+            nbytes = min(regions * self._geometry.region_size, self.engine.size)
+        else:
+            nbytes = self._blocks.weigh(self._blocks.known(image.blocks[remaining != 0]))[0]
+        return {"number": number, "state": state, "regions": regions, "bytes": nbytes,
                 "conveyed_regions": 0,
                 "conveyed_bytes": 0, "started": time.time()}
 
