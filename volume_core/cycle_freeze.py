@@ -49,7 +49,8 @@ from . import native
 from .blockio import Extents, pread_full, preallocate, pwrite_full
 from .boot import boot_id
 from .errors import VolumeCorrupt
-from .geometry import RegionGeometry, leading
+from .geometry import RegionGeometry, leading, run_regions, spans
+from .regions import WRITE_GAP
 from .snapshots import CowStore
 from .state_files import is_unix_time
 from .volume import Volume, fsync_dir, write_json_atomic
@@ -300,8 +301,16 @@ class CycleFreeze:
         COPIED meanwhile is read again from the store.
         """
         first, stop = self.geometry.span(offset, len(view))
+        if stop - first == 1:  # (most extents of small writes: no array work)
+            state = self.preserved[first]
+            if state == KEEP:
+                pread_full(self.live_fd, view, offset)
+                state = self.preserved[first]  # COPIED meanwhile: read again
+            if state == COPIED:
+                pread_full(self.store_fd, view, offset)
+            return
         state = self.preserved[first:stop].copy()
-        if stop - first == 1 or not (state != state[0]).any():  # one source (most chunks)
+        if not (state != state[0]).any():  # one source (most chunks)
             whole = state[0]
             if whole in (KEEP, COPIED):
                 pread_full(self.live_fd if whole == KEEP else self.store_fd, view, offset)
@@ -344,13 +353,27 @@ class CycleFreeze:
             pread_full(fd, view[lo - offset:hi - offset], lo)
 
     def conveyed(self, first: int, stop: int) -> None:
-        """Regions [first, stop) are on the secondary: no copy needed from now on.
+        """Regions [first, stop) are on the secondary (``conveyed_runs``)."""
+        self.conveyed_runs([(first, stop)])
+
+    def conveyed_runs(self, runs: list[tuple[int, int]]) -> None:
+        """The regions of ``runs`` (ascending, apart) are on the secondary: no copy needed
+        from now on.
 
         Written without fdatasync: after a crash a lost FREE only sends them again.
+        A page-sized stretch of the map at a time, as memory has it, where no copy
+        is under way in it (a copy's COPIED byte is written before memory says so).
         """
+        regions = run_regions(runs)
         with self.cow.lock:  # not between a copy's commit reading and setting the bytes
-            self.preserved[first:stop] = FREE
-        pwrite_full(self.map_fd, bytes([FREE]) * (stop - first), first)
+            self.preserved[regions] = FREE
+            for lo, hi in spans(regions, WRITE_GAP):
+                if self.copying[lo:hi].any():
+                    inside = regions[(regions >= lo) & (regions < hi)]
+                    for a, b in spans(inside, 1):
+                        pwrite_full(self.map_fd, bytes([FREE]) * (b - a), a)
+                else:
+                    pwrite_full(self.map_fd, self.preserved[lo:hi], lo)
 
     # -- the end ------------------------------------------------------------------
     def close(self) -> None:

@@ -102,3 +102,24 @@ def chunks(runs: Iterable[tuple[int, int]], step: int) -> Iterator[tuple[int, in
     for start, count in runs:
         for first in range(start, start + count, step):
             yield first, min(start + count, first + step)
+
+
+def run_regions(runs: list[tuple[int, int]]) -> np.ndarray:
+    """The regions of ``runs`` ([first, stop) pairs, ascending) as one index array (int64),
+    without a Python step per region."""
+    rows = np.array(runs, dtype=np.int64).reshape(-1, 2)
+    counts = rows[:, 1] - rows[:, 0]
+    before = np.cumsum(counts) - counts  # indexes before each run's first
+    return np.repeat(rows[:, 0] - before, counts) + np.arange(int(counts.sum()))
+
+
+def spans(regions: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """[lo, hi) stretches covering ``regions`` (ascending indexes), neighbours less than
+    ``gap`` apart joined: one write each instead of one per run (what lies between is
+    written as it already is)."""
+    if not regions.size:
+        return []
+    breaks = np.flatnonzero(np.diff(regions) > gap) + 1
+    los = regions[np.concatenate(([0], breaks))]
+    his = regions[np.concatenate((breaks - 1, [regions.size - 1]))] + 1
+    return list(zip(los.tolist(), his.tolist(), strict=True))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import blockio
-from .geometry import RegionGeometry, leading
+from .geometry import RegionGeometry, leading, run_regions
 
 
 class LivePass:
@@ -78,3 +78,6 @@ class LivePass:
 
     def conveyed(self, first: int, stop: int) -> None:
         self.pending[first:stop] = 0
+
+    def conveyed_runs(self, runs: list[tuple[int, int]]) -> None:
+        self.pending[run_regions(runs)] = 0

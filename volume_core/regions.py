@@ -48,7 +48,7 @@ from .blockio import preallocate, pwrite_full
 from .blocks import BlockGeometry
 from .boot import forget_boot, record_this_boot, recorded_in_this_boot
 from .errors import MarksTaken, VolumeCorrupt
-from .geometry import region_shift
+from .geometry import region_shift, run_regions, spans
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ _WRITTEN = 1  # 1 written to the map file, not yet fdatasync'ed
 _DURABLE = 2  # 1 on disk and synced
 _KEPT = 3  # 2 on disk: a clean region's intent left in place (module docstring)
 KEPT_BYTE = 2
+#: the byte on disk (in the page cache) of each state
+_ON_DISK = np.array([0, 1, 1, KEPT_BYTE], dtype=np.uint8)
+#: map bytes between regions whose state changed, at most, written over as they are (one
+#: write instead of one per region: ``_write_states``)
+WRITE_GAP = 4096
 #: seconds since an extent was last written for its clean regions' intent to be kept
 HOT_SECONDS = 2.0
 #: beside the map: the boot whose kept bytes mean clean
@@ -197,7 +202,8 @@ class RegionTracker:
             self._sync_upto(seq)
 
     def try_mark(self, offset: int, length: int) -> bool:
-        """Mark with ``self.lock`` already held by the caller; no I/O.
+        """Mark with ``self.lock`` already held by the caller; no I/O but one pwrite to
+        the page cache (a kept region's 1, written again: no sync).
 
         Returns True when the regions' intent is already durable, False when the
         caller must call mark() (after releasing the lock) before the write lands.
@@ -212,7 +218,15 @@ class RegionTracker:
             self._marks[first] = 1
             rel = offset - (first << shift)
             self._blocks[first] |= (2 << ((rel + length - 1) >> bs)) - (1 << (rel >> bs))
-            return self._state[first] == _DURABLE
+            state = self._state[first]
+            if state == _KEPT:  # a 1 again, in the page cache (no sync: module docstring)
+                try:
+                    pwrite_full(self._fd, b"\x01", first)
+                except OSError:
+                    return False  # mark() tries again, and raises
+                self._state[first] = _DURABLE
+                return True
+            return state == _DURABLE
         self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
         self.marks[first:last + 1] = 1
         full = self.block_geometry.full
@@ -364,9 +378,44 @@ class RegionTracker:
         write from now on records its mark durably again (``release`` does the rest).
         ``keep_hot``: kept instead where their extent was written lately (module
         docstring)."""
+        self.release_runs([(first, stop)], keep_hot)
+
+    def release_runs(self, runs: list[tuple[int, int]], keep_hot: bool = False) -> None:
+        """``release_part`` of every [first, stop) of ``runs`` (ascending, apart: an
+        async cycle's frame), at once: array work over their regions alone, and the map
+        written a page-sized stretch at a time, not a region at a time."""
+        regions = run_regions(runs)
         with self._lock:
-            self._outstanding[first:stop] = 0
-            self._trim_range(first, stop, keep_hot)
+            self._outstanding[regions] = 0
+            persisted = self._persisted[regions]
+            if not persisted.any():
+                return
+            extra = (persisted != _CLEAR) & (self.marks[regions] == 0)
+            keep = np.zeros(regions.size, dtype=bool)
+            if keep_hot and self._keeping and extra.any():
+                hot = extra & (self._touched[regions // self.extent]
+                               > time.monotonic() - HOT_SECONDS)
+                if hot.any() and self._keep_boot():
+                    keep = hot & (persisted == _DURABLE)  # (kept ones stay as they are)
+                    extra &= ~hot
+            # as _clear_persisted: CLEAR before the write; WRITTEN ones wait for their sync
+            clear = extra & ((persisted == _DURABLE) | (persisted == _KEPT))
+            self._persisted[regions[clear]] = _CLEAR
+            changed = keep | clear
+            self._write_states(regions[changed], keep[changed])
+
+    def _write_states(self, regions: np.ndarray, kept: np.ndarray) -> None:
+        """Write the map bytes of ``regions`` (ascending) as their states say, those where
+        ``kept`` is set as kept bytes; they turn KEPT once written (lock held: every map
+        write is made under it, so the bytes between them are written as they already
+        are, and a page-sized stretch takes one write, not one per region)."""
+        for lo, hi in spans(regions, WRITE_GAP):
+            out = _ON_DISK[self._persisted[lo:hi]]
+            a, b = np.searchsorted(regions, (lo, hi))
+            these = regions[a:b][kept[a:b]]
+            out[these - lo] = KEPT_BYTE
+            pwrite_full(self._fd, out, lo)
+            self._persisted[these] = _KEPT
 
     def merge(self, other: np.ndarray) -> None:
         """OR ``other`` into the marks (e.g. give back marks a failed cycle took); their
@@ -434,6 +483,16 @@ class RegionTracker:
         runs = native.scan_runs(todo).tolist()
         if not runs:
             return True
+        if not self._keep_boot():
+            return False
+        for start, count in runs:
+            pwrite_full(self._fd, bytes([KEPT_BYTE]) * count, base + start)
+            persisted[start:start + count] = _KEPT
+        return True
+
+    def _keep_boot(self) -> bool:
+        """This boot recorded as the one whose kept bytes mean clean (once; lock held);
+        False when it cannot be (nothing is kept from then on)."""
         if not self._boot_recorded:
             try:
                 record_this_boot(self._boot_file)
@@ -443,9 +502,6 @@ class RegionTracker:
                 self._keeping = False
                 return False
             self._boot_recorded = True
-        for start, count in runs:
-            pwrite_full(self._fd, bytes([KEPT_BYTE]) * count, base + start)
-            persisted[start:start + count] = _KEPT
         return True
 
     def _stop_keeping(self) -> None:

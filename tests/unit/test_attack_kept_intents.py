@@ -400,15 +400,28 @@ def _failing_pwrite(monkeypatch, data: bytes, times: int = 1, offset: int | None
 def test_failed_pwrite_turning_kept_to_one_fails_the_write_and_retries(vol, monkeypatch):
     t = tracker(vol)
     keep(t, 3, 5)
-    failed = _failing_pwrite(monkeypatch, b"\x01")
+    # try_mark writes it under the lock; a failure there is tried once more by mark()
+    failed = _failing_pwrite(monkeypatch, b"\x01", times=2)
     with pytest.raises(OSError):
         t.mark(3 * RS, RS)
-    assert failed and t._persisted[3] == _KEPT and disk(vol)[3] == KEPT_BYTE
+    assert len(failed) == 2 and t._persisted[3] == _KEPT and disk(vol)[3] == KEPT_BYTE
     t.mark(3 * RS, RS)  # the next try writes it
     check_consistent(vol, t)
     again = restart(vol, t)
     assert 3 in marked(again)
     again.close()
+
+
+def test_one_failed_pwrite_turning_kept_to_one_is_tried_again_at_once(vol, monkeypatch):
+    t = tracker(vol)
+    keep(t, 3, 5)
+    with t.lock:
+        failed = _failing_pwrite(monkeypatch, b"\x01")
+        assert not t.try_mark(3 * RS, RS)  # no exception under an owner's lock
+    assert failed and t._persisted[3] == _KEPT and disk(vol)[3] == KEPT_BYTE
+    t.mark(3 * RS, RS)
+    assert t._persisted[3] == _DURABLE and disk(vol)[3] == 1
+    check_consistent(vol, t)
 
 
 def test_failed_pwrite_of_the_extent_around_kept_regions(vol, monkeypatch, hot):
@@ -791,3 +804,33 @@ def test_random_sequences_never_lose_a_mark(vol, monkeypatch, seed):
     t = restart(vol, t)
     assert must <= marked(t)
     t.close()
+
+
+def test_a_frame_of_scattered_runs_is_released_in_few_writes(vol, monkeypatch, hot):
+    """release_runs: one write per page of the map, the bytes between the runs written as
+    they are; the map agrees with memory after, kept and cleared alike."""
+    t = tracker(vol)
+    rs = list(range(1, 3 * EXT, 5))
+    for r in rs:
+        t.mark(r * RS, RS)
+    taken = t.swap_and_reset()
+    t.mark(2 * RS, RS)  # after the take: stays marked
+    monkeypatch.setattr(regions, "HOT_SECONDS", 0.0)  # nothing hot: cleared ...
+    t.release_runs([(r, r + 1) for r in rs[:10]], keep_hot=True)
+    monkeypatch.setattr(regions, "HOT_SECONDS", 3600.0)  # ... then all hot: kept
+    real, writes = os.pwrite, []
+
+    def counting(fd, buf, off):
+        writes.append((off, len(buf)))
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    t.release_runs([(r, r + 1) for r in rs[10:]], keep_hot=True)
+    assert len(writes) == 1, writes
+    d = disk(vol)
+    assert (d[rs[:10]] == 0).all() and (d[rs[10:]] == KEPT_BYTE).all() and d[2] == 1
+    check_consistent(vol, t)
+    t.release(taken, keep_hot=True)
+    again = restart(vol, t)
+    assert marked(again) == {2}
+    again.close()

@@ -254,3 +254,27 @@ def test_a_cycle_resumed_after_a_restart_conveys_whole_regions(tmp_path):
             assert sec.commits[want] == at_take
     finally:
         engine.close()
+
+
+# -- the run helpers a frame's acknowledgement uses --------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4)), min_size=1, max_size=30),
+       st.integers(1, 8))
+def test_run_regions_and_spans_cover_exactly_the_runs(steps, gap):
+    from volume_core.geometry import run_regions, spans
+
+    runs, at = [], 0
+    for skip, count in steps:
+        at += skip + (1 if runs else 0)  # apart, ascending
+        runs.append((at, at + count))
+        at += count
+    regions = run_regions(runs)
+    assert regions.tolist() == [r for a, b in runs for r in range(a, b)]
+    cover = spans(regions, gap)
+    assert all(hi > lo for lo, hi in cover)
+    assert all(cover[i + 1][0] - cover[i][1] >= gap for i in range(len(cover) - 1))
+    inside = {r for lo, hi in cover for r in range(lo, hi)}
+    assert set(regions.tolist()) <= inside
+    assert all(lo in set(regions.tolist()) and hi - 1 in set(regions.tolist())
+               for lo, hi in cover)

@@ -296,3 +296,54 @@ def test_a_cycle_left_open_before_a_reboot_is_taken_again_not_resumed(fresh):
         assert (reopened.tracker.marks[3:9] == 1).all()
     finally:
         reopened.close()
+
+
+def _count_pwrites(monkeypatch, fd: int) -> list[tuple[int, int]]:
+    """(offset, length) of every pwrite to ``fd`` from now on."""
+    import os
+
+    real, seen = os.pwrite, []
+
+    def counting(f, buf, off):
+        if f == fd:
+            seen.append((off, len(buf)))
+        return real(f, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    return seen
+
+
+def test_a_frame_of_scattered_runs_is_recorded_conveyed_in_one_write(fresh, monkeypatch):
+    vol, engine, _ = fresh
+    taken = np.zeros(REGIONS, dtype=np.uint8)
+    taken[::3] = 1
+    freeze, _ = freeze_with_hook(vol, engine, taken)
+    engine.pwrite(b"c" * RS, 9 * RS)  # 9 copied: its byte is COPIED on disk and in memory
+    runs = [(r, r + 1) for r in range(0, 60, 6)]
+    seen = _count_pwrites(monkeypatch, freeze.map_fd)
+    freeze.conveyed_runs(runs)
+    assert seen == [(0, 55)], "one write over the frame's stretch of the map"
+    on_disk = np.fromfile(vol.path / "cycle" / "state.map", dtype=np.uint8)
+    assert (on_disk == freeze.preserved).all()
+    assert on_disk[9] == COPIED and on_disk[6] == FREE and on_disk[3] == KEEP
+    freeze.close()
+
+
+def test_a_copy_under_way_in_the_stretch_is_not_written_over(fresh, monkeypatch):
+    """A copy writes its COPIED byte before memory says so: a stretch with a copy under
+    way is written run by run, so that byte is never put back to KEEP."""
+    vol, engine, _ = fresh
+    taken = np.zeros(REGIONS, dtype=np.uint8)
+    taken[:40] = 1
+    freeze, _ = freeze_with_hook(vol, engine, taken)
+    freeze.copying[5] = 1  # claimed: its copy is being recorded
+    with open(vol.path / "cycle" / "state.map", "r+b") as f:
+        f.seek(5)
+        f.write(bytes([COPIED]))  # what the copy wrote (memory still says KEEP)
+    seen = _count_pwrites(monkeypatch, freeze.map_fd)
+    freeze.conveyed_runs([(2, 4), (8, 10)])
+    assert seen == [(2, 2), (8, 2)]
+    on_disk = np.fromfile(vol.path / "cycle" / "state.map", dtype=np.uint8)
+    assert on_disk[5] == COPIED and list(on_disk[2:4]) == [FREE, FREE]
+    freeze.copying[5] = 0
+    freeze.close()

@@ -256,11 +256,11 @@ class AsyncMirror:
                 if not ok:
                     self.stats["chunks_refused"] += 1
                 elif image is not None:
-                    for first, stop in runs:
-                        image.conveyed(first, stop)
-                        self.engine.tracker.release_part(first, stop, keep_hot=True)
-                        self.progress["conveyed_regions"] += stop - first
-                        self.stats["regions_conveyed"] += stop - first
+                    image.conveyed_runs(runs)
+                    self.engine.tracker.release_runs(runs, keep_hot=True)
+                    regions = sum(stop - first for first, stop in runs)
+                    self.progress["conveyed_regions"] += regions
+                    self.stats["regions_conveyed"] += regions
                     self.progress["conveyed_bytes"] += nbytes
                     self.stats["bytes_conveyed"] += nbytes
             self._changed.notify_all()
