@@ -100,17 +100,18 @@ class Extents:
         self.fd, self.region_size = fd, region_size
         self._data_from = self._data_to = 0  # bytes [from, to) known to be data
 
-    def _known(self, first: int) -> bool:
+    def known_data(self, first: int) -> bool:
+        """Region ``first`` is in the stretch of data the last SEEK_HOLE found."""
         return self._data_from <= first * self.region_size < self._data_to
 
     def hole_end(self, first: int, stop: int) -> int:
-        if self._known(first):
+        if self.known_data(first):
             return first
         return hole_end(self.fd, self.region_size, first, stop)
 
     def data_end(self, first: int, stop: int) -> int:
         rs = self.region_size
-        if not self._known(first):
+        if not self.known_data(first):
             self._data_from = first * rs
             self._data_to = next_hole(self.fd, self._data_from)
         return max(first + 1, min(stop, -(-self._data_to // rs)))

@@ -20,6 +20,8 @@ import dataclasses
 
 import numpy as np
 
+from .geometry import run_regions
+
 #: blocks per region at most (a uint16 mask)
 PER_REGION = 16
 #: bytes per block at least (a region of 4K is one block)
@@ -80,7 +82,7 @@ class BlockGeometry:
             rows = np.array(runs, dtype=np.int64).reshape(-1, 2) << self.region_shift
             rows[:, 1] = np.minimum(rows[:, 1], self.size) - rows[:, 0]
             return rows.astype(np.uint64)
-        regions = np.concatenate([np.arange(a, b) for a, b in runs])
+        regions = run_regions(runs)
         return self.extents(regions, self.known(blocks[regions]))
 
     def weigh(self, masks: np.ndarray) -> tuple[int, int]:

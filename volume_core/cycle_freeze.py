@@ -330,6 +330,8 @@ class CycleFreeze:
         live file: regions KEEP before and after SEEK_DATA looked (as ``read`` does: a
         write lands only after its region became COPIED), so they read as zeros
         without reading them. ``first`` when it is not one."""
+        if self._extents.known_data(first):  # (no array work, no system call)
+            return first
         before = self.preserved[first:stop] == KEEP
         end = self._extents.hole_end(first, stop)
         if end <= first:
