@@ -145,6 +145,11 @@ def info(vol: str, as_json: bool) -> None:
 @click.option("--interval", metavar="SECONDS",
               help="With --mode async: seconds between cycles (default 30; 0: only on "
                    "'nbdmirror sync').")
+@click.option("--max-rate", metavar="RATE",
+              help="With --mode async: cycles (and the initial sync) convey at most RATE "
+                   "bytes a second (e.g. 100M: 100 MiB/s; at least 1M). Leaves CPU, disks "
+                   "and link to the host's writes; the recovery point lags further while "
+                   "they are busy. Default: no cap.")
 @click.option("--secret-file", type=click.Path(dir_okay=False),
               help="Shared secret for the replication link (both sides prove they know it).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
@@ -163,15 +168,16 @@ def info(vol: str, as_json: bool) -> None:
 @json_option
 def serve(vol: str, socket: str | None, port: int | None, address: str, background: bool,
           replicate_to: str | None, mode: str | None, interval: str | None,
-          secret_file: str | None, tls_ca: str | None, tls_cert: str | None,
-          tls_key: str | None, consistent: bool, threads: int | None, as_json: bool) -> None:
+          max_rate: str | None, secret_file: str | None, tls_ca: str | None,
+          tls_cert: str | None, tls_key: str | None, consistent: bool, threads: int | None,
+          as_json: bool) -> None:
     """Serve volume VOL as an NBD export (nbdkit + the nbdmirror plugin).
 
     In the foreground it runs until Ctrl-C; with --background until
     'nbdmirror stop VOL'.
     """
-    extra = _replication_keys(replicate_to, mode, interval, secret_file, tls_ca, tls_cert,
-                              tls_key)
+    extra = _replication_keys(replicate_to, mode, interval, max_rate, secret_file, tls_ca,
+                              tls_cert, tls_key)
     if consistent:
         if extra:
             raise click.UsageError("--consistent serves a secondary's image: it takes no "
@@ -191,11 +197,12 @@ def serve(vol: str, socket: str | None, port: int | None, address: str, backgrou
 
 
 def _replication_keys(replicate_to: str | None, mode: str | None, interval: str | None,
-                      secret_file: str | None, tls_ca: str | None, tls_cert: str | None,
-                      tls_key: str | None) -> tuple[str, ...]:
+                      max_rate: str | None, secret_file: str | None, tls_ca: str | None,
+                      tls_cert: str | None, tls_key: str | None) -> tuple[str, ...]:
     """The plugin's config keys for replication; usage errors for what does not fit."""
-    given = {"--mode": mode, "--interval": interval, "--secret-file": secret_file,
-             "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    given = {"--mode": mode, "--interval": interval, "--max-rate": max_rate,
+             "--secret-file": secret_file, "--tls-ca": tls_ca, "--tls-cert": tls_cert,
+             "--tls-key": tls_key}
     if replicate_to is None:
         if any(given.values()):
             raise click.UsageError(f"{next(k for k, v in given.items() if v)} needs "
@@ -203,12 +210,15 @@ def _replication_keys(replicate_to: str | None, mode: str | None, interval: str 
         return ()
     if mode is None:
         raise click.UsageError("--replicate-to needs --mode sync, semi-async or async")
-    if interval is not None and mode != session.ASYNC:
-        raise click.UsageError("--interval is for --mode async only")
+    for option, value in (("--interval", interval), ("--max-rate", max_rate)):
+        if value is not None and mode != session.ASYNC:
+            raise click.UsageError(f"{option} is for --mode async only")
     try:
         session.parse_peer(replicate_to)
         if interval is not None:
             session.parse_interval(interval)
+        if max_rate is not None:
+            session.parse_rate(max_rate)
     except UsageError as err:
         raise click.UsageError(str(err)) from None
     if (tls_cert is None) != (tls_key is None) or (tls_cert and not tls_ca):
@@ -216,6 +226,8 @@ def _replication_keys(replicate_to: str | None, mode: str | None, interval: str 
     keys = [f"replicate-to={replicate_to}", f"mode={mode}"]
     if interval is not None:
         keys.append(f"interval={interval}")
+    if max_rate is not None:
+        keys.append(f"max-rate={max_rate}")
     for key, value in (("secret-file", secret_file), ("tls-ca", tls_ca),
                        ("tls-cert", tls_cert), ("tls-key", tls_key)):
         if value is not None:
@@ -360,6 +372,8 @@ def _async_lines(rep: dict) -> list[str]:
     lag = rep.get("lag_s")
     cyc = rep["cycle"]
     every = f"every {rep['interval']:g}s" if rep["interval"] else "on request"
+    if rep.get("max_rate_bps"):
+        every += f", at most {format_size(rep['max_rate_bps'])}/s"
     lines = [
         f"replication: async to {rep['peer']}: {rep['state']} (cycles {every})",
         f"  committed: cycle {rep['committed_cycle']}" + _as_of(lag)

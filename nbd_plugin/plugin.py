@@ -12,9 +12,10 @@ Config keys:
                     in server.json for `nbdmirror attach`
   durable-marks=0   skip fdatasync of the write-intent map (benchmarks only)
   replicate-to=HOST:PORT mode=sync|semi-async|async [secret-file=F] [tls-ca=A [tls-cert=C
-  tls-key=K]] [ack-timeout=SECONDS] [interval=SECONDS]
+  tls-key=K]] [ack-timeout=SECONDS] [interval=SECONDS] [max-rate=RATE]
                     replicate every write to the secondary there (volume_core.replication);
-                    async: in cycles, every interval seconds (0: on request)
+                    async: in cycles, every interval seconds (0: on request), conveying
+                    at most RATE bytes a second (e.g. 100M; no cap unless given)
 
 Once serving, everything the server says on stderr (nbdkit's messages, Python
 tracebacks, the log lines below) goes to the export's server.log, timestamped,
@@ -38,7 +39,8 @@ import nbdkit
 
 API_VERSION = 2
 _KEYS = ("volume", "snapshot", "consistent", "listen", "durable-marks", "replicate-to",
-         "mode", "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout", "interval")
+         "mode", "secret-file", "tls-ca", "tls-cert", "tls-key", "ack-timeout", "interval",
+         "max-rate")
 
 _FUA = nbdkit.FLAG_FUA
 _config: dict[str, str] = {}

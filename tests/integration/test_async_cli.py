@@ -108,14 +108,16 @@ def test_a_primary_killed_mid_cycle_resumes_it_without_sending_conveyed_regions_
 
 def test_status_of_both_sides_in_async_mode(mirror):
     m = mirror()
-    m.primary.start(m.peer, "async", "--interval", "0")
+    m.primary.start(m.peer, "async", "--interval", "0", "--max-rate", "64M")
     fill(m, seed=4)
     sync(m, "--wait")
     text = run_cli("status", m.primary.vol).out
     assert "replication: async to" in text and "committed: cycle 1" in text, text
+    assert "(cycles on request, at most 64 MiB/s)" in text, text
     rep = run_cli("status", m.primary.vol, "--json").json()["replication"]
     assert {"mode", "state", "committed_cycle", "last_consistent_at", "lag_s", "cycle",
-            "bytes_conveyed", "marked_regions", "interval"} <= set(rep), rep
+            "bytes_conveyed", "marked_regions", "interval", "max_rate_bps"} <= set(rep), rep
+    assert rep["max_rate_bps"] == 64 << 20
     assert rep["bytes_conveyed"] == SIZE and rep["cycle"]["state"] == "idle"
     last, initial = rep["last_cycle"], rep["initial_sync"]
     assert last["number"] == 1 and last["seconds"] > 0, last
@@ -133,8 +135,12 @@ def test_status_of_both_sides_in_async_mode(mirror):
     (["--mode", "async", "--interval", "-1"], "interval '-1'"),
     (["--mode", "async", "--interval", "soon"], "interval 'soon'"),
     (["--interval", "5"], "--interval needs --replicate-to"),
+    (["--mode", "semi-async", "--max-rate", "10M"], "--max-rate is for --mode async only"),
+    (["--mode", "async", "--max-rate", "fast"], "invalid rate 'fast'"),
+    (["--mode", "async", "--max-rate", "512K"], "invalid rate '512K': at least 1M"),
+    (["--max-rate", "10M"], "--max-rate needs --replicate-to"),
 ])
-def test_bad_interval_options_are_refused_in_one_line(tmp_path, args, message):
+def test_bad_interval_and_rate_options_are_refused_in_one_line(tmp_path, args, message):
     run_cli("create", tmp_path / "v", "--size", "4M")
     extra = [] if "--mode" not in args else ["--replicate-to", "127.0.0.1:9"]
     res = run_cli("serve", tmp_path / "v", *extra, *args, check=False)

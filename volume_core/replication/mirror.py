@@ -7,7 +7,9 @@ thread, while a channel to the secondary is up:
     take      with writes quiesced: the tracker's marks are taken
               (``swap_and_reset``) and frozen (``CycleFreeze``: a region still to
               convey is copied before a host write lands on it)
-    convey    the frozen regions, in frames of up to 1 MiB of data: WRITE for one
+    convey    the frozen regions (of each, the blocks written: ``blocks.py``), at
+              most ``max_rate`` bytes a second if capped (``pacing.py``),
+              in frames of up to 1 MiB of data: WRITE for one
               run (ZERO when it is all zeros), WRITEV for up to ``MAX_EXTENTS``
               scattered ones (a hole of the live volume goes unread as ZERO, up to
               1 GiB a frame), with FUA:
@@ -48,6 +50,7 @@ from ..blocks import BlockGeometry
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
 from ..live_pass import LivePass
+from ..pacing import Pacer
 from ..units import rate
 from . import protocol as p
 from .primary import Channel, chunk_frame, note_peer, peer_marks_map
@@ -102,11 +105,14 @@ class AsyncMirror:
     mode = ASYNC
 
     def __init__(self, engine: Any, *, interval: float = DEFAULT_INTERVAL,
-                 ack_timeout: float = 5.0) -> None:
+                 ack_timeout: float = 5.0, max_rate: int | None = None) -> None:
         engine.check_replicable()
         self.engine = engine
         self.interval = interval
         self.ack_timeout = ack_timeout
+        #: bytes a second the cycles may convey (None: no cap); data frames wait for it
+        self.max_rate = max_rate
+        self._pacer = None if max_rate is None else Pacer(max_rate, burst=CYCLE_CHUNK * 2)
         self._geometry = engine.volume.geometry
         self._blocks = BlockGeometry(engine.size, self._geometry.shift)
         self._lock = threading.Lock()
@@ -510,15 +516,29 @@ class AsyncMirror:
                                      and len(self._sent) < CYCLE_WINDOW_CHUNKS),
                    self.ack_timeout, "the secondary stopped acknowledging chunks")
         made = frame(0)  # read before the seq is taken: reads may fail
+        payload = len(made.data) if isinstance(made, (p.Write, p.WriteV)) else 0
+        if self._pacer is not None and payload:
+            self._pause(channel, self._pacer.delay(payload))
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
-            payload = len(made.data) if isinstance(made, (p.Write, p.WriteV)) else 0
             self._sent[self._next_seq] = (runs, payload, made.length)
             self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
         channel.send_bulk(made, timeout=self.ack_timeout, handoff=True)
+
+    def _pause(self, channel: Channel, seconds: float) -> None:
+        """Wait ``seconds`` (the rate cap); _Lost if the channel goes meanwhile."""
+        until = time.monotonic() + seconds
+        with self._lock:
+            while True:
+                if self._channel is not channel or self._stopping:
+                    raise _Lost
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(left)
 
     def _wait(self, channel: Channel, done: Any, timeout: float, what: str) -> None:
         """Until ``done()`` (lock held while asked); _Lost with the channel, and the
@@ -619,6 +639,7 @@ class AsyncMirror:
             else:
                 state = "waiting"
         return {"mode": ASYNC, "state": state, "interval": self.interval,
+                "max_rate_bps": self.max_rate,
                 "committed_cycle": committed, "last_consistent_at": at,
                 "lag_s": None if at is None else round(time.time() - at, 3),
                 "marked_regions": marked, "cycle": progress, "last_cycle": last,

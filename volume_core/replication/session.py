@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LinkError, NbdMirrorError, PeerRefused, ProtocolError, UsageError
+from ..units import parse_size
 from . import link, tls
 from .mirror import ASYNC, DEFAULT_INTERVAL, AsyncMirror
 from .primary import MODES as REPLICATED_MODES
@@ -161,9 +162,10 @@ class Settings:
     tls: ssl.SSLContext | None = None
     ack_timeout: float = 5.0
     interval: float = DEFAULT_INTERVAL  # async: seconds between cycles (0: on request)
+    max_rate: int | None = None  # async: bytes a second cycles may convey (None: no cap)
 
     KEYS = ("replicate-to", "mode", "secret-file", "tls-ca", "tls-cert", "tls-key",
-            "ack-timeout", "interval")
+            "ack-timeout", "interval", "max-rate")
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> Settings | None:
@@ -190,12 +192,15 @@ class Settings:
         if not 0 < ack_timeout <= 3600:
             raise UsageError(f"ack-timeout={config['ack-timeout']}: expected seconds, more "
                              "than 0 and at most 3600")
-        interval = DEFAULT_INTERVAL
+        interval, max_rate = DEFAULT_INTERVAL, None
+        for key in ("interval", "max-rate"):
+            if key in config and mode != ASYNC:
+                raise UsageError(f"{key} is for mode=async only")
         if "interval" in config:
-            if mode != ASYNC:
-                raise UsageError("interval is for mode=async only")
             interval = parse_interval(config["interval"])
-        return cls(host, port, mode, secret, context, ack_timeout, interval)
+        if "max-rate" in config:
+            max_rate = parse_rate(config["max-rate"])
+        return cls(host, port, mode, secret, context, ack_timeout, interval, max_rate)
 
 
 def parse_interval(text: str) -> float:
@@ -210,6 +215,19 @@ def parse_interval(text: str) -> float:
     return interval
 
 
+#: the lowest cap on an async cycle's rate (a 1 MiB frame a second)
+MIN_RATE = 1 << 20
+
+
+def parse_rate(text: str) -> int:
+    """Bytes a second an async cycle may convey (``100M``: 100 MiB/s); UsageError if
+    not a size of at least 1M."""
+    rate = parse_size(text, "rate")
+    if rate < MIN_RATE:
+        raise UsageError(f"invalid rate {text!r}: at least 1M (bytes a second)")
+    return rate
+
+
 def replicate(engine: Any, settings: Settings) -> PrimarySession:
     """Attach a replicator to ``engine`` and return its session (start it after any fork).
 
@@ -218,7 +236,7 @@ def replicate(engine: Any, settings: Settings) -> PrimarySession:
     replicator: PrimaryReplicator | AsyncMirror
     if settings.mode == ASYNC:
         replicator = AsyncMirror(engine, interval=settings.interval,
-                                 ack_timeout=settings.ack_timeout)
+                                 ack_timeout=settings.ack_timeout, max_rate=settings.max_rate)
     else:
         replicator = PrimaryReplicator(engine, settings.mode, ack_timeout=settings.ack_timeout)
         engine.attach_replicator(replicator)
