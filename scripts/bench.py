@@ -118,6 +118,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--async-size", type=parse_size,
                    help="async topic: size of the mirrored volume (default 2G; 256M with "
                    "--quick); when async is the only topic it is also --size's default")
+    p.add_argument("--async-max-rate", default="100M",
+                   help="async topic: host writes under back-to-back cycles are measured "
+                        "again with serve --max-rate this (default 100M, DRBD's default "
+                        "c-max-rate; 'none' skips that run)")
     p.add_argument("--fresh-randwrite", action="store_true",
                    help="base: also measure randwrite on a never-written backing file")
     p.add_argument("--profile", action="store_true",

@@ -84,6 +84,7 @@ class Pair:
     listen: str = ""  # where the secondary listens
     dial: str = ""  # where the primary connects (the proxy, on the slow link)
     interval: float | None = None  # async: serve --interval (None: serve's default)
+    max_rate: str | None = None  # async: serve --max-rate (None: no cap)
     serve_began: float | None = None  # time.monotonic() when the last serve was started
     served_at: float | None = None  # ... and when it returned (the export accepting)
 
@@ -130,6 +131,8 @@ class Pair:
             cmd += ["--replicate-to", self.dial, "--mode", self.mode]
             if self.mode == ASYNC and self.interval is not None:
                 cmd += ["--interval", f"{self.interval:g}"]
+            if self.mode == ASYNC and self.max_rate is not None:
+                cmd += ["--max-rate", self.max_rate]
         if threads is not None:
             cmd += ["--threads", str(threads)]
         self.serve_began = time.monotonic()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.test_attack_async import Out
 from tests.unit.test_attack_session8 import (
@@ -168,3 +170,36 @@ def test_a_writev_outside_async_mode_is_refused(replica):
     rec = Receiver(replica, SEMI_ASYNC, Out(), wake=lambda: None)
     with pytest.raises(ProtocolError, match="WRITEV 1 in semi-async mode"):
         rec.handle(scattered(np.random.default_rng(8), 1, [1, 3]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8 * 16 - 1), st.integers(1, 3 * 16)), min_size=1,
+                max_size=12), st.booleans())
+def test_landed_ranges_at_once_note_what_one_at_a_time_would(tmp_path_factory, rows, tail):
+    """_landed_extents (a WRITEV's or a staged cycle's ranges at once) leaves the landed
+    map, its span and the suspect regions as _landed_whole range by range would."""
+    from volume_core.engine import Engine
+    from volume_core.replication.secondary import ASYNC
+    from volume_core.volume import Volume
+
+    k4 = 4096
+    size = 8 * (64 << 10) - (k4 if tail else 0)  # 8 regions, the last short or not
+    vol = Volume.create(tmp_path_factory.mktemp("v") / "v", size, 64 << 10)
+    vol.update_info(role="secondary")
+    engine = Engine(vol, replica=True)
+    try:
+        recs = [Receiver(engine, ASYNC, Out(), wake=lambda: None) for _ in range(2)]
+        pairs = [(o * k4, min(n * k4, size - o * k4)) for o, n in rows if o * k4 < size]
+        if not pairs:
+            return
+        for rec in recs:
+            rec._suspect[:] = True
+        for offset, length in pairs:
+            recs[0]._landed_whole(offset, length)
+        recs[1]._landed_extents(np.array(pairs, dtype=np.int64))
+        a, b = recs
+        assert (a._suspect == b._suspect).all()
+        assert (a._landed.map == b._landed.map).all()
+        assert (a._landed.lo, a._landed.hi) == (b._landed.lo, b._landed.hi)
+    finally:
+        engine.close()

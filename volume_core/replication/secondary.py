@@ -81,6 +81,7 @@ import numpy as np
 from .. import native, snapshots, staging
 from ..engine import Engine
 from ..errors import NbdMirrorError, ProtocolError, UsageError, VolumeError
+from ..geometry import run_regions
 from ..units import rate
 from ..write_events import TRIM, WRITE, ZERO, WriteEvent
 from . import protocol as p
@@ -211,6 +212,13 @@ class _Landed:
     def note(self, first: int, stop: int) -> None:
         self.map[first:stop] = True
         self.lo, self.hi = min(self.lo, first), max(self.hi, stop)
+
+    def note_regions(self, regions: np.ndarray) -> None:
+        """``note`` of every region in ``regions`` (indexes, any order) at once."""
+        if regions.size:
+            self.map[regions] = True
+            self.lo = min(self.lo, int(regions.min()))
+            self.hi = max(self.hi, int(regions.max()) + 1)
 
     def take(self) -> tuple[slice, np.ndarray]:
         """(the span, what was set in it), cleared here."""
@@ -630,9 +638,11 @@ class Receiver:
         except BaseException:
             self._volume_dirty = True  # what landed before the failure: the next sync's
             raise
-        with self._lock:
-            for record in self._staging.records:
-                self._landed_whole(record.offset, record.length)
+        records = self._staging.records
+        if records:
+            rows = np.array([(r.offset, r.length) for r in records], dtype=np.int64)
+            with self._lock:
+                self._landed_extents(rows)
 
     def _stages(self, entry: _Entry) -> bool:
         """Whether an async chunk goes to the staging log: it belongs to a cycle that
@@ -816,8 +826,10 @@ class Receiver:
                     # Landed from now on, for a failed fdatasync (fsyncgate): one that
                     # fails once this write may be in the page cache must recover it.
                     # _finish notes it again, so only a sync after that clears it.
-                    for first, stop in self._region_spans(entry):
-                        self._landed.note(first, stop)
+                    if entry.extents is None:
+                        self._landed.note(entry.first, entry.stop)
+                    else:
+                        self._landed.note_regions(self._under(entry.extents))
                 ok = False
                 try:
                     if entry.nbytes >= FLUSH_BEFORE:  # earlier acks need not wait for it
@@ -936,8 +948,10 @@ class Receiver:
             self._counts.writes_applied += 1
             self._counts.bytes_applied += entry.nbytes
             if entry.staged < 0:  # (a staged chunk: whole on the volume once applied)
-                for offset, length in entry.ranges():
-                    self._landed_whole(offset, length)
+                if entry.extents is None:
+                    self._landed_whole(entry.offset, entry.length)
+                else:
+                    self._landed_extents(entry.extents)
             answer: list[Answer] = [
                 _DurableAck(entry.seq, entry.offset, entry.length, entry.staged)
                 if self._is_chunk(entry) else p.DataAck(entry.seq)]
@@ -958,6 +972,26 @@ class Receiver:
         whole_stop = self._regions if end == self.engine.size else end // rs
         if whole_stop > whole_first:
             self._suspect[whole_first:whole_stop] = False
+
+    def _under(self, rows: np.ndarray) -> np.ndarray:
+        """The regions under (offset, length) ``rows`` (any order), as indexes."""
+        offsets = rows[:, 0].astype(np.int64)
+        ends = offsets + rows[:, 1].astype(np.int64)
+        return run_regions(np.stack((offsets >> self._shift,
+                                     ((ends - 1) >> self._shift) + 1), axis=1))
+
+    def _landed_extents(self, rows: np.ndarray) -> None:
+        """``_landed_whole`` of every (offset, length) of ``rows`` (any order) at once:
+        array work, not a step per range (a WRITEV frame's or a staged cycle's)."""
+        self._landed.note_regions(self._under(rows))
+        offsets = rows[:, 0].astype(np.int64)
+        ends = offsets + rows[:, 1].astype(np.int64)
+        whole = np.stack((-(-offsets // self._rs),
+                          np.where(ends == self.engine.size, self._regions, ends // self._rs)),
+                         axis=1)
+        whole = whole[whole[:, 1] > whole[:, 0]]
+        if whole.size:
+            self._suspect[run_regions(whole)] = False
 
     def _send(self, frames: Iterable[Answer]) -> None:
         """Send answers; on a link that broke meanwhile they are lost, as the link is
