@@ -363,19 +363,26 @@ class CycleFreeze:
         from now on.
 
         Written without fdatasync: after a crash a lost FREE only sends them again.
-        A page-sized stretch of the map at a time, as memory has it, where no copy
-        is under way in it (a copy's COPIED byte is written before memory says so).
+        A page-sized stretch of the map at a time, as memory has it but for the
+        regions turning FREE, where no copy is under way in it (a copy writes its
+        COPIED byte before memory says so), else run by run. Memory says FREE only
+        once the byte is written: a region FREE in memory takes host writes without
+        a copy, so its KEEP on disk would let a restart read a later write into
+        this cycle's image.
         """
         regions = run_regions(runs)
         with self.cow.lock:  # not between a copy's commit reading and setting the bytes
-            self.preserved[regions] = FREE
             for lo, hi in spans(regions, WRITE_GAP):
+                a, b = np.searchsorted(regions, (lo, hi))
+                these = regions[a:b]
                 if self.copying[lo:hi].any():
-                    inside = regions[(regions >= lo) & (regions < hi)]
-                    for a, b in spans(inside, 1):
-                        pwrite_full(self.map_fd, bytes([FREE]) * (b - a), a)
+                    for first, stop in spans(these, 1):
+                        pwrite_full(self.map_fd, bytes([FREE]) * (stop - first), first)
                 else:
-                    pwrite_full(self.map_fd, self.preserved[lo:hi], lo)
+                    stretch = self.preserved[lo:hi].copy()
+                    stretch[these - lo] = FREE
+                    pwrite_full(self.map_fd, stretch, lo)
+                self.preserved[these] = FREE
 
     # -- the end ------------------------------------------------------------------
     def close(self) -> None:

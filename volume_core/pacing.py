@@ -30,3 +30,7 @@ class Pacer:
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - nbytes
         self._at = now
         return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def refund(self, nbytes: int) -> None:
+        """``nbytes`` charged by ``delay`` were not sent after all (the link went)."""
+        self._tokens = min(self.burst, self._tokens + nbytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UsageError
@@ -24,6 +25,8 @@ def parse_size(text: str | int, what: str = "size") -> int:
         scaled = float(number) * _UNITS[unit.upper()] if "." in number else int(number) * _UNITS[
             unit.upper()
         ]
+        if not math.isfinite(scaled):
+            raise UsageError(f"invalid {what} {text!r}: too large")
         if scaled != int(scaled):
             raise UsageError(f"invalid {what} {text!r}: not a whole number of bytes")
         value = int(scaled)

@@ -278,3 +278,16 @@ def test_run_regions_and_spans_cover_exactly_the_runs(steps, gap):
     assert set(regions.tolist()) <= inside
     assert all(lo in set(regions.tolist()) and hi - 1 in set(regions.tolist())
                for lo, hi in cover)
+
+
+def test_a_take_uses_the_masks_prepared_before_writes_paused(tracker):
+    tracker.release(tracker.take().marks)
+    tracker.prepare_take()
+    spare = tracker._spare
+    taken = tracker.take()
+    assert tracker._blocks is spare and tracker._spare is None
+    assert not tracker.blocks.any()
+    tracker.release(taken.marks)
+    taken = tracker.take()  # none prepared: made during the take, as before
+    assert not tracker.blocks.any()
+    tracker.release(taken.marks)

@@ -394,6 +394,7 @@ class AsyncMirror:
         engine = self.engine
         lp = self._pass
         if lp is None:
+            engine.tracker.prepare_take()
             with engine.quiesce():  # no write marked before the take lands after it
                 lp = self._pass = LivePass(engine, engine.tracker.swap_and_reset())
             log.info("async: initial sync of %d regions", int(native.count(lp.pending)))
@@ -425,6 +426,7 @@ class AsyncMirror:
         engine = self.engine
         number = self.committed + 1
         prepared = CycleFreeze.prepare(engine.volume, number)  # before writes pause
+        engine.tracker.prepare_take()
         with engine.quiesce():
             taken, blocks = engine.tracker.take()
             try:
@@ -471,8 +473,10 @@ class AsyncMirror:
                     end = image.hole_end(at, min(stop, at + span))
                     if end > at:
                         offset, length = self._geometry.byte_range(at, end)
+                        # counted as what the cycle had to convey there (its blocks)
                         self._send(channel, [(at, end)], functools.partial(
-                            p.Zero, offset=offset, length=length, may_trim=True, fua=True))
+                            p.Zero, offset=offset, length=length, may_trim=True, fua=True),
+                            min(length, weigh(blocks, at, end)[0]))
                         at = end
                         continue
                     end = image.data_end(at, min(stop, at + step))
@@ -509,21 +513,27 @@ class AsyncMirror:
         self._send(channel, runs, functools.partial(_gather, image, extents))
 
     def _send(self, channel: Channel, runs: list[tuple[int, int]],
-              frame: Callable[..., p.Frame]) -> None:
+              frame: Callable[..., p.Frame], nbytes: int | None = None) -> None:
         """The regions of ``runs`` as ``frame(seq)``, once the window has room;
-        acknowledged in ``_acked``."""
+        acknowledged in ``_acked``, counted as ``nbytes`` conveyed (default: the bytes
+        of the volume the frame writes)."""
         self._wait(channel, lambda: (self._inflight < CYCLE_WINDOW
                                      and len(self._sent) < CYCLE_WINDOW_CHUNKS),
                    self.ack_timeout, "the secondary stopped acknowledging chunks")
         made = frame(0)  # read before the seq is taken: reads may fail
         payload = len(made.data) if isinstance(made, (p.Write, p.WriteV)) else 0
         if self._pacer is not None and payload:
-            self._pause(channel, self._pacer.delay(payload))
+            try:
+                self._pause(channel, self._pacer.delay(payload))
+            except _Lost:
+                self._pacer.refund(payload)  # sent again on the next channel, charged then
+                raise
         with self._lock:
             if self._channel is not channel:
                 raise _Lost
             self._next_seq += 1
-            self._sent[self._next_seq] = (runs, payload, made.length)
+            self._sent[self._next_seq] = (runs, payload,
+                                          made.length if nbytes is None else nbytes)
             self._inflight += payload
             made = dataclasses.replace(made, seq=self._next_seq)
         channel.send_bulk(made, timeout=self.ack_timeout, handoff=True)
