@@ -182,8 +182,9 @@ def capture_stderr(path: Path, cap: int) -> subprocess.Popen | None:
     return reader
 
 
-def readers(path: Path) -> list[int]:
-    """The pids of the reader processes that write the log ``path`` (an absolute path)."""
+def readers(path: Path, orphans: bool = False) -> list[int]:
+    """The pids of the reader processes that write the log ``path`` (an absolute path);
+    ``orphans``: only those whose server is gone (a live server's reader is its child)."""
     want = [b"-m", READER_MODULE.encode(), os.fsencode(str(path))]
     found = []
     for entry in os.scandir("/proc"):
@@ -194,15 +195,28 @@ def readers(path: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if args[1:4] == want:
+        if args[1:4] == want and not (orphans and _server_child(entry.name)):
             found.append(int(entry.name))
     return found
 
 
+def _server_child(pid: str) -> bool:
+    """Whether process ``pid``'s parent is an nbdkit server (alive: its reader's work is
+    not over)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ppid = f.read().rsplit(b")", 1)[1].split()[1].decode()
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0")[0]) == b"nbdkit"
+    except (OSError, IndexError):
+        return False
+
+
 def wait_for_readers(path: Path, timeout: float) -> bool:
-    """Wait until no reader writes ``path``: a server that died has then been logged in full."""
+    """Wait until no reader of a server that is gone writes ``path``: a server that died
+    has then been logged in full (another one, serving meanwhile, keeps its reader)."""
     deadline = time.monotonic() + timeout
-    while readers(path):
+    while readers(path, orphans=True):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
