@@ -338,6 +338,13 @@ class CycleFreeze:
             return first
         return first + leading(before[:end - first] & (self.preserved[first:end] == KEEP))
 
+    def data_stretch(self, first: int) -> int | None:
+        """Where the stretch of data of the live file that holds region ``first`` ends (a
+        region index), or None when ``first`` is in a hole: the regions of a cycle in
+        it are all read, none looked at for holes."""
+        end = self._extents.data_end(first, self.geometry.regions)
+        return end if self._extents.known_data(first) else None
+
     def data_end(self, first: int, stop: int) -> int:
         """Where (at most ``stop``, at least ``first + 1``) the data of the live volume
         from region ``first`` on next gives way to a hole: a chunk read from ``first``

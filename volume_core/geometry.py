@@ -123,3 +123,24 @@ def spans(regions: np.ndarray, gap: int) -> list[tuple[int, int]]:
     los = regions[np.concatenate(([0], breaks))]
     his = regions[np.concatenate((breaks - 1, [regions.size - 1]))] + 1
     return list(zip(los.tolist(), his.tolist(), strict=True))
+
+
+def cut_runs(runs: np.ndarray, step: int) -> np.ndarray:
+    """Runs ((first, count) rows, ascending) cut into pieces of at most ``step`` regions,
+    as [first, stop) rows, in order."""
+    rows = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    pieces = -(-rows[:, 1] // step)
+    firsts = np.repeat(rows[:, 0], pieces)
+    ends = np.repeat(rows[:, 0] + rows[:, 1], pieces)
+    before = np.cumsum(pieces) - pieces
+    firsts += (np.arange(int(pieces.sum())) - np.repeat(before, pieces)) * step
+    return np.stack((firsts, np.minimum(firsts + step, ends)), axis=1)
+
+
+def join_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[first, stop) rows (ascending, not overlapping) with those that touch joined."""
+    if not len(rows):
+        return []
+    starts = np.flatnonzero(np.concatenate(([True], rows[1:, 0] != rows[:-1, 1])))
+    stops = np.concatenate((starts[1:], [len(rows)])) - 1
+    return list(zip(rows[starts, 0].tolist(), rows[stops, 1].tolist(), strict=True))

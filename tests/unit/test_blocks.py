@@ -291,3 +291,82 @@ def test_a_take_uses_the_masks_prepared_before_writes_paused(tracker):
     taken = tracker.take()  # none prepared: made during the take, as before
     assert not tracker.blocks.any()
     tracker.release(taken.marks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40)), min_size=1, max_size=20),
+       st.integers(1, 16))
+def test_cut_and_join_runs_keep_every_region_once(steps, step):
+    from volume_core.geometry import cut_runs, join_runs
+
+    rows, at = [], 0
+    for skip, count in steps:
+        at += skip + (1 if rows else 0)
+        rows.append((at, count))
+        at += count
+    pieces = cut_runs(np.array(rows), step)
+    assert ((pieces[:, 1] - pieces[:, 0]) <= step).all() and (pieces[:, 1] > pieces[:, 0]).all()
+    assert [r for a, b in pieces.tolist() for r in range(a, b)] == [
+        r for first, count in rows for r in range(first, first + count)]
+    joined = join_runs(pieces)
+    assert joined == [(first, first + count) for first, count in rows]
+    assert join_runs(pieces[:0]) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 0xFFFF), min_size=12, max_size=12), st.booleans())
+def test_weigh_runs_is_weigh_run_of_each(masks, whole):
+    bg = BlockGeometry(12 * RS - 512, 16)
+    blocks = None if whole else np.array(masks, np.uint16)
+    rows = np.array([(0, 3), (3, 4), (5, 9), (11, 12)])
+    nbytes, parts = bg.weigh_runs(blocks, rows)
+    assert list(zip(nbytes.tolist(), parts.tolist(), strict=True)) == [
+        bg.weigh_run(blocks, a, b) for a, b in rows.tolist()]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 127), min_size=1, max_size=120, unique=True),
+       st.integers(0, 2**32 - 1))
+def test_frames_of_a_cycle_are_full_greedy_and_within_the_limits(tmp_path_factory, regions,
+                                                                  seed):
+    """However the written blocks lie (the volume all data: one stretch, gathered with
+    array work), every frame holds at most 1 MiB and 1024 extents, each but the last
+    is full (the next run would not fit), and the commit equals the volume."""
+    from volume_core.engine import Engine
+    from volume_core.replication import protocol as p
+    from volume_core.replication.mirror import CYCLE_CHUNK
+    from volume_core.volume import Volume
+
+    vol = Volume.create(tmp_path_factory.mktemp("v") / "v", SIZE, RS)
+    engine = Engine(vol)
+    rng = random.Random(seed)
+    engine.pwrite(rng.randbytes(SIZE), 0)
+    frames: list = []
+    try:
+        with mirrored(engine) as mirror:
+            sec = FakeSecondary(mirror, S1)
+            mirror.connected(sec)
+            wait_until(lambda: mirror.committed >= 1, 10, "the initial sync")
+            for r in sorted(regions):
+                for b in rng.sample(range(16), rng.randint(1, 16)):
+                    engine.pwrite(rng.randbytes(K4), r * RS + b * K4)
+            real = sec.send_bulk
+
+            def record(frame, *args, **kw):
+                if isinstance(frame, (p.Write, p.WriteV)):
+                    frames.append(frame)
+                return real(frame, *args, **kw)
+
+            sec.send_bulk = record
+            want = mirror.run_now()
+            wait_until(lambda: mirror.committed >= want, 10, f"cycle {want}")
+            assert sec.commits[want] == volume_bytes(engine)
+    finally:
+        engine.close()
+    sizes = [f.length for f in frames]
+    counts = [len(f.extents) if isinstance(f, p.WriteV) else 1 for f in frames]
+    assert max(sizes) <= CYCLE_CHUNK and max(counts) <= p.MAX_EXTENTS
+    # greedy: a frame was closed because the next run would not fit, so any two frames in
+    # a row hold more than a chunk (at most 960 extents here: bytes are what binds)
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        assert a + b > CYCLE_CHUNK, sizes

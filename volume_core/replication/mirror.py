@@ -49,6 +49,7 @@ from .. import native
 from ..blocks import BlockGeometry
 from ..cycle_freeze import KEEP, CycleFreeze
 from ..errors import NbdMirrorError, ProtocolError
+from ..geometry import cut_runs, join_runs
 from ..live_pass import LivePass
 from ..pacing import Pacer
 from ..units import rate
@@ -461,8 +462,21 @@ class AsyncMirror:
         for _ in range(MAX_PASSES):
             batch: list[tuple[int, int]] = []
             nbytes = extents = 0
-            for first, count in native.scan_runs(image.remaining()).tolist():
+            runs = native.scan_runs(image.remaining())
+            stops = runs[:, 0] + runs[:, 1]
+            k = 0
+            while k < len(runs):
+                first, count = int(runs[k, 0]), int(runs[k, 1])
+                data = image.data_stretch(first) if isinstance(image, CycleFreeze) else None
+                if data is not None:  # runs inside one stretch of data: no step per run
+                    last = int(np.searchsorted(stops, data, side="right"))
+                    if last > k:
+                        batch, nbytes, extents = self._send_runs(
+                            channel, image, runs[k:last], step, batch, nbytes, extents)
+                        k = last
+                        continue
                 at, stop = first, first + count
+                k += 1
                 while at < stop:
                     # bounded: a run may be the whole volume (16M regions of 1 TiB)
                     end = image.skip_end(at, min(stop, at + span))
@@ -499,6 +513,39 @@ class AsyncMirror:
             if not image.remaining().any():
                 return
         raise NbdMirrorError(f"the secondary refused chunks of {what} {MAX_PASSES} times")
+
+    def _send_runs(self, channel: Channel, image: CycleFreeze, runs: np.ndarray, step: int,
+                   batch: list[tuple[int, int]], nbytes: int,
+                   extents: int) -> tuple[list[tuple[int, int]], int, int]:
+        """Runs ((first, count) rows) of data, cut at ``step`` regions, gathered after
+        ``batch`` (``nbytes`` and ``extents`` in it) into frames as the loop in
+        ``_convey`` gathers them (greedy: up to ``CYCLE_CHUNK`` bytes and
+        ``p.MAX_EXTENTS`` extents a frame), with array work: a step per frame, not per
+        run. The last frame, perhaps not full, is not sent: returned as the batch."""
+        rows = cut_runs(runs, step)
+        weights, parts = self._blocks.weigh_runs(image.blocks, rows)
+        # item 0: the batch so far (maybe empty), then one item per row
+        cum_bytes = np.concatenate(([0, nbytes], nbytes + np.cumsum(weights)))
+        cum_parts = np.concatenate(([0, extents], extents + np.cumsum(parts)))
+        i = 0
+        while True:
+            j = min(int(np.searchsorted(cum_bytes, cum_bytes[i] + CYCLE_CHUNK, side="right")),
+                    int(np.searchsorted(cum_parts, cum_parts[i] + p.MAX_EXTENTS,
+                                        side="right"))) - 1
+            j = max(j, i + 1)  # one item at least (a row never is over the limits)
+            frame = join_runs(rows[max(i, 1) - 1:j - 1])
+            if i == 0 and batch:  # after the batch so far; a run that touches its last joined
+                if frame and frame[0][0] == batch[-1][1]:
+                    frame[0] = (batch[-1][0], frame[0][1])
+                    frame = batch[:-1] + frame
+                else:
+                    frame = batch + frame
+            if j >= len(cum_bytes) - 1:  # the rest: the batch the loop goes on with
+                return (frame, int(cum_bytes[-1] - cum_bytes[i]),
+                        int(cum_parts[-1] - cum_parts[i]))
+            if frame:
+                self._send_data(channel, image, frame)
+            i = j
 
     def _skipped(self, first: int, stop: int) -> None:
         """Regions [first, stop) leave this pass unsent (the next cycle carries them)."""
