@@ -258,17 +258,23 @@ def test_a_cycle_resumed_after_a_restart_conveys_whole_regions(tmp_path):
 
 # -- the run helpers a frame's acknowledgement uses --------------------------------------
 
+def _apart(steps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first, count) runs, ascending and apart, from (gap, count) steps."""
+    rows, at = [], 0
+    for skip, count in steps:
+        at += skip + (1 if rows else 0)
+        rows.append((at, count))
+        at += count
+    return rows
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4)), min_size=1, max_size=30),
        st.integers(1, 8))
 def test_run_regions_and_spans_cover_exactly_the_runs(steps, gap):
     from volume_core.geometry import run_regions, spans
 
-    runs, at = [], 0
-    for skip, count in steps:
-        at += skip + (1 if runs else 0)  # apart, ascending
-        runs.append((at, at + count))
-        at += count
+    runs = [(first, first + count) for first, count in _apart(steps)]
     regions = run_regions(runs)
     assert regions.tolist() == [r for a, b in runs for r in range(a, b)]
     cover = spans(regions, gap)
@@ -299,11 +305,7 @@ def test_a_take_uses_the_masks_prepared_before_writes_paused(tracker):
 def test_cut_and_join_runs_keep_every_region_once(steps, step):
     from volume_core.geometry import cut_runs, join_runs
 
-    rows, at = [], 0
-    for skip, count in steps:
-        at += skip + (1 if rows else 0)
-        rows.append((at, count))
-        at += count
+    rows = _apart(steps)
     pieces = cut_runs(np.array(rows), step)
     assert ((pieces[:, 1] - pieces[:, 0]) <= step).all() and (pieces[:, 1] > pieces[:, 0]).all()
     assert [r for a, b in pieces.tolist() for r in range(a, b)] == [
