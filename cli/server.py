@@ -269,8 +269,12 @@ def _forget_failed_start(place: ServerPlace, endpoint: Endpoint) -> None:
 
 
 def _start_failure(place: ServerPlace, log_start: int) -> str:
-    """Why a server died starting: the log's last word, or a full disk (the log then is empty)."""
-    reason = _log_reason(place.log_file, log_start)
+    """Why a server died starting: the log's last word, or a full disk (the log then is empty).
+
+    If another server holds the place (this one lost the race for it), its log reader
+    goes on writing the same log: not waited for."""
+    serving = place.read_pid() if place.held() else None
+    reason = _log_reason(place.log_file, log_start, serving)
     try:
         full = os.statvfs(place.dir).f_bavail == 0
     except OSError:
@@ -288,13 +292,14 @@ _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d "
                          r"((DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: )?")
 
 
-def _log_reason(log_path: Path, start: int) -> str:
+def _log_reason(log_path: Path, start: int, serving: int | None = None) -> str:
     """The last word of the log since ``start``, in one line, without its time stamp.
 
     Called once the server is gone: its log reader may still be writing its last
-    words, so wait (briefly) for the reader to finish first.
+    words, so wait (briefly) for the reader to finish first (not for that of the
+    server ``serving``, alive).
     """
-    server_log.wait_for_readers(log_path.absolute(), LOG_READER_TIMEOUT)
+    server_log.wait_for_readers(log_path.absolute(), LOG_READER_TIMEOUT, serving)
     try:
         with open(log_path, "rb") as f:
             if os.fstat(f.fileno()).st_size < start:  # rotated meanwhile: a new file

@@ -182,9 +182,8 @@ def capture_stderr(path: Path, cap: int) -> subprocess.Popen | None:
     return reader
 
 
-def readers(path: Path, orphans: bool = False) -> list[int]:
-    """The pids of the reader processes that write the log ``path`` (an absolute path);
-    ``orphans``: only those whose server is gone (a live server's reader is its child)."""
+def readers(path: Path) -> list[int]:
+    """The pids of the reader processes that write the log ``path`` (an absolute path)."""
     want = [b"-m", READER_MODULE.encode(), os.fsencode(str(path))]
     found = []
     for entry in os.scandir("/proc"):
@@ -195,28 +194,26 @@ def readers(path: Path, orphans: bool = False) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if args[1:4] == want and not (orphans and _server_child(entry.name)):
+        if args[1:4] == want:
             found.append(int(entry.name))
     return found
 
 
-def _server_child(pid: str) -> bool:
-    """Whether process ``pid``'s parent is an nbdkit server (alive: its reader's work is
-    not over)."""
+def _parent(pid: int) -> int | None:
+    """Process ``pid``'s parent, or None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            ppid = f.read().rsplit(b")", 1)[1].split()[1].decode()
-        with open(f"/proc/{ppid}/cmdline", "rb") as f:
-            return os.path.basename(f.read().split(b"\0")[0]) == b"nbdkit"
-    except (OSError, IndexError):
-        return False
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
-def wait_for_readers(path: Path, timeout: float) -> bool:
-    """Wait until no reader of a server that is gone writes ``path``: a server that died
-    has then been logged in full (another one, serving meanwhile, keeps its reader)."""
+def wait_for_readers(path: Path, timeout: float, serving: int | None = None) -> bool:
+    """Wait until no reader writes ``path``: a server that died has then been logged in
+    full. ``serving``: the pid of another server of the same log, alive: its reader
+    (its child) goes on and is not waited for."""
     deadline = time.monotonic() + timeout
-    while readers(path, orphans=True):
+    while [pid for pid in readers(path) if serving is None or _parent(pid) != serving]:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
