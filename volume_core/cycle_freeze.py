@@ -17,6 +17,11 @@ snapshot. Everything lives in ``VOL/cycle/``, created whole (a temporary
 directory renamed into place), so a primary that restarts mid-cycle finds it
 and resumes (``open``).
 
+Of a frozen region only the blocks written before the take travel
+(``blocks``: the tracker's masks, handed over at the take; in memory only, so
+a cycle resumed after a restart sends whole regions); a copy on write still
+keeps the whole region.
+
 Unlike a snapshot's, a freeze's copies are not synced (no fdatasync on the
 host's write path): the freeze is only a buffer for one transfer, and the
 page cache survives anything but a reboot. ``cycle.json`` records the boot

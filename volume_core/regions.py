@@ -28,6 +28,12 @@ A write to a kept region turns its byte back to 1 in the page cache before
 it lands: a pwrite, no fdatasync (the disk holds a non-zero byte either
 way). A failed fdatasync of the map forgets the boot: nothing kept is
 trusted after a restart.
+
+Written blocks (``blocks.py``): beside its marks the tracker keeps, in memory
+only, a mask per region of the 4K blocks written since the last take
+(``take()`` hands them over), so that an async cycle sends those blocks, not
+whole regions. Where unknown (marks read at start, a map merged in, a take
+given back, ``forget_blocks``) a region counts as written whole.
 """
 
 from __future__ import annotations
