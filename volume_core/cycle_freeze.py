@@ -288,13 +288,10 @@ class CycleFreeze:
 
     def read(self, first: int, stop: int) -> bytearray:
         """The frozen contents of regions [first, stop) (the last one may be short)."""
-        buf = bytearray(self.geometry.byte_range(first, stop)[1])
-        self.read_into(first, stop, memoryview(buf))
+        offset, length = self.geometry.byte_range(first, stop)
+        buf = bytearray(length)
+        self.read_range(offset, memoryview(buf))
         return buf
-
-    def read_into(self, first: int, stop: int, view: memoryview) -> None:
-        """``read`` into ``view`` (exactly as long as the regions' bytes)."""
-        self.read_range(first << self.geometry.shift, view)
 
     def read_range(self, offset: int, view: memoryview) -> None:
         """The frozen contents of ``len(view)`` bytes at ``offset`` (inside regions still
@@ -365,10 +362,6 @@ class CycleFreeze:
             lo = max((first + start) << shift, offset)
             hi = min((first + start + count) << shift, end)
             pread_full(fd, view[lo - offset:hi - offset], lo)
-
-    def conveyed(self, first: int, stop: int) -> None:
-        """Regions [first, stop) are on the secondary (``conveyed_runs``)."""
-        self.conveyed_runs([(first, stop)])
 
     def conveyed_runs(self, runs: list[tuple[int, int]]) -> None:
         """The regions of ``runs`` (ascending, apart) are on the secondary: no copy needed

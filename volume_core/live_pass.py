@@ -11,8 +11,8 @@ cycle after the pass (a frozen one) carries it. That cycle's commit is the
 first consistent image.
 
 The pass has the interface of a ``CycleFreeze`` as the conveyor sees it:
-``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read``, ``read_into``,
-``read_range``, ``conveyed``, ``blocks`` (None: whole regions travel).
+``remaining``, ``skip_end``, ``hole_end``, ``data_end``, ``read_range``,
+``conveyed_runs``, ``blocks`` (None: whole regions travel).
 """
 
 from __future__ import annotations
@@ -65,19 +65,8 @@ class LivePass:
         end = self._extents.data_end(first, stop)
         return first + 1 + leading(self.tracker.marks[first + 1:end] == 0)
 
-    def read(self, first: int, stop: int) -> bytearray:
-        buf = bytearray(self.geometry.byte_range(first, stop)[1])
-        self.read_into(first, stop, memoryview(buf))
-        return buf
-
-    def read_into(self, first: int, stop: int, view: memoryview) -> None:
-        self.read_range(first << self.geometry.shift, view)
-
     def read_range(self, offset: int, view: memoryview) -> None:
         blockio.pread_full(self.fd, view, offset)
-
-    def conveyed(self, first: int, stop: int) -> None:
-        self.pending[first:stop] = 0
 
     def conveyed_runs(self, runs: list[tuple[int, int]]) -> None:
         self.pending[run_regions(runs)] = 0

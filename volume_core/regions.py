@@ -15,7 +15,7 @@ not one per region. So after a crash the persisted map may hold a few
 regions that were never written (resynced for nothing, never missed); a
 clean close() trims it back to the exact marks.
 
-Kept intents (async cycles: ``release``/``release_part`` with ``keep_hot``):
+Kept intents (async cycles: ``release``/``release_runs`` with ``keep_hot``):
 a region an async cycle conveyed is clean, but if its extent was written in
 the last ``HOT_SECONDS`` the host is likely to write it again soon, and
 clearing its intent would make that write wait for an fdatasync to set it
@@ -390,37 +390,44 @@ class RegionTracker:
             native.merge_or(self._outstanding, regions)
             self._taken = True
 
-    def release_part(self, first: int, stop: int, keep_hot: bool = False) -> None:
-        """Regions [first, stop) of the outstanding take are done with (an async cycle
-        conveyed them): their intent goes now, unless marked again since, so that a
-        write from now on records its mark durably again (``release`` does the rest).
-        ``keep_hot``: kept instead where their extent was written lately (module
-        docstring)."""
-        self.release_runs([(first, stop)], keep_hot)
-
     def release_runs(self, runs: list[tuple[int, int]], keep_hot: bool = False) -> None:
-        """``release_part`` of every [first, stop) of ``runs`` (ascending, apart: an
-        async cycle's frame), at once: array work over their regions alone, and the map
-        written a page-sized stretch at a time, not a region at a time."""
+        """The regions of ``runs`` ([first, stop), ascending, apart: an async cycle's
+        frame) of the outstanding take are done with (the cycle conveyed them): their
+        intent goes now, unless marked again since, so that a write from now on records
+        its mark durably again (``release`` does the rest). ``keep_hot``: kept instead
+        where their extent was written lately (module docstring). Array work over
+        their regions alone."""
         regions = run_regions(runs)
         with self._lock:
             self._outstanding[regions] = 0
-            persisted = self._persisted[regions]
-            if not persisted.any():
-                return
-            extra = (persisted != _CLEAR) & (self.marks[regions] == 0)
-            keep = np.zeros(regions.size, dtype=bool)
-            if keep_hot and self._keeping and extra.any():
-                hot = extra & (self._touched[regions // self.extent]
-                               > time.monotonic() - HOT_SECONDS)
-                if hot.any() and self._keep_boot():
-                    keep = hot & (persisted == _DURABLE)  # (kept ones stay as they are)
-                    extra &= ~hot
-            # as _clear_persisted: CLEAR before the write; WRITTEN ones wait for their sync
-            clear = extra & ((persisted == _DURABLE) | (persisted == _KEPT))
-            self._persisted[regions[clear]] = _CLEAR
-            changed = keep | clear
-            self._write_states(regions[changed], keep[changed])
+            extra = (self._persisted[regions] != _CLEAR) & (self.marks[regions] == 0)
+            if extra.any():
+                self._drop_intents(regions[extra], keep_hot)
+
+    def _drop_intents(self, regions: np.ndarray, keep_hot: bool) -> None:
+        """The persisted intents of ``regions`` (ascending; neither marked nor outstanding)
+        go: cleared, or kept where ``keep_hot`` and their extent was written lately (lock
+        held). Safe: a write in flight has set its mark before it checked the persisted
+        state.
+
+        As in ``_clear_persisted``, CLEAR before the write and WRITTEN ones left for
+        their sync; kept ones turn KEPT once written (``_write_states``).
+        """
+        persisted = self._persisted[regions]
+        keep = np.zeros(regions.size, dtype=bool)
+        drop = np.ones(regions.size, dtype=bool)
+        if keep_hot and self._keeping:
+            hot = self._touched[regions // self.extent] > time.monotonic() - HOT_SECONDS
+            if hot.any():
+                keep = hot & (persisted == _DURABLE)  # (kept ones stay as they are)
+                if not keep.any() or self._keep_boot():
+                    drop = ~hot
+                else:  # this boot cannot be recorded: cleared, as without keeping
+                    keep[:] = False
+        clear = drop & ((persisted == _DURABLE) | (persisted == _KEPT))
+        self._persisted[regions[clear]] = _CLEAR
+        changed = keep | clear
+        self._write_states(regions[changed], keep[changed])
 
     def _write_states(self, regions: np.ndarray, kept: np.ndarray) -> None:
         """Write the map bytes of ``regions`` (ascending) as their states say, those where
@@ -473,40 +480,14 @@ class RegionTracker:
             yield a, min(self.regions, a + PASS_CHUNK)
 
     def _trim_range(self, a: int, b: int, keep_hot: bool = False) -> None:
-        """Clear persisted regions of [a, b) neither marked nor outstanding (lock held);
-        ``keep_hot``: those of extents written in the last ``HOT_SECONDS`` are kept.
-
-        Safe: a write in flight has set its mark before it checked the persisted state.
-        """
+        """Drop the persisted intents of regions of [a, b) neither marked nor outstanding
+        (lock held; ``_drop_intents``)."""
         persisted = self._persisted[a:b]
         if not persisted.any():
             return
         extra = (persisted != _CLEAR) & (self.marks[a:b] == 0) & (self._outstanding[a:b] == 0)
-        if keep_hot and self._keeping and extra.any():
-            ext = self.extent
-            touched = self._touched[a // ext:-(-b // ext)]
-            hot = np.repeat(touched > time.monotonic() - HOT_SECONDS, ext)
-            hot = hot[a - a // ext * ext:][:b - a]
-            keep = extra & hot
-            if keep.any() and self._keep_persisted(keep, a):
-                extra &= ~hot
-        self._clear_persisted(extra, a)
-
-    def _keep_persisted(self, keep: np.ndarray, base: int) -> bool:
-        """Turn the durable intents of ``keep`` (regions from ``base``) into kept ones: 2
-        on disk, no sync (lock held). This boot is recorded first (once); False when it
-        cannot be (nothing kept then)."""
-        persisted = self._persisted[base:base + keep.size]
-        todo = (keep & (persisted == _DURABLE)).view(np.uint8)
-        runs = native.scan_runs(todo).tolist()
-        if not runs:
-            return True
-        if not self._keep_boot():
-            return False
-        for start, count in runs:
-            pwrite_full(self._fd, bytes([KEPT_BYTE]) * count, base + start)
-            persisted[start:start + count] = _KEPT
-        return True
+        if extra.any():
+            self._drop_intents(a + np.flatnonzero(extra), keep_hot)
 
     def _keep_boot(self) -> bool:
         """This boot recorded as the one whose kept bytes mean clean (once; lock held);
@@ -596,13 +577,10 @@ class RegionTracker:
         synced are left alone: their sync must settle them.
         """
         persisted = self._persisted[base:base + done.size]
-        done_u8 = (done & ((persisted == _DURABLE) | (persisted == _KEPT))).astype(np.uint8)
-        runs = native.scan_runs(done_u8)
-        for start, count in runs.tolist():
-            persisted[start:start + count] = _CLEAR
-        for start, count in runs.tolist():
-            pwrite_full(self._fd, bytes(count), base + start)
-        return int(native.count(done_u8))
+        regions = base + np.flatnonzero(done & ((persisted == _DURABLE) | (persisted == _KEPT)))
+        self._persisted[regions] = _CLEAR
+        self._write_states(regions, np.zeros(regions.size, dtype=bool))
+        return int(regions.size)
 
     def close(self) -> None:
         """Trim the persisted map to the exact marks and close it."""

@@ -1,5 +1,5 @@
 """Adversarial tests of async mirroring (mirror.py, cycle_freeze.py, the tracker's retake /
-release_part, the secondary's cycle frames), on real engines with in-memory secondaries.
+release_runs, the secondary's cycle frames), on real engines with in-memory secondaries.
 
 The tests that end in a bug fix were found by an attack round (session 6, all fixed); the
 others check what held.
@@ -256,9 +256,9 @@ def test_an_open_cycle_numbered_below_the_committed_cycle_is_refused(engine):
 # --------------------------------------------------------------------------- what held
 
 
-def test_a_write_racing_release_part_keeps_its_mark_durable(engine):
+def test_a_write_racing_release_runs_keeps_its_mark_durable(engine):
     """A host write to a taken region lands while the conveyor releases that region (the
-    chunk's ack): the write's mark must survive on disk (release_part trims only regions
+    chunk's ack): the write's mark must survive on disk (release_runs trims only regions
     neither marked nor outstanding)."""
     tracker = engine.tracker
     engine.pwrite(pattern(1, 4), 0)
@@ -278,7 +278,7 @@ def test_a_write_racing_release_part_keeps_its_mark_durable(engine):
     wait_until(lambda: engine.stats.writes >= 2, 10, "the writer")
     try:
         for r in range(4):
-            tracker.release_part(r, r + 1)
+            tracker.release_runs([(r, r + 1)])
     finally:
         stop.set()
         t.join(10)
@@ -298,8 +298,8 @@ def test_a_resumed_cycle_retakes_keep_regions_and_leaves_copied_ones_marked(tmp_
         freeze = CycleFreeze.create(vol, engine.fd, 1, taken)
         engine.pre_write.append(freeze.preserve)
         engine.pwrite(pattern(8), 5 * RS)  # COPIED, marked for the next cycle
-        freeze.conveyed(0, 2)
-        engine.tracker.release_part(0, 2)
+        freeze.conveyed_runs([(0, 2)])
+        engine.tracker.release_runs([(0, 2)])
         freeze.close()
     finally:
         engine.close()

@@ -1,5 +1,5 @@
 """Attack on kept intents (regions.py, commit 78ef502): a region an async cycle conveyed
-(``release_part``/``release`` with ``keep_hot``) in an extent written lately keeps a 2
+(``release_runs``/``release`` with ``keep_hot``) in an extent written lately keeps a 2
 in the marks map instead of a 0; in the boot named by ``marks.boot`` a 2 means clean,
 after a reboot it is an intent.
 
@@ -104,7 +104,7 @@ def keep(t: RegionTracker, *rs: int) -> np.ndarray:
         t.mark(r * RS, RS)
     taken = t.swap_and_reset()
     for r in rs:
-        t.release_part(r, r + 1, keep_hot=True)
+        t.release_runs([(r, r + 1)], keep_hot=True)
     return taken
 
 
@@ -228,7 +228,7 @@ def test_write_over_only_kept_regions_needs_no_sync(vol, monkeypatch, hot):
     again.close()
 
 
-def test_cold_extent_is_cleared_hot_one_kept_in_one_release_part(vol, monkeypatch):
+def test_cold_extent_is_cleared_hot_one_kept_in_one_release_runs(vol, monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(regions, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     t = tracker(vol)
@@ -237,7 +237,7 @@ def test_cold_extent_is_cleared_hot_one_kept_in_one_release_part(vol, monkeypatc
     t.mark(EXT * RS, RS)  # extent 1 written at 1001.5
     taken = t.swap_and_reset()
     clock[0] = 1002.0  # extent 0: exactly HOT_SECONDS ago (cold); extent 1: 0.5 s (hot)
-    t.release_part(EXT - 1, EXT + 1, keep_hot=True)
+    t.release_runs([(EXT - 1, EXT + 1)], keep_hot=True)
     assert disk(vol)[EXT - 1] == 0 and disk(vol)[EXT] == KEPT_BYTE
     clock[0] = 1003.49
     t.release(taken, keep_hot=True)
@@ -284,8 +284,8 @@ def test_region_as_large_as_an_extent(tmp_path):
     t.mark(big, 1)
     t.mark(vol.size - 1, 1)
     t.swap_and_reset()
-    t.release_part(1, 2, keep_hot=True)
-    t.release_part(4, 5, keep_hot=True)
+    t.release_runs([(1, 2)], keep_hot=True)
+    t.release_runs([(4, 5)], keep_hot=True)
     assert disk(vol).tolist() == [0, 2, 0, 0, 2]
     t.mark(4 * big, 1)
     again = restart(vol, t)
@@ -375,7 +375,7 @@ def test_enospc_recording_the_boot_falls_back_to_clearing(vol, monkeypatch):
     t.mark(3 * RS, RS)
     t.swap_and_reset()
     monkeypatch.setattr(os, "open", full)
-    t.release_part(3, 4, keep_hot=True)
+    t.release_runs([(3, 4)], keep_hot=True)
     assert disk(vol)[3] == 0
     t.close()
 
@@ -450,7 +450,7 @@ def test_failed_pwrite_of_the_kept_byte_leaves_the_intent_durable(vol, monkeypat
     t.swap_and_reset()
     _failing_pwrite(monkeypatch, bytes([KEPT_BYTE]))
     with pytest.raises(OSError):
-        t.release_part(3, 4, keep_hot=True)
+        t.release_runs([(3, 4)], keep_hot=True)
     assert t._persisted[3] == _DURABLE and disk(vol)[3] == 1
     again = restart(vol, t)
     assert 3 in marked(again)  # (b), conservative: sent again
@@ -575,7 +575,7 @@ def test_an_extent_never_written_is_cold_just_after_boot(vol, monkeypatch):
     want[3] = 1
     t.mark_map(want)  # the secondary's marks: no host write touched extent 0
     t.swap_and_reset()
-    t.release_part(3, 4, keep_hot=True)
+    t.release_runs([(3, 4)], keep_hot=True)
     try:
         assert disk(vol)[3] == 0
     finally:
@@ -601,7 +601,7 @@ def test_give_back_after_part_conveyed(vol):
     t.mark(3 * RS, RS)
     t.mark(4 * RS, RS)
     taken = t.swap_and_reset()
-    t.release_part(3, 4, keep_hot=True)
+    t.release_runs([(3, 4)], keep_hot=True)
     t.give_back(taken)
     assert {3, 4} <= marked(t)
     t.mark(3 * RS, RS)  # a later write to the kept region still says 1 first
@@ -628,7 +628,7 @@ def test_retake_after_a_restart_then_release(vol, monkeypatch):
     t.mark(3 * RS, RS)
     t.mark(4 * RS, RS)
     taken = t.swap_and_reset()
-    t.release_part(3, 4, keep_hot=True)  # 3 conveyed (kept), 4 not yet
+    t.release_runs([(3, 4)], keep_hot=True)  # 3 conveyed (kept), 4 not yet
     again = restart(vol, t)
     assert 3 not in marked(again) and 4 in marked(again)
     again.retake(taken)  # the open cycle resumes
@@ -685,7 +685,7 @@ def test_writers_race_cycles_marks_stay_durable(vol, hot):
             runs = np.flatnonzero(taken).tolist()
             for r in runs:
                 if rng.random() < 0.7:
-                    t.release_part(r, r + 1, keep_hot=True)
+                    t.release_runs([(r, r + 1)], keep_hot=True)
             t.release(taken, keep_hot=rng.random() < 0.9)
 
     ws = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
@@ -705,7 +705,7 @@ def test_writers_race_cycles_marks_stay_durable(vol, hot):
     again.close()
 
 
-def test_writer_on_a_kept_region_races_release_part(vol, hot):
+def test_writer_on_a_kept_region_races_release_runs(vol, hot):
     """One region written over and over while a cycle takes and conveys it over and
     over: whenever it is marked, its byte is 1 (and a restart finds it)."""
     t = tracker(vol)
@@ -725,7 +725,7 @@ def test_writer_on_a_kept_region_races_release_part(vol, hot):
     w.start()
     while not done.is_set():
         taken = t.swap_and_reset()
-        t.release_part(3, 4, keep_hot=True)
+        t.release_runs([(3, 4)], keep_hot=True)
         t.release(taken, keep_hot=True)
     w.join()
     assert bad == []
@@ -775,7 +775,7 @@ def test_random_sequences_never_lose_a_mark(vol, monkeypatch, seed):
         elif op < 0.75 and taken is not None:
             a = rng.randrange(vol.regions)
             b = min(vol.regions, a + rng.randrange(1, 80))
-            t.release_part(a, b, keep_hot=True)
+            t.release_runs([(a, b)], keep_hot=True)
             must -= {x for x in range(a, b) if taken[x] and x not in since}
         elif op < 0.85 and taken is not None:
             if rng.random() < 0.2:

@@ -70,7 +70,7 @@ def test_the_conveyor_reads_the_volume_at_the_take_while_host_writes_land(fresh)
     try:
         for first in np.flatnonzero(taken).tolist():
             got[first] = bytes(freeze.read(first, first + 1))
-            freeze.conveyed(first, first + 1)
+            freeze.conveyed_runs([(first, first + 1)])
     finally:
         stop_writing.set()
         for w in writers:
@@ -101,7 +101,7 @@ def test_only_regions_the_cycle_still_needs_are_copied(fresh):
     taken[100:110] = 1
     freeze, cow = freeze_with_hook(vol, engine, taken)
     engine.pwrite(b"a" * RS, 5 * RS)  # not in the cycle
-    freeze.conveyed(100, 105)
+    freeze.conveyed_runs([(100, 105)])
     engine.pwrite(b"b" * (5 * RS), 100 * RS)  # in the cycle, but conveyed already
     assert cow.copies == 0
     engine.pwrite(b"c" * RS, 107 * RS)  # still to convey: copied once
@@ -118,7 +118,7 @@ def test_a_restart_finds_the_cycle_where_it_was(fresh):
     taken[20:40] = 1
     freeze, _ = freeze_with_hook(vol, engine, taken, number=7)
     engine.pwrite(b"n" * (2 * RS), 30 * RS)  # 30, 31 copied
-    freeze.conveyed(20, 25)
+    freeze.conveyed_runs([(20, 25)])
     freeze.close()  # the process dies here: no drop
     engine.close()
     engine = Engine(vol)

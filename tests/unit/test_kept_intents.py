@@ -37,7 +37,7 @@ def on_disk(vol) -> np.ndarray:
 def conveyed(t: RegionTracker, first: int, stop: int) -> None:
     """What an async cycle does: take the marks, convey [first, stop) (kept where hot)."""
     taken = t.swap_and_reset()
-    t.release_part(first, stop, keep_hot=True)
+    t.release_runs([(first, stop)], keep_hot=True)
     return taken
 
 

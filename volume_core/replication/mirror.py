@@ -27,7 +27,7 @@ landing meanwhile marking the next cycle. A cycle cut short (the link, a
 restart) resumes where its freeze says; regions conveyed are not sent again.
 
 Marks across a restart: a conveyed region's intent is cleared at its ack
-(``release_part``), so a later write records it durably again; a region still
+(``release_runs``), so a later write records it durably again; a region still
 KEEP in the freeze was not written since the take (a write copies it first);
 a COPIED one was. So a restarted primary knows which marks are the open
 cycle's (``retake``) and which the next cycle's, and sends nothing twice.
