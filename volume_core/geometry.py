@@ -104,8 +104,8 @@ def chunks(runs: Iterable[tuple[int, int]], step: int) -> Iterator[tuple[int, in
             yield first, min(start + count, first + step)
 
 
-def run_regions(runs: list[tuple[int, int]]) -> np.ndarray:
-    """The regions of ``runs`` ([first, stop) pairs, ascending) as one index array (int64),
+def run_regions(runs: np.ndarray | list[tuple[int, int]]) -> np.ndarray:
+    """The regions of ``runs`` ([first, stop) pairs or rows) as one index array (int64),
     without a Python step per region."""
     rows = np.array(runs, dtype=np.int64).reshape(-1, 2)
     counts = rows[:, 1] - rows[:, 0]
