@@ -18,9 +18,17 @@ directory renamed into place), so a primary that restarts mid-cycle finds it
 and resumes (``open``).
 
 Of a frozen region only the blocks written before the take travel
-(``blocks``: the tracker's masks, handed over at the take; in memory only, so
-a cycle resumed after a restart sends whole regions); a copy on write still
-keeps the whole region.
+(``blocks``: the tracker's masks, handed over at the take); a copy on write
+still keeps the whole region. Once the masks are in ``blocks.map``
+(``record_blocks``, right after the take; written whole to a temporary file
+and renamed, so a restart finds all of them or none), a host write that
+touches none of its region's frozen blocks lands with no copy at all: the
+cycle never reads the blocks it writes. Such a region stays KEEP, so its
+byte in ``touched.map`` is set first (a page-cache write, once per region a
+cycle): it was written since the take, and a restart must leave it marked
+for the next cycle (``touched``), as it leaves a COPIED one. A cycle resumed
+without ``blocks.map`` (cut off before it was written, or made by an older
+version) sends whole regions and copies on every write, as before masks.
 
 Unlike a snapshot's, a freeze's copies are not synced (no fdatasync on the
 host's write path): the freeze is only a buffer for one transfer, and the
@@ -52,6 +60,7 @@ import numpy as np
 
 from . import native
 from .blockio import Extents, pread_full, preallocate, pwrite_full
+from .blocks import BlockGeometry
 from .boot import boot_id
 from .errors import VolumeCorrupt
 from .geometry import RegionGeometry, leading, run_regions, spans
@@ -70,6 +79,10 @@ DIR = "cycle"
 STORE = "store.img"
 STATE = "state.map"
 INFO = "cycle.json"
+#: the take's written-block masks (uint16 a region), once ``record_blocks`` wrote them
+BLOCKS = "blocks.map"
+#: a byte a region: written since the take with no copy (it missed the frozen blocks)
+TOUCHED = "touched.map"
 
 
 class LeftOpen(NamedTuple):
@@ -79,6 +92,10 @@ class LeftOpen(NamedTuple):
     taken_at: float
     boot_id: str | None  # the boot that made it (None: made before it was recorded)
     state: np.ndarray
+    #: the take's block masks (None: not recorded; whole regions travel)
+    blocks: np.ndarray | None = None
+    #: regions written since the take with no copy (None: no such file, none were)
+    touched: np.ndarray | None = None
 
 
 class Prepared(NamedTuple):
@@ -112,11 +129,22 @@ class CycleFreeze:
     #: per region, the blocks written before the take (``blocks.py``): only those are
     #: conveyed; None (a cycle resumed after a restart): whole regions
     blocks: np.ndarray | None = None
+    #: per region, 1 = written since the take with no copy (the write missed its frozen
+    #: blocks): it stays marked for the next cycle across a restart (module docstring)
+    touched: np.ndarray | None = None
+    #: ``touched.map``, open while a write may set a byte of it
+    touched_fd: int = -1
+    #: ``blocks`` is on disk (``blocks.map``): a write that misses them needs no copy
+    masks_recorded: bool = False
     #: where the live file holds data (the conveyor's ``hole_end``/``data_end``)
     _extents: Extents = dataclasses.field(init=False, repr=False)
+    _block_geometry: BlockGeometry = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._extents = Extents(self.live_fd, self.geometry.region_size)
+        self._block_geometry = BlockGeometry(self.geometry.size, self.geometry.shift)
+        if self.touched is None:
+            self.touched = np.zeros(self.preserved.size, dtype=np.uint8)
 
     def record_preserved(self, batch: list[np.ndarray]) -> None:
         """Copies made (``CowStore``): their map bytes, unsynced (see the module
@@ -148,6 +176,8 @@ class CycleFreeze:
                 preallocate(f.fileno(), volume.regions)  # copies then never fail to record
                 pwrite_full(f.fileno(), state, 0)
                 os.fdatasync(f.fileno())
+            with open(tmp / TOUCHED, "wb") as f:  # sparse: all zeros (none touched)
+                f.truncate(volume.regions)
             taken_at = _whole_us(time.time() if taken_at is None else taken_at)
             write_json_atomic(tmp / INFO, {"number": number, "taken_at": taken_at,
                                            "boot_id": boot_id()})
@@ -180,13 +210,8 @@ class CycleFreeze:
                 raise FileExistsError(f"{root}: cycle already open; finish or drop it first")
             with open(tmp / STATE, "r+b") as f:
                 runs = native.scan_runs(np.asarray(taken, dtype=np.uint8))
-                if len(runs) > MAX_RUN_WRITES:  # scattered: one write of it all
-                    state[np.asarray(taken) != 0] = KEEP
-                    pwrite_full(f.fileno(), state, 0)
-                else:
-                    for first, count in runs.tolist():
-                        state[first:first + count] = KEEP
-                        pwrite_full(f.fileno(), state[first:first + count], first)
+                state[np.asarray(taken) != 0] = KEEP
+                _write_runs(f.fileno(), state, runs)
             os.rename(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,7 +232,8 @@ class CycleFreeze:
             cls.discard(volume)
             return None
         return cls._open(volume, live_fd, volume.path / DIR, found.number, found.taken_at,
-                         found.state)
+                         found.state, blocks=found.blocks, touched=found.touched,
+                         recorded=found.blocks is not None)
 
     @staticmethod
     def check(volume: Volume) -> LeftOpen | None:
@@ -239,9 +265,26 @@ class CycleFreeze:
                 raise ValueError(f"{STATE}: a region in state {int(state.max())}")
             if os.stat(root / STORE).st_size != volume.size:
                 raise ValueError(f"{STORE}: not {volume.size} bytes")
+            blocks = touched = None
+            if os.path.lexists(root / BLOCKS):
+                blocks = np.fromfile(root / BLOCKS, dtype=np.uint8)
+                if blocks.size != 2 * volume.regions:
+                    raise ValueError(f"{BLOCKS}: {blocks.size} bytes, expected "
+                                     f"{2 * volume.regions}")
+                blocks = blocks.view(np.uint16)
+                full = BlockGeometry(volume.size, volume.geometry.shift).full
+                if (blocks & np.uint16(~full & 0xFFFF)).any():
+                    raise ValueError(f"{BLOCKS}: a mask of blocks past its region")
+            if os.path.lexists(root / TOUCHED):
+                touched = np.fromfile(root / TOUCHED, dtype=np.uint8)
+                if touched.size != volume.regions:
+                    raise ValueError(f"{TOUCHED}: {touched.size} bytes, expected "
+                                     f"{volume.regions}")
+                if touched.size and int(touched.max()) > 1:
+                    raise ValueError(f"{TOUCHED}: a byte {int(touched.max())}")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
-        return LeftOpen(number, float(taken_at), made_in, state)
+        return LeftOpen(number, float(taken_at), made_in, state, blocks, touched)
 
     @staticmethod
     def discard(volume: Volume) -> bool:
@@ -261,25 +304,90 @@ class CycleFreeze:
 
     @classmethod
     def _open(cls, volume: Volume, live_fd: int, root: Path, number: int, taken_at: float,
-              state: np.ndarray, sync: bool = True,
-              blocks: np.ndarray | None = None) -> CycleFreeze:
-        store_fd = os.open(root / STORE, os.O_RDWR | os.O_CLOEXEC)
+              state: np.ndarray, sync: bool = True, blocks: np.ndarray | None = None,
+              touched: np.ndarray | None = None, recorded: bool = False) -> CycleFreeze:
+        """``blocks``/``touched`` as ``check`` read them (a cycle left open: ``recorded``
+        when its masks were), or the take's masks (a new one: ``record_blocks``)."""
+        fds: list[int] = []
         try:
-            map_fd = os.open(root / STATE, os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            os.close(store_fd)
+            for name in (STORE, STATE):
+                fds.append(os.open(root / name, os.O_RDWR | os.O_CLOEXEC))
+            # (a cycle an older version left open has none: made here, all zeros)
+            fds.append(os.open(root / TOUCHED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            if touched is None:
+                os.ftruncate(fds[2], volume.regions)
+            if sync:  # (one left open) what a previous run left in the page cache, on disk
+                for fd in fds:
+                    os.fdatasync(fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
             raise
-        if sync:  # (one left open) what a previous run left in the page cache, on disk now
-            os.fdatasync(store_fd)
-            os.fdatasync(map_fd)
+        store_fd, map_fd, touched_fd = fds
         return cls(number, root, live_fd, store_fd, map_fd, volume.geometry, state,
                    np.zeros(state.size, dtype=np.uint8), CowStore(volume, live_fd), taken_at,
-                   blocks)
+                   blocks, touched, touched_fd, masks_recorded=recorded)
+
+    def record_blocks(self) -> bool:
+        """Write the take's block masks to ``blocks.map`` (after the take, writes going
+        on): from then on a write that misses its region's frozen blocks lands with no
+        copy (``preserve``). Written whole to a temporary file, then renamed: a restart
+        finds every mask or none. False (and copies on every write, as before) when
+        there are no masks or writing them failed."""
+        if self.blocks is None or self.masks_recorded:
+            return self.masks_recorded
+        tmp = self.path / f".{BLOCKS}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(2 * self.blocks.size)
+                runs = native.scan_runs((self.blocks != 0).view(np.uint8))
+                _write_runs(f.fileno(), self.blocks, runs)
+            os.rename(tmp, self.path / BLOCKS)
+        except OSError as err:
+            log.warning("cycle %d: not recording its written blocks (%s): every write to "
+                        "a region it has yet to convey copies it first", self.number, err)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        self.masks_recorded = True
+        return True
 
     # -- the host's side --------------------------------------------------------
     def preserve(self, offset: int, length: int) -> None:
-        """Pre-write hook: keep the old contents of regions the cycle still needs."""
+        """Pre-write hook: keep the old contents of regions the cycle still needs.
+
+        A write inside one region still to convey that touches none of its
+        frozen blocks needs no copy once the masks are recorded: the cycle
+        never reads what it writes. The region is noted as touched first
+        (module docstring). Anything else goes to the copy-on-write machinery.
+        """
+        if self.masks_recorded and length > 0:
+            shift = self.geometry.shift
+            first = offset >> shift
+            if first == (offset + length - 1) >> shift:
+                if self.preserved[first]:  # COPIED or FREE: no copy needed
+                    return
+                frozen = int(self.blocks[first])  # type: ignore[index]
+                # (an empty mask counts as the whole region: blocks.known)
+                if frozen and not frozen & self._block_geometry.mask(offset, length, first) \
+                        and self._touch(first):
+                    return
         self.cow.preserve(self, offset, length)
+
+    def _touch(self, region: int) -> bool:
+        """Note ``region`` as written since the take with no copy, before the write lands
+        (page cache, as the state map: a freeze is trusted in its own boot only);
+        False when that fails (the caller copies instead)."""
+        touched = self.touched
+        if not touched[region]:  # type: ignore[index]
+            try:
+                pwrite_full(self.touched_fd, b"\x01", region)
+            except OSError as err:
+                log.warning("cycle %d: cannot note region %d as written (%s); copying it",
+                            self.number, region, err)
+                return False
+            touched[region] = 1  # type: ignore[index]
+        return True
 
     # -- the conveyor's side ----------------------------------------------------
     def remaining(self) -> np.ndarray:
@@ -391,7 +499,9 @@ class CycleFreeze:
 
     # -- the end ------------------------------------------------------------------
     def close(self) -> None:
-        for fd in (self.store_fd, self.map_fd):
+        for fd in (self.store_fd, self.map_fd, self.touched_fd):
+            if fd < 0:
+                continue
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -401,6 +511,18 @@ class CycleFreeze:
         back, but made in another boot, so ``open`` discards it."""
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_runs(fd: int, items: np.ndarray, runs: np.ndarray) -> None:
+    """Write the items of ``items`` (a map, one item a region) in ``runs`` ((first,
+    count) rows) at their places in ``fd``; when they are scattered (more than
+    ``MAX_RUN_WRITES`` runs) the whole map in one write."""
+    size, raw = items.itemsize, items.view(np.uint8)
+    if len(runs) > MAX_RUN_WRITES:
+        pwrite_full(fd, raw, 0)
+        return
+    for first, count in runs.tolist():
+        pwrite_full(fd, raw[first * size:(first + count) * size], first * size)
 
 
 def _whole_us(unix_time: float) -> float:

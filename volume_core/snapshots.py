@@ -241,6 +241,8 @@ class CowStore:
         the map and syncs it for every copy finished so far (group commit).
         A writer whose regions another writer is copying waits for that copy.
         """
+        if length <= 0:  # nothing written: nothing to keep
+            return
         shift = self.shift
         first = offset >> shift
         stop = ((offset + length - 1) >> shift) + 1

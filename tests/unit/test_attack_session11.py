@@ -51,7 +51,7 @@ from tests.unit.test_attack_async import (
 from tests.unit.test_attack_kept_intents import check_consistent
 from volume_core import regions as regions_mod
 from volume_core.blocks import MIN_BLOCK, PER_REGION, BlockGeometry
-from volume_core.cycle_freeze import COPIED, FREE, CycleFreeze
+from volume_core.cycle_freeze import COPIED, FREE, KEEP, CycleFreeze
 from volume_core.engine import Engine
 from volume_core.errors import UsageError
 from volume_core.pacing import Pacer
@@ -511,8 +511,11 @@ def _open_cycle_with_frames(engine: Engine, mirror: AsyncMirror, sec: Sec) -> tu
     return at_take, want
 
 
-def test_a_sigkill_mid_cycle_resumes_whole_regions_and_sends_nothing_conveyed_again(
+def test_a_sigkill_mid_cycle_resumes_its_blocks_and_sends_nothing_conveyed_again(
         tmp_path, hot):
+    """The masks were recorded (``blocks.map``): the resumed cycle sends the written
+    blocks; a write after the take that missed them (no copy, region touched) stays
+    marked for the next cycle, and is not in the resumed cycle's image."""
     vol = Volume.create(tmp_path / "v", SIZE, RS)
     engine = Engine(vol)
     engine.pwrite(random.Random(11).randbytes(SIZE), 0)
@@ -522,8 +525,9 @@ def test_a_sigkill_mid_cycle_resumes_whole_regions_and_sends_nothing_conveyed_ag
     sec.release(1)  # the first frame is acknowledged: FREE, its intents kept
     assert (mirror._freeze.preserved[sorted(conveyed)] == FREE).all()
     engine.pwrite(b"\x41" * 512, min(conveyed) * RS)  # conveyed: no copy, marked again
-    engine.pwrite(b"\x42" * 512, 100 * RS + 9 * K4)  # not conveyed: copied first
+    engine.pwrite(b"\x42" * 512, 100 * RS + 9 * K4)  # not conveyed, misses block 7: no copy
     engine.pwrite(b"\x43" * 512, 120 * RS)  # not in the cycle
+    assert mirror._freeze.preserved[100] == KEEP and mirror._freeze.touched[100] == 1
     crash(engine, mirror)
 
     engine = Engine(Volume.open(vol.path))
@@ -531,7 +535,8 @@ def test_a_sigkill_mid_cycle_resumes_whole_regions_and_sends_nothing_conveyed_ag
         mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
         try:
             freeze = mirror._freeze
-            assert freeze is not None and freeze.blocks is None
+            assert freeze is not None and freeze.blocks is not None
+            assert freeze.touched[100] == 1 and mirror._taken[100] == 0
             assert (freeze.preserved[sorted(conveyed)] == FREE).all()
             remaining = set(np.flatnonzero(freeze.remaining()).tolist())
             assert not remaining & conveyed
@@ -541,7 +546,8 @@ def test_a_sigkill_mid_cycle_resumes_whole_regions_and_sends_nothing_conveyed_ag
             assert sec2.commits[want] == at_take
             got = regions_of([piece for _, pieces in sec2.received for piece in pieces])
             assert got == remaining, "a resumed cycle sends its remaining regions, no other"
-            assert sec2.bytes_received() == len(remaining) * RS, "whole regions"
+            assert sec2.bytes_received() == sum(
+                K4 if r in (2, 60, 100) else RS for r in remaining), "the written blocks"
             before = len(sec2.received)
             nxt = mirror.run_now()
             committed_at(mirror, nxt)

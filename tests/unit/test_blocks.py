@@ -21,6 +21,7 @@ from tests.unit.test_attack_async import (
 )
 from tests.unit.test_attack_session7 import volume_bytes
 from volume_core.blocks import POPCOUNT, RUNS, BlockGeometry
+from volume_core.cycle_freeze import KEEP
 from volume_core.live_pass import LivePass
 from volume_core.regions import RegionTracker
 
@@ -219,9 +220,10 @@ def test_a_region_the_initial_sync_skipped_travels_whole_in_cycle_1(engine, monk
         assert sec.commits[1] == volume_bytes(engine)
 
 
-def test_a_cycle_resumed_after_a_restart_conveys_whole_regions(tmp_path):
-    """The masks are not persisted: a cycle a previous run left open sends its regions
-    whole, from what it froze."""
+def test_a_cycle_resumed_after_a_restart_conveys_its_recorded_blocks(tmp_path):
+    """The masks are recorded (``blocks.map``): a cycle a previous run left open sends
+    the blocks written before its take, as they were; a write after the take that
+    missed them was not copied, and goes in the next cycle."""
     from volume_core.engine import Engine
     from volume_core.volume import Volume
 
@@ -237,21 +239,26 @@ def test_a_cycle_resumed_after_a_restart_conveys_whole_regions(tmp_path):
         sec.hold = True
         want = mirror.run_now()
         wait_until(lambda: sec.held, 10, "the cycle's chunk")
-        engine.pwrite(b"\x66" * K4, 7 * RS + K4)  # after the take: copied first
+        engine.pwrite(b"\x66" * K4, 7 * RS + K4)  # after the take, another block: no copy
+        assert mirror._freeze.preserved[7] == KEEP and mirror._freeze.touched[7]
         sec.closed = "the primary stops"
     engine.close()
     engine = Engine(Volume.open(tmp_path / "v"))
     try:
         with mirrored(engine) as mirror:
-            assert mirror._freeze is not None and mirror._freeze.blocks is None
+            assert mirror._freeze is not None and mirror._freeze.blocks[7] == 1
+            assert not mirror._taken[7], "touched: marked for the next cycle"
             sec = FakeSecondary(mirror, S1)
-            sec.image[:] = at_take  # what it held, but region 7
-            sec.image[7 * RS:8 * RS] = bytes(RS)
+            sec.image[:] = at_take  # what it held, but the block written before the take
+            sec.image[7 * RS:7 * RS + K4] = bytes(K4)
             before = mirror.stats["bytes_conveyed"]
             mirror.connected(sec)
             wait_until(lambda: mirror.committed >= want, 10, f"cycle {want}")
-            assert mirror.stats["bytes_conveyed"] - before == RS
+            assert mirror.stats["bytes_conveyed"] - before == K4
             assert sec.commits[want] == at_take
+            nxt = mirror.run_now()
+            wait_until(lambda: mirror.committed >= nxt, 10, f"cycle {nxt}")
+            assert sec.commits[nxt] == volume_bytes(engine)
     finally:
         engine.close()
 

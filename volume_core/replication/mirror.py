@@ -28,8 +28,9 @@ restart) resumes where its freeze says; regions conveyed are not sent again.
 
 Marks across a restart: a conveyed region's intent is cleared at its ack
 (``release_runs``), so a later write records it durably again; a region still
-KEEP in the freeze was not written since the take (a write copies it first);
-a COPIED one was. So a restarted primary knows which marks are the open
+KEEP in the freeze and not touched was not written since the take (a write
+copies it first, or, missing its frozen blocks, notes it touched); a COPIED
+or touched one was. So a restarted primary knows which marks are the open
 cycle's (``retake``) and which the next cycle's, and sends nothing twice.
 """
 
@@ -149,10 +150,12 @@ class AsyncMirror:
         self._taking: int | None = None  # the number of a take under way
         self._new_peer = False  # the open cycle is for another secondary: start afresh
         if self._freeze is not None:
-            # Its KEEP regions were not written since the take (a write copies first, and
-            # COPIED is durable before it lands): taken again, released at its commit.
-            # COPIED ones were written: they stay marked for the next cycle.
-            self._taken = (self._freeze.preserved == KEEP).view(np.uint8)
+            # Its KEEP regions not touched were not written since the take (a write copies
+            # first, or notes the region touched, before it lands): taken again, released
+            # at its commit. COPIED and touched ones were written: they stay marked for
+            # the next cycle.
+            self._taken = ((self._freeze.preserved == KEEP)
+                           & (self._freeze.touched == 0)).view(np.uint8)
             engine.tracker.retake(self._taken)
             engine.pre_write.append(self._freeze.preserve)
             log.info("async: cycle %d was left open; it resumes once the secondary is "
@@ -439,6 +442,7 @@ class AsyncMirror:
             engine.pre_write.append(freeze.preserve)
             with self._lock:  # before writes go on: run_now() must see the cycle open
                 self._freeze, self._taken, self._taking = freeze, taken, None
+        freeze.record_blocks()  # writes going on: from now on, fewer copies
         log.info("async: cycle %d takes %d regions", number, int(native.count(taken)))
         return freeze
 
