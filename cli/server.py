@@ -104,7 +104,15 @@ def choose_endpoint(place: ServerPlace, socket_path: str | None, port: int | Non
 
 
 def python_env() -> dict[str, str]:
-    """Environment for nbdkit's embedded /usr/bin/python3 to import our code and the venv's."""
+    """Environment for nbdkit's embedded /usr/bin/python3 to import our code and the venv's.
+
+    Python's objects go to glibc's malloc (``PYTHONMALLOC=malloc``, unless the
+    environment says otherwise), which the server tunes to keep what it frees
+    (``memory.keep_freed_buffers``): Python's own allocator gave a 1 MiB arena
+    back with ``munmap`` whenever one emptied and mapped a fresh one for the
+    next request, and that (with its page faults and TLB shootdowns) was a
+    fifth of a plain serve's 4K-write time; 4K writes went ~15% faster without it.
+    """
     paths = [str(Path(volume_core.__file__).resolve().parent.parent)]
     for key in ("purelib", "platlib"):
         p = sysconfig.get_paths()[key]
@@ -112,6 +120,7 @@ def python_env() -> dict[str, str]:
             paths.append(p)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("PYTHONMALLOC", "malloc")
     return env
 
 

@@ -145,6 +145,7 @@ def after_fork():
     # (and, for a volume, the admin socket) is the readiness signal.
     global _admin, _log_reader
     from volume_core import server_files, server_log
+    from volume_core.replication import memory
 
     _log_reader = server_log.capture_stderr(_log_path, server_log.cap_from_env())
     if not _readonly:
@@ -157,10 +158,8 @@ def after_fork():
                                                  log=str(_log_path),
                                                  replication=_replication_status))
         _admin.start()
+    memory.keep_freed_buffers()  # every request's objects come from malloc (python_env)
     if _session is not None:
-        from volume_core.replication import memory
-
-        memory.keep_freed_buffers()
         _session.start()
     _place.write_state({
         "pid": os.getpid(),

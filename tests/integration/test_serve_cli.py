@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,31 @@ def test_background_serve_accepts_connections_on_return_and_refuses_a_second(ser
     assert info["served"] is True and info["listen"] == f"unix:{s.socket}"
     # in a session of its own: a Ctrl-C to the shell that started it does not reach it
     assert os.getsid(s.pid()) != os.getsid(0)
+
+
+def test_the_server_allocates_with_malloc_unless_told_otherwise(serve, make_volume, cli,
+                                                               monkeypatch):
+    """PYTHONMALLOC=malloc (cli.server.python_env): Python's arenas were mapped and
+    unmapped per request; a setting in the environment is kept."""
+    def environ(pid: int) -> dict[str, str]:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+        return {k.decode(): v.decode() for k, v in pairs}
+
+    s = serve(size="16M")
+    assert environ(s.pid())["PYTHONMALLOC"] == "malloc"
+    h = s.connect()
+    h.pwrite(b"m" * 4096, 0)
+    assert h.pread(4096, 0) == b"m" * 4096
+    h.shutdown()
+    vol = make_volume(size="16M", name="told")
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    cli("serve", vol, "--background")
+    try:
+        pid = json.loads((vol / "server.json").read_text())["pid"]
+        assert environ(pid)["PYTHONMALLOC"] == "pymalloc"
+    finally:
+        cli("stop", vol)
 
 
 def test_serve_on_tcp_port(make_volume, cli):

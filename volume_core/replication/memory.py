@@ -1,4 +1,6 @@
-"""Keep freed buffers in the process: replication allocates one per frame.
+"""Keep freed memory in the process: replication allocates a buffer per frame, and a
+served volume's Python objects come from malloc too (``PYTHONMALLOC=malloc``,
+``cli.server.python_env``).
 
 Every replicated write passes a payload buffer of up to 32 MiB through
 Python (a frame received in place, a copy of a host write). glibc serves
