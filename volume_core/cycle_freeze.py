@@ -282,6 +282,12 @@ class CycleFreeze:
                                      f"{volume.regions}")
                 if touched.size and int(touched.max()) > 1:
                     raise ValueError(f"{TOUCHED}: a byte {int(touched.max())}")
+            # a region is touched only once the masks are on disk (record_blocks), and
+            # both files exist from then on: one without the other is damage
+            if blocks is not None and touched is None:
+                raise ValueError(f"{TOUCHED} missing beside {BLOCKS}")
+            if blocks is None and touched is not None and touched.any():
+                raise ValueError(f"{BLOCKS} missing, yet {TOUCHED} has regions written")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VolumeCorrupt(f"{root}: damaged open cycle ({err})") from None
         return LeftOpen(number, float(taken_at), made_in, state, blocks, touched)
@@ -437,16 +443,25 @@ class CycleFreeze:
 
     def hole_end(self, first: int, stop: int) -> int:
         """How far from ``first`` (at most ``stop``) the frozen image is a hole of the
-        live file: regions KEEP before and after SEEK_DATA looked (as ``read`` does: a
-        write lands only after its region became COPIED), so they read as zeros
-        without reading them. ``first`` when it is not one."""
+        live file: regions KEEP and not touched before and after SEEK_DATA looked (as
+        ``read`` does: a write lands only after its region became COPIED or touched),
+        so they read as zeros without reading them. ``first`` when it is not one.
+
+        A touched region is never taken for a hole: a trim of blocks the cycle
+        does not convey may have made it one since the take, and a ZERO frame
+        covers whole regions; read, its frozen blocks come out as they were."""
         if self._extents.known_data(first):  # (no array work, no system call)
             return first
-        before = self.preserved[first:stop] == KEEP
+        before = self._untouched_keep(first, stop)
         end = self._extents.hole_end(first, stop)
         if end <= first:
             return first
-        return first + leading(before[:end - first] & (self.preserved[first:end] == KEEP))
+        return first + leading(before[:end - first] & self._untouched_keep(first, end))
+
+    def _untouched_keep(self, first: int, stop: int) -> np.ndarray:
+        """Of regions [first, stop): KEEP and not touched (unwritten since the take)."""
+        return (self.preserved[first:stop] == KEEP) & (
+            self.touched[first:stop] == 0)  # type: ignore[index]
 
     def data_stretch(self, first: int) -> int | None:
         """Where the stretch of data of the live file that holds region ``first`` ends (a
