@@ -36,9 +36,12 @@ SEC --listen 127.0.0.1:PORT --background`` and ``nbdmirror serve PRI --backgroun
                 replication): the same file, data and page cache, the only difference the
                 mirroring. The ratios are async / plain. Before the plain runs the async
                 ones are made again with the primary restarted with ``serve --max-rate``
-                (--async-max-rate, default 100M: DRBD's default c-max-rate), the cycles
-                capped at that rate: what the host gets when replication may not take
-                all the CPU it could (both are reported, with the bytes conveyed).
+                (--async-max-rate, default 20M: DRBD's default c-max-rate, 100M, does
+                not bind for 4K writes, whose cycles convey 50-70 MiB/s here), the
+                cycles capped at that rate: what the host gets when replication may not
+                take all the CPU it could, at the price of a recovery point that falls
+                behind while the host writes faster than the cap (both are reported,
+                with the bytes conveyed).
   bitmap scan   ``scan_runs`` of a 16M-entry map (a 1 TiB volume of 64K regions) by the C
                 helper and by its numpy twin (volume_core/native): 1% of the entries in
                 scattered runs, 1% as single entries, none, all; median of SCAN_REPEAT.
