@@ -238,12 +238,26 @@ class RegionTracker:
                 return True
             return state == _DURABLE
         self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
-        self.marks[first:last + 1] = 1
+        n = last + 1 - first
+        self._marks[first:last + 1] = b"\x01" * n
         full = self.block_geometry.full
         self._blocks[first] |= full & -(1 << ((offset - (first << shift)) >> bs))
         self._blocks[last] |= (2 << ((offset + length - 1 - (last << shift)) >> bs)) - 1
         self.blocks[first + 1:last] = full
-        return bool((self._persisted[first:last + 1] == _DURABLE).all())
+        # (bytes work, not numpy's: a 1 MiB write spans 16 regions of 64K)
+        states = self._state[first:last + 1]
+        durable = states.count(_DURABLE)
+        if durable == n:
+            return True
+        if durable + states.count(_KEPT) < n:
+            return False  # a region with no intent on disk yet: mark() persists it
+        # durable and kept ones only: all 1 again, in the page cache (1s stay 1s)
+        try:
+            pwrite_full(self._fd, b"\x01" * n, first)
+        except OSError:
+            return False  # mark() tries again, and raises
+        self._state[first:last + 1] = bytes((_DURABLE,)) * n
+        return True
 
     def _persist(self, start: int, stop: int) -> int:
         """Persist intent for [start, stop), widened to whole extents (lock held).

@@ -249,7 +249,7 @@ class CowStore:
         if stop - first == 1:
             if snap.preserved[first]:
                 return
-        elif snap.preserved[first:stop].all():
+        elif 0 not in snap.preserved[first:stop].tobytes():  # (numpy's all() costs more)
             return
         self.preserve_spans(snap, [(first, stop)])
 

@@ -834,3 +834,44 @@ def test_a_frame_of_scattered_runs_is_released_in_few_writes(vol, monkeypatch, h
     again = restart(vol, t)
     assert marked(again) == {2}
     again.close()
+
+
+# -- try_mark over several regions (session 12: a 1 MiB write spans 16) ------------------
+def test_a_write_over_kept_and_durable_regions_is_marked_in_try_mark(vol, monkeypatch):
+    t = tracker(vol)
+    keep(t, 3, 5)  # 3 and 5 kept
+    t.mark(4 * RS, RS)  # 4 durable
+    syncs = count_syncs(monkeypatch, t)
+    with t.lock:
+        assert t.try_mark(3 * RS + 512, 3 * RS - 1024)  # 3, 4 and 5: no mark() needed
+    assert syncs == [] and (disk(vol)[3:6] == 1).all()
+    assert (t._persisted[3:6] == _DURABLE).all() and (t.marks[3:6] == 1).all()
+    check_consistent(vol, t)
+    again = restart(vol, t)
+    assert {3, 4, 5} <= marked(again)
+    again.close()
+
+
+def test_a_write_over_kept_and_clear_regions_leaves_try_mark_to_mark(vol):
+    t = tracker(vol)
+    keep(t, EXT - 1)  # kept; EXT and EXT + 1 (extent 1) never written: clear
+    assert t._persisted[EXT - 1] == _KEPT and t._persisted[EXT + 1] == regions._CLEAR
+    with t.lock:
+        assert not t.try_mark((EXT - 1) * RS, 3 * RS)
+    assert t._persisted[EXT - 1] == _KEPT, "nothing written when mark() must persist"
+    t.mark((EXT - 1) * RS, 3 * RS)
+    assert (t._persisted[EXT - 1:EXT + 2] == _DURABLE).all()
+    check_consistent(vol, t)
+
+
+def test_a_failed_pwrite_over_several_kept_regions_leaves_them_kept(vol, monkeypatch):
+    t = tracker(vol)
+    keep(t, 3, 4)
+    with t.lock:
+        failed = _failing_pwrite(monkeypatch, b"\x01")
+        assert not t.try_mark(3 * RS, 2 * RS)
+    assert failed == [3] and (t._persisted[3:5] == _KEPT).all()
+    assert (disk(vol)[3:5] == KEPT_BYTE).all()
+    t.mark(3 * RS, 2 * RS)
+    assert (disk(vol)[3:5] == 1).all()
+    check_consistent(vol, t)
