@@ -242,54 +242,20 @@ def _open_cycle_with_a_touched_region(tmp_path, monkeypatch):
     return vol, image, want, at_take, now
 
 
-def test_masks_recorded_but_touched_map_gone_is_refused_or_loses_no_mark(tmp_path,
-                                                                         monkeypatch):
-    """``blocks.map`` says writes may have landed with no copy, noted only in
-    ``touched.map``; with that file gone (damage: ``prepare`` makes it with the
-    directory, an older version makes neither) the touched regions cannot be known.
-    Safe answers: refuse (VolumeCorrupt naming touched.map), or count every KEEP region
-    as touched (none retaken: each stays marked for the next cycle). ``_open`` instead
-    makes an empty one: region 8 is retaken, released at the resumed commit, and the
-    write of its block 5 after the take never reaches the secondary."""
-    vol, image, want, at_take, now = _open_cycle_with_a_touched_region(tmp_path, monkeypatch)
-    (vol.path / DIR / TOUCHED).unlink()
+@pytest.mark.parametrize("gone", [TOUCHED, BLOCKS])
+def test_one_map_without_the_other_is_refused_naming_it(tmp_path, monkeypatch, gone):
+    """A region is touched only once ``blocks.map`` is in place, and both files exist
+    from then on. ``touched.map`` gone: resumed as none touched, region 8 (written after
+    the take with no copy) would be retaken and its mark released at the resumed
+    commit, the write never conveyed. ``blocks.map`` gone: resumed "as before masks",
+    region 8 (KEEP) would be read whole from the live volume, block 5 as written after
+    the take. Either is damage: refused, naming the missing file."""
+    vol, *_ = _open_cycle_with_a_touched_region(tmp_path, monkeypatch)
+    (vol.path / DIR / gone).unlink()
     engine = Engine(Volume.open(vol.path))
     try:
-        try:
-            mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
-        except VolumeCorrupt as err:
-            assert TOUCHED in str(err)
-            return
-        try:
-            assert live(engine) == now
-            resume_and_check(engine, mirror, image, want, at_take)
-        finally:
-            mirror.close()
-    finally:
-        engine.close()
-
-
-def test_touched_regions_without_their_masks_are_refused_or_keep_the_take(tmp_path,
-                                                                          monkeypatch):
-    """The converse damage: ``touched.map`` says a write landed in region 8 with no copy
-    (possible only once ``blocks.map`` was in place), but ``blocks.map`` is gone. The
-    cycle resumes "as before masks", sending whole regions: region 8 is KEEP, so it is
-    read live, block 5 as written after the take. Safe answers: refuse (VolumeCorrupt
-    naming blocks.map: touched regions need their masks), or resume an image that is
-    still the take."""
-    vol, image, want, at_take, now = _open_cycle_with_a_touched_region(tmp_path, monkeypatch)
-    (vol.path / DIR / BLOCKS).unlink()
-    engine = Engine(Volume.open(vol.path))
-    try:
-        try:
-            mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
-        except VolumeCorrupt as err:
-            assert BLOCKS in str(err)
-            return
-        try:
-            resume_and_check(engine, mirror, image, want, at_take)
-        finally:
-            mirror.close()
+        with pytest.raises(VolumeCorrupt, match=gone):
+            AsyncMirror(engine, interval=0, ack_timeout=2.0)
     finally:
         engine.close()
 
