@@ -7,8 +7,9 @@ in memory beside its marks (``RegionTracker.take``) and a cycle conveys only
 the written blocks of each region it took: 4K random writes no longer carry
 whole 64K regions to the secondary.
 
-The masks are a refinement, never the record: they are not persisted, and
-wherever they are unknown (marks read from disk at start, a map merged in, a
+The masks are a refinement, never the record: the tracker does not persist
+them (an open cycle records the ones it took: ``CycleFreeze.record_blocks``),
+and wherever they are unknown (marks read from disk at start, a map merged in, a
 take given back) a region's mask is ``full``: the whole region travels, as
 before masks existed. A mask may say more than was written (harmless: more
 bytes travel), never less.

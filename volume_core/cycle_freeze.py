@@ -127,7 +127,7 @@ class CycleFreeze:
     #: Unix time of the take: the point in time the cycle's image holds
     taken_at: float = 0.0
     #: per region, the blocks written before the take (``blocks.py``): only those are
-    #: conveyed; None (a cycle resumed after a restart): whole regions
+    #: conveyed; None (a cycle resumed without ``blocks.map``): whole regions
     blocks: np.ndarray | None = None
     #: per region, 1 = written since the take with no copy (the write missed its frozen
     #: blocks): it stays marked for the next cycle across a restart (module docstring)
