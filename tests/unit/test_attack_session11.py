@@ -152,6 +152,30 @@ def committed_at(mirror: AsyncMirror, want: int) -> None:
     wait_until(lambda: mirror.committed >= want, 10, f"cycle {want}")
 
 
+def restarted(vol: Volume) -> tuple[Engine, AsyncMirror]:
+    """The primary started again on ``vol`` (after ``crash``): its engine and mirror."""
+    engine = Engine(Volume.open(vol.path))
+    try:
+        return engine, AsyncMirror(engine, interval=0, ack_timeout=2.0)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def resume_and_check(engine: Engine, mirror: AsyncMirror, image: bytes, want: int,
+                     at_take: bytes) -> Sec:
+    """A secondary holding ``image`` connects: the resumed cycle ``want`` commits
+    ``at_take``; the next commits the live volume."""
+    sec = Sec(mirror, S1, engine.size, image=image)
+    mirror.connected(sec)
+    committed_at(mirror, want)
+    assert sec.commits[want] == at_take, f"cycle {want} is not the volume at its take"
+    nxt = mirror.run_now()
+    committed_at(mirror, nxt)
+    assert sec.commits[nxt] == live(engine), "the next cycle is not the live volume"
+    return sec
+
+
 def start_pair(engine: Engine, **kw) -> tuple[AsyncMirror, Sec]:
     """A mirror and its secondary, past the initial sync and cycle 1."""
     mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0, **kw)
@@ -599,18 +623,11 @@ def test_a_copy_recorded_while_a_neighbours_frame_is_acknowledged_survives_a_sig
     assert list(on_disk[4:7]) == [FREE, COPIED, FREE]
     crash(engine, mirror)
 
-    engine = Engine(Volume.open(vol.path))
+    engine, mirror = restarted(vol)
     try:
-        mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
         try:
             assert list(mirror._freeze.preserved[4:7]) == [FREE, COPIED, FREE]
-            sec2 = Sec(mirror, S1, SIZE, image=sec.image)
-            mirror.connected(sec2)
-            committed_at(mirror, want)
-            assert sec2.commits[want] == at_take
-            nxt = mirror.run_now()
-            committed_at(mirror, nxt)
-            assert sec2.commits[nxt] == live(engine)
+            resume_and_check(engine, mirror, sec.image, want, at_take)
         finally:
             mirror.close()
     finally:
@@ -658,18 +675,11 @@ def test_a_failed_marks_map_write_at_an_ack_loses_no_mark_across_a_sigkill(
     assert t.marks[min(conveyed)] == 1
     crash(engine, mirror)
 
-    engine = Engine(Volume.open(vol.path))
+    engine, mirror = restarted(vol)
     try:
-        mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
         try:
             assert engine.tracker.marks[min(conveyed)] == 1
-            sec2 = Sec(mirror, S1, SIZE, image=sec.image)
-            mirror.connected(sec2)
-            committed_at(mirror, want)
-            assert sec2.commits[want] == at_take
-            nxt = mirror.run_now()
-            committed_at(mirror, nxt)
-            assert sec2.commits[nxt] == live(engine)
+            resume_and_check(engine, mirror, sec.image, want, at_take)
         finally:
             mirror.close()
     finally:
@@ -1003,17 +1013,10 @@ def test_a_writer_hammering_frozen_regions_while_frames_are_acknowledged_then_a_
         thread.join(10)
     assert not errors
     crash(engine, mirror)
-    engine = Engine(Volume.open(vol.path))
+    engine, mirror = restarted(vol)
     try:
-        mirror = AsyncMirror(engine, interval=0, ack_timeout=2.0)
         try:
-            sec2 = Sec(mirror, S1, SIZE, image=sec.image)
-            mirror.connected(sec2)
-            committed_at(mirror, want)
-            assert sec2.commits[want] == at_take
-            nxt = mirror.run_now()
-            committed_at(mirror, nxt)
-            assert sec2.commits[nxt] == live(engine)
+            resume_and_check(engine, mirror, sec.image, want, at_take)
         finally:
             mirror.close()
     finally:

@@ -29,6 +29,8 @@ from tests.unit.test_attack_session11 import (
     crash,
     live,
     regions_of,
+    restarted,
+    resume_and_check,
 )
 from volume_core import snapshots as snapshots_mod
 from volume_core.blocks import BlockGeometry
@@ -82,28 +84,6 @@ def after_record(monkeypatch, then) -> None:
         return done
 
     monkeypatch.setattr(CycleFreeze, "record_blocks", record_then)
-
-
-def restarted(vol: Volume) -> tuple[Engine, AsyncMirror]:
-    engine = Engine(Volume.open(vol.path))
-    try:
-        return engine, AsyncMirror(engine, interval=0, ack_timeout=2.0)
-    except BaseException:
-        engine.close()
-        raise
-
-
-def resume_and_check(engine: Engine, mirror: AsyncMirror, image: bytes, want: int,
-                     at_take: bytes) -> Sec:
-    """The resumed cycle ``want`` commits ``at_take``; the next commits the live volume."""
-    sec = Sec(mirror, S1, engine.size, image=image)
-    mirror.connected(sec)
-    committed_at(mirror, want)
-    assert sec.commits[want] == at_take, f"cycle {want} is not the volume at its take"
-    nxt = mirror.run_now()
-    committed_at(mirror, nxt)
-    assert sec.commits[nxt] == live(engine), "the next cycle is not the live volume"
-    return sec
 
 
 def first_diff(a: bytes, b: bytes) -> int | None:
