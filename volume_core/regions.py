@@ -229,13 +229,8 @@ class RegionTracker:
             rel = offset - (first << shift)
             self._blocks[first] |= (2 << ((rel + length - 1) >> bs)) - (1 << (rel >> bs))
             state = self._state[first]
-            if state == _KEPT:  # a 1 again, in the page cache (no sync: module docstring)
-                try:
-                    pwrite_full(self._fd, b"\x01", first)
-                except OSError:
-                    return False  # mark() tries again, and raises
-                self._state[first] = _DURABLE
-                return True
+            if state == _KEPT:
+                return self._say_again(first, 1)
             return state == _DURABLE
         self._touched[first // self.extent:last // self.extent + 1] = time.monotonic()
         n = last + 1 - first
@@ -251,12 +246,17 @@ class RegionTracker:
             return True
         if durable + states.count(_KEPT) < n:
             return False  # a region with no intent on disk yet: mark() persists it
-        # durable and kept ones only: all 1 again, in the page cache (1s stay 1s)
+        return self._say_again(first, n)  # durable and kept ones only (1s stay 1s)
+
+    def _say_again(self, first: int, n: int) -> bool:
+        """Regions [first, first + n), each durable or kept, say 1 again: one pwrite to
+        the page cache, no sync (module docstring), then durable in memory (lock held).
+        False when the write fails: mark() tries again, and raises."""
         try:
             pwrite_full(self._fd, b"\x01" * n, first)
         except OSError:
-            return False  # mark() tries again, and raises
-        self._state[first:last + 1] = bytes((_DURABLE,)) * n
+            return False
+        self._state[first:first + n] = bytes((_DURABLE,)) * n
         return True
 
     def _persist(self, start: int, stop: int) -> int:
