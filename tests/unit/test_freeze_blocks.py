@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from tests.conftest import wait_until
 from volume_core.blocks import BlockGeometry
 from volume_core.cycle_freeze import BLOCKS, COPIED, DIR, KEEP, TOUCHED, CycleFreeze
 from volume_core.engine import Engine
@@ -148,6 +149,7 @@ def test_the_conveyor_reads_frozen_blocks_at_the_take_while_writes_land_around_t
     geometry = BlockGeometry(SIZE, freeze.geometry.shift)
     stop = threading.Event()
     errors: list[BaseException] = []
+    written = [0]
 
     def host(seed: int) -> None:
         r = np.random.default_rng(seed)
@@ -156,6 +158,7 @@ def test_the_conveyor_reads_frozen_blocks_at_the_take_while_writes_land_around_t
                 off = int(r.integers(0, SIZE // 512 - 1)) * 512
                 ln = int(r.integers(1, min(3 * K4 // 512, (SIZE - off) // 512) + 1)) * 512
                 engine.pwrite(r.integers(0, 256, ln, dtype=np.uint8).tobytes(), off)
+                written[0] += 1
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -164,7 +167,12 @@ def test_the_conveyor_reads_frozen_blocks_at_the_take_while_writes_land_around_t
         w.start()
     wrong = []
     try:
+        # not before a write has missed frozen blocks (the path under test), and
+        # writes land between the regions read (else the loop may outrun them)
+        wait_until(lambda: freeze.touched.any() or errors, 30, "a write with no copy")
         for region in sorted(masks):
+            seen = written[0]
+            wait_until(lambda s=seen: written[0] > s or errors, 30, "a host write")
             extents = geometry.run_extents(freeze.blocks, [(region, region + 1)])
             for offset, length in extents.tolist():
                 buf = bytearray(length)
