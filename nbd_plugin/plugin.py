@@ -159,6 +159,7 @@ def after_fork():
                                                  replication=_replication_status))
         _admin.start()
     memory.keep_freed_buffers()  # every request's objects come from malloc (python_env)
+    memory.keep_stack_chunks()  # every request's thread state: no mmap/munmap
     if _session is not None:
         _session.start()
     _place.write_state({

@@ -70,6 +70,29 @@ def test_the_server_allocates_with_malloc_unless_told_otherwise(serve, make_volu
         cli("stop", vol)
 
 
+def test_requests_map_no_memory_per_request(serve):
+    """nbdkit makes a Python thread state per request, and CPython 3.11 maps a 16 KiB
+    frame stack for each and unmaps it after (memory.keep_stack_chunks): under strace,
+    400 writes must not make hundreds of mmap/munmap calls."""
+    s = serve(size="16M")
+    h = s.connect()
+    h.pwrite(b"w" * 4096, 0)  # the connection's first requests map what they keep
+    out = s.vol.parent / "strace.out"
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=mmap,munmap", "-o", str(out),
+                               "-p", str(s.pid())], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "attached" in tracer.stderr.readline()  # strace is tracing now
+        for i in range(400):
+            h.pwrite(bytes([i % 256]) * 4096, (i % 64) * 4096)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.communicate(timeout=30)
+    h.shutdown()
+    calls = {line.split()[-1]: int(line.split()[-2]) for line in out.read_text().splitlines()
+             if line.split() and line.split()[-1] in ("mmap", "munmap")}
+    assert calls.get("munmap", 0) < 40 and calls.get("mmap", 0) < 40, calls
+
+
 def test_serve_on_tcp_port(make_volume, cli):
     vol = make_volume(size="16M")
     port = free_port()

@@ -563,3 +563,28 @@ def test_c_scan_runs_reports_enospc_when_buffer_too_small():
     assert lib.nbm_scan_runs(ffi.from_buffer("uint8_t[]", m), m.size, buf, 3) == -errno.ENOSPC
     assert lib.nbm_scan_runs(ffi.from_buffer("uint8_t[]", m), m.size, buf, 4) == 4
     assert out.tolist() == [[0, 1], [2, 1], [4, 1], [16, 1]]
+
+
+# -- arena.c: the interpreter's arena allocator, cached ------------------------------
+
+@needs_c
+def test_the_arena_cache_hands_thread_stacks_out_again():
+    """Each thread's frame stack comes from the arena allocator and goes back when the
+    thread ends; once the cache is in (memory.keep_stack_chunks) the next thread's comes
+    from the cache, not from a fresh mmap. Installed for the rest of this process: it
+    maps and unmaps as CPython does, so blocks from before are freed correctly."""
+    import threading
+
+    from volume_core.replication import memory
+
+    def deep(n: int) -> int:  # frames enough to need a stack chunk of their own
+        return n if n == 0 else deep(n - 1) + 1
+
+    assert memory.keep_stack_chunks()
+    before = native.arena_counts()
+    for _ in range(50):
+        t = threading.Thread(target=deep, args=(50,))
+        t.start()
+        t.join()
+    reused, mapped = (a - b for a, b in zip(native.arena_counts(), before, strict=True))
+    assert reused >= 45 and mapped <= 5, (reused, mapped)

@@ -155,6 +155,25 @@ def _c_punch_hole(fd: int, offset: int, length: int) -> None:
         _raise_errno(rc)
 
 
+def arena_allocator() -> int | None:
+    """The address of arena.c's caching arena allocator (a ``PyObjectArenaAllocator``
+    for ``PyObject_SetArenaAllocator``), or None without the extension (no twin:
+    Python's own allocator stays)."""
+    if _lib is None:
+        return None
+    return int(_ffi.cast("uintptr_t", _lib.nbm_arena_allocator()))
+
+
+def arena_counts() -> tuple[int, int] | None:
+    """(blocks handed out again, blocks mapped) by that allocator so far; None without
+    the extension."""
+    if _lib is None:
+        return None
+    out = _ffi.new("uint64_t[2]")
+    _lib.nbm_arena_counts(out, out + 1)
+    return int(out[0]), int(out[1])
+
+
 for _name in twin.__all__:
     _fn = globals()["_c_" + _name]
     _fn.__name__ = _fn.__qualname__ = _name

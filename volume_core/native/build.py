@@ -8,7 +8,7 @@ Used two ways:
   the extension lands next to this file as ``_regions_c*.so`` whatever the
   current directory is.
 
-The C source lives in regions.c next to this file and is located through
+The C sources live in regions.c and arena.c next to this file and is located through
 ``__file__``, never through the current directory.
 """
 
@@ -29,6 +29,8 @@ void nbm_merge_or(uint8_t *dst, const uint8_t *src, size_t n);
 int64_t nbm_copy_runs(int src_fd, int dst_fd, const int64_t *runs, size_t nruns,
                       int64_t region_size, int64_t limit, int use_cfr);
 int nbm_punch_hole(int fd, int64_t offset, int64_t length);
+void *nbm_arena_allocator(void);
+void nbm_arena_counts(uint64_t *reused, uint64_t *mapped);
 """
 
 ffibuilder = cffi.FFI()
@@ -37,7 +39,8 @@ ffibuilder.cdef(CDEF)
 # (see the generated _regions_c.c), so the GIL is released while C runs.
 ffibuilder.set_source(
     MODULE,
-    (HERE / "regions.c").read_text(encoding="utf-8"),
+    # arena.c: a cache for the interpreter's arena allocator (memory.keep_stack_chunks)
+    "\n".join((HERE / name).read_text(encoding="utf-8") for name in ("regions.c", "arena.c")),
     extra_compile_args=["-O2", "-std=gnu11"],
 )
 
