@@ -41,7 +41,11 @@ SEC --listen 127.0.0.1:PORT --background`` and ``nbdmirror serve PRI --backgroun
                 cycles capped at that rate: what the host gets when replication may not
                 take all the CPU it could, at the price of a recovery point that falls
                 behind while the host writes faster than the cap (both are reported,
-                with the bytes conveyed).
+                with the bytes conveyed). Last, the plain serve again beside a process
+                spinning at SCHED_IDLE (``IdleBusyLoop``: it gets only CPU time nothing
+                else wants): no goal, a reference. On this 2-vCPU VM it alone takes
+                40-50% of a plain serve's 4K IOPS (session 13, by hand: 62K -> 31-37K),
+                and a cycle's conveyor and secondary must run beside the host here.
   bitmap scan   ``scan_runs`` of a 16M-entry map (a 1 TiB volume of 64K regions) by the C
                 helper and by its numpy twin (volume_core/native): 1% of the entries in
                 scattered runs, 1% as single entries, none, all; median of SCAN_REPEAT.
@@ -79,6 +83,8 @@ import itertools
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +178,8 @@ def measure(ctx: Context) -> dict:
         pair.serve(ctx.threads, replicate=False)
         section["plain_threads"] = pair.threads
         section["host_plain"] = host_writes(ctx, pair, size, cycles=False)
+        progress("async: the plain serve again, beside an idle-priority busy loop")
+        section["host_plain_busy"] = host_writes(ctx, pair, size, cycles=False, busy=True)
         pair.stop_primary()
     if section["plain_threads"] != section["async_threads"]:
         raise BenchError(f"async: the async serve ran -t {section['async_threads']}, the "
@@ -366,14 +374,33 @@ def delta_cycle(ctx: Context, pair: Pair, size: int) -> dict:
 
 # -- host writes -------------------------------------------------------------------------
 
-def host_writes(ctx: Context, pair: Pair, size: int, cycles: bool) -> dict:
+class IdleBusyLoop:
+    """A process spinning at SCHED_IDLE (it runs only on a CPU nothing else wants) while
+    the block runs: what anything running beside the host costs on this machine, a
+    reference for the rows under cycles (whose conveyor and secondary run beside it)."""
+
+    CODE = ("import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+            "while True:\n    pass\n")
+
+    def __enter__(self) -> IdleBusyLoop:
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def host_writes(ctx: Context, pair: Pair, size: int, cycles: bool,
+                busy: bool = False) -> dict:
     args = ctx.args
     specs = {
         "write_1m": dict(bs=MIB, iodepth=4, rw="write", runtime=args.runtime),
         "randwrite_4k": dict(bs=4096, iodepth=args.iodepth, rw="randwrite",
                              runtime=args.runtime, ramp=args.ramp),
     }
-    how = "async, cycles back to back" if cycles else "plain serve"
+    how = ("async, cycles back to back" if cycles else
+           "plain serve beside an idle busy loop" if busy else "plain serve")
     out: dict = {}
     for key, what, unit in HOST_LOADS:
         tag = f"async: {what} ({how})"
@@ -382,7 +409,8 @@ def host_writes(ctx: Context, pair: Pair, size: int, cycles: bool) -> dict:
         if cycles and pair.secondary is not None:
             read_once(pair.secondary / "data.img")
         progress(tag)
-        driver = BackToBackCycles(pair) if cycles else contextlib.nullcontext()
+        driver = (BackToBackCycles(pair) if cycles else IdleBusyLoop() if busy
+                  else contextlib.nullcontext())
         link0 = pair.link() if cycles else {}
         cow0 = pair.status("secondary").get("cow_regions_copied") if cycles else None
         with driver:
@@ -574,10 +602,23 @@ def render(section: dict) -> str:
                      f"{p['lat_p99_us'] / 1000:.2f}/{a['lat_p99_us'] / 1000:.2f}",
                      f"{p.get('primary_cpu_pct', 0):.0f}/{a.get('primary_cpu_pct', 0):.0f}"
                      f"+{a.get('secondary_cpu_pct', 0):.0f}"])
+    for key, _, unit in HOST_LOADS if section.get("host_plain_busy") else ():
+        p, a = section["host_plain"][key], section["host_plain_busy"][key]
+        label = (f"1M seq qd4 ({unit})" if key == "write_1m"
+                 else f"4K rand qd{section['iodepth']} ({unit})")
+        rows.append([label + ", plain beside an idle busy loop", f"{p['value']:,.0f}",
+                     f"{a['value']:,.0f}", _pct(a["value"] / p["value"] if p["value"] else None),
+                     "-", "-", "-",
+                     f"{p['lat_p50_us'] / 1000:.2f}/{a['lat_p50_us'] / 1000:.2f}",
+                     f"{p['lat_p99_us'] / 1000:.2f}/{a['lat_p99_us'] / 1000:.2f}",
+                     f"{p.get('primary_cpu_pct', 0):.0f}/{a.get('primary_cpu_pct', 0):.0f}"])
     busy_from = section["host_async"]["randwrite_4k"]["cycles"]["busy_from"]
     out += ["", f"host writes, fio {section['runtime']:g}s each (4K: after a "
             f"{section['ramp']:g}s ramp), same volume: async with cycles back to back, then "
-            f"a plain serve (cycle under way: share of fio's run, from {busy_from}):",
+            f"a plain serve (cycle under way: share of fio's run, from {busy_from}); last, "
+            "the plain serve beside a process spinning at SCHED_IDLE (it runs only where "
+            "nothing else wants the CPU): what anything running beside the host costs on "
+            "this machine, a reference for the rows under cycles:",
             table(rows)]
     b = section["bitmap"]
     rows = [["map", "set", "runs", "C ms", "numpy ms", "speedup"]]

@@ -108,14 +108,23 @@ class BlockGeometry:
         """The written blocks of ``regions`` (ascending indexes) with ``masks``, as
         (offset, length) byte extents (uint64 rows): ascending, apart (blocks that touch,
         across regions too, are one extent), cut at the end of the volume."""
+        runs = self.block_runs(regions, masks)
+        starts = runs[:, 0] << self.shift
+        ends = np.minimum(runs.sum(axis=1) << self.shift, self.size)
+        keep = ends > starts
+        return np.stack((starts[keep], (ends - starts)[keep]), axis=1).astype(np.uint64)
+
+    def block_runs(self, regions: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """The blocks ``masks`` set in ``regions`` (ascending indexes), as (first block,
+        count) int64 rows in units of blocks: ascending, apart (blocks that touch, across
+        regions too, are one run); blocks past the end of the volume included."""
         per = self.full.bit_length()
         bits = ((masks.astype(np.uint32)[:, None] >> _BITS[:per]) & 1).astype(bool)
         blocks = (regions.astype(np.int64)[:, None] * per + np.arange(per))[bits]
         if not blocks.size:
-            return np.zeros((0, 2), dtype=np.uint64)
+            return np.zeros((0, 2), dtype=np.int64)
         breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-        starts = blocks[np.concatenate(([0], breaks))] << self.shift
-        ends = np.minimum((blocks[np.concatenate((breaks - 1, [blocks.size - 1]))] + 1)
-                          << self.shift, self.size)
-        keep = ends > starts
-        return np.stack((starts[keep], (ends - starts)[keep]), axis=1).astype(np.uint64)
+        firsts = blocks[np.concatenate(([0], breaks))]
+        lasts = blocks[np.concatenate((breaks - 1, [blocks.size - 1]))]
+        return np.stack((firsts, lasts + 1 - firsts), axis=1)
+

@@ -18,8 +18,8 @@ directory renamed into place), so a primary that restarts mid-cycle finds it
 and resumes (``open``).
 
 Of a frozen region only the blocks written before the take travel
-(``blocks``: the tracker's masks, handed over at the take); a copy on write
-still keeps the whole region. Once the masks are in ``blocks.map``
+(``blocks``: the tracker's masks, handed over at the take). Once the masks are
+in ``blocks.map``
 (``record_blocks``, right after the take; written whole to a temporary file
 and renamed, so a restart finds all of them or none), a host write that
 touches none of its region's frozen blocks lands with no copy at all: the
@@ -29,6 +29,12 @@ cycle): it was written since the take, and a restart must leave it marked
 for the next cycle (``touched``), as it leaves a COPIED one. A cycle resumed
 without ``blocks.map`` (cut off before it was written, or made by an older
 version) sends whole regions and copies on every write, as before masks.
+From then on, too, a copy on write keeps only the region's frozen blocks:
+for a write inside one region, from its first frozen block to its last in
+one read and one write, claimed and recorded without the snapshots' group
+commit (``_copy_one``: a freeze syncs nothing); for a write over several,
+their frozen blocks through ``CowStore`` (``copy_regions``). Before, it
+keeps whole regions.
 
 Unlike a snapshot's, a freeze's copies are not synced (no fdatasync on the
 host's write path): the freeze is only a buffer for one transfer, and the
@@ -145,6 +151,20 @@ class CycleFreeze:
         self._block_geometry = BlockGeometry(self.geometry.size, self.geometry.shift)
         if self.touched is None:
             self.touched = np.zeros(self.preserved.size, dtype=np.uint8)
+
+    def copy_regions(self, live_fd: int, runs: np.ndarray, volume: Volume) -> None:
+        """``CowStore``'s copy of regions ``runs`` ((first, count) rows) into the store:
+        only their frozen blocks once the masks are recorded (the conveyor reads no
+        other block of a frozen region, and a cycle resumed from its files reads what
+        ``blocks.map`` says), else whole regions (a cycle resumed without its masks
+        reads them whole)."""
+        if not self.masks_recorded:
+            native.copy_runs(live_fd, self.store_fd, runs, volume.region_size, volume.size)
+            return
+        geometry = self._block_geometry
+        regions = run_regions(np.stack((runs[:, 0], runs.sum(axis=1)), axis=1))
+        blocks = geometry.block_runs(regions, geometry.known(self.blocks[regions]))  # type: ignore[index]
+        native.copy_runs(live_fd, self.store_fd, blocks, 1 << geometry.shift, volume.size)
 
     def record_preserved(self, batch: list[np.ndarray]) -> None:
         """Copies made (``CowStore``): their map bytes, unsynced (see the module
@@ -378,7 +398,56 @@ class CycleFreeze:
                 if frozen and not frozen & self._block_geometry.mask(offset, length, first) \
                         and self._touch(first):
                     return
+                if self._copy_one(first):
+                    return
         self.cow.preserve(self, offset, length)
+
+    def _copy_one(self, region: int) -> bool:
+        """``CowStore.preserve`` for one KEEP region no one else is copying, without its
+        group commit (a freeze syncs nothing: ``record_preserved``): claim it, copy
+        its frozen blocks, write its COPIED byte, then say so in memory. False (the
+        caller goes the general way) when it is not KEEP or another copy is under way.
+
+        The same steps and lock as ``CowStore``'s, so ``conveyed_runs`` and ``read_range``
+        see a copy the same way: claimed (``copying``) while under way, COPIED on disk
+        before in memory, and a FREE set meanwhile stays FREE."""
+        cow = self.cow
+        with cow.lock:
+            if self.preserved[region] != KEEP or self.copying[region]:
+                return False
+            self.copying[region] = 1
+        try:
+            self._copy_blocks(region)
+            self.record_preserved([np.array(((region, 1),))])
+        except BaseException:
+            with cow.lock:
+                self.copying[region] = 0
+                cow.lock.notify_all()
+            raise
+        with cow.lock:
+            if self.preserved[region] == KEEP:
+                self.preserved[region] = COPIED
+            self.copying[region] = 0
+            cow.copies += 1
+            cow.lock.notify_all()
+        return True
+
+    def _copy_blocks(self, region: int) -> None:
+        """Copy ``region``'s frozen blocks (masks recorded; else all of it) into the store,
+        at the same offsets: ``copy_regions`` for one region, without array work, in
+        one read and one write from its first frozen block to its last (what lies
+        between is copied too, and never read: two system calls, not two a run)."""
+        geometry = self._block_geometry
+        mask = geometry.full
+        if self.masks_recorded:
+            mask = int(self.blocks[region]) or mask  # type: ignore[index]
+        base = region << self.geometry.shift
+        lo = base + (((mask & -mask).bit_length() - 1) << geometry.shift)
+        hi = min(base + (mask.bit_length() << geometry.shift), self.geometry.size)
+        if hi > lo:
+            buf = bytearray(hi - lo)
+            pread_full(self.live_fd, buf, lo)
+            pwrite_full(self.store_fd, buf, lo)
 
     def _touch(self, region: int) -> bool:
         """Note ``region`` as written since the take with no copy, before the write lands

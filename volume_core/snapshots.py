@@ -120,6 +120,11 @@ class Snapshot:
         return cls(info["name"], info["seq"], info["created"], path, store_fd, map_fd, preserved,
                    np.zeros(regions, dtype=np.uint8))
 
+    def copy_regions(self, live_fd: int, runs: np.ndarray, volume: Volume) -> None:
+        """Copy the regions of ``runs`` ((first, count) rows) of the live volume into the
+        store, whole, at the same offsets (not yet durable: ``record_preserved``)."""
+        native.copy_runs(live_fd, self.store_fd, runs, volume.region_size, volume.size)
+
     def record_preserved(self, batch: list[np.ndarray]) -> None:
         """Make copied runs durable: store synced, then their map bytes written and synced.
 
@@ -209,7 +214,7 @@ class CowStore:
     """Copy-on-write into a store file: who copies which region, and the group commit.
 
     A target (a ``Snapshot``, or anything with ``preserved``, ``copying``,
-    ``store_fd`` and ``record_preserved``) needs a copy of a region while its
+    ``copy_regions`` and ``record_preserved``) needs a copy of a region while its
     ``preserved`` byte is 0; once the copy is durable the byte becomes 1 and the
     live write may land. One CowStore serves one target at a time (the chain
     switches targets only with writes quiesced).
@@ -281,8 +286,7 @@ class CowStore:
                 failures = self._failures
             try:
                 for runs in claimed:
-                    native.copy_runs(self.live_fd, snap.store_fd, runs,
-                                     self.volume.region_size, self.volume.size)
+                    snap.copy_regions(self.live_fd, runs, self.volume)
             except BaseException:
                 self._unclaim(snap, claimed)
                 raise

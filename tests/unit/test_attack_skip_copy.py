@@ -32,7 +32,6 @@ from tests.unit.test_attack_session11 import (
     restarted,
     resume_and_check,
 )
-from volume_core import snapshots as snapshots_mod
 from volume_core.blocks import BlockGeometry
 from volume_core.cycle_freeze import BLOCKS, COPIED, DIR, FREE, KEEP, TOUCHED, CycleFreeze
 from volume_core.engine import Engine
@@ -691,10 +690,10 @@ def test_host_writers_racing_the_conveyor_and_its_acks_keep_the_take(tmp_path, m
 
 def test_a_copy_of_a_region_hit_on_a_frozen_block_while_another_writer_skips_it(
         tmp_path, monkeypatch):
-    """Writer A hits frozen block 0 of region 8: its copy (the C copy, GIL released)
-    is held mid-way. Meanwhile writer B writes block 9 of region 8, a miss: it must
-    not wait for A's copy (no copy needed) and lands, touching the region. The copy
-    then finishes (it may hold B's bytes in block 9: never read), A's write lands.
+    """Writer A hits frozen block 0 of region 8: its copy (``_copy_blocks``: its reads
+    and writes release the GIL) is held mid-way. Meanwhile writer B writes block 9 of
+    region 8, a miss: it must not wait for A's copy (no copy needed) and lands,
+    touching the region. The copy then finishes, A's write lands.
     The cycle's frozen block 0 is the take; after a SIGKILL the region (COPIED and
     touched) stays marked and the resumed cycle is the take."""
     vol, engine = filled(tmp_path, seed=14)
@@ -706,14 +705,14 @@ def test_a_copy_of_a_region_hit_on_a_frozen_block_while_another_writer_skips_it(
     wait_until(lambda: sec.held, 10, "the cycle's frames")
     freeze = mirror._freeze
     copying, b_done = threading.Event(), threading.Event()
-    real_copy = snapshots_mod.native.copy_runs
+    real_copy = CycleFreeze._copy_blocks
 
-    def held_copy(*args, **kwargs):
+    def held_copy(self, region):
         copying.set()
         b_done.wait(10)
-        return real_copy(*args, **kwargs)
+        return real_copy(self, region)
 
-    monkeypatch.setattr(snapshots_mod.native, "copy_runs", held_copy)
+    monkeypatch.setattr(CycleFreeze, "_copy_blocks", held_copy)
     a = threading.Thread(target=engine.pwrite, args=(b"\x92" * 512, 8 * RS + 1024))
     a.start()
     try:

@@ -3,6 +3,7 @@ of a region written in part."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -379,3 +380,21 @@ def test_frames_of_a_cycle_are_full_greedy_and_within_the_limits(tmp_path_factor
     # a row hold more than a chunk (at most 960 extents here: bytes are what binds)
     for a, b in zip(sizes, sizes[1:], strict=False):
         assert a + b > CYCLE_CHUNK, sizes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([12, 13, 16, 20]), st.lists(
+    st.tuples(st.integers(0, 40), st.integers(0, 0xFFFF)), min_size=1, max_size=12,
+    unique_by=lambda t: t[0]))
+def test_block_runs_are_the_set_blocks_joined(shift, items):
+    bg = BlockGeometry(41 << shift, shift)
+    items.sort()
+    regions = np.array([r for r, _ in items], dtype=np.int64)
+    masks = np.array([m & bg.full for _, m in items], dtype=np.uint16)
+    per = bg.full.bit_length()
+    want = sorted(r * per + b for r, m in zip(regions.tolist(), masks.tolist(), strict=True)
+                  for b in range(per) if m >> b & 1)
+    runs = bg.block_runs(regions, masks)
+    assert runs.dtype == np.int64 and runs.shape[1] == 2
+    assert [s + i for s, c in runs.tolist() for i in range(c)] == want
+    assert all(a + c < b for (a, c), (b, _) in itertools.pairwise(runs.tolist()))

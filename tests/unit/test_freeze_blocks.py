@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import wait_until
 from volume_core.blocks import BlockGeometry
-from volume_core.cycle_freeze import BLOCKS, COPIED, DIR, KEEP, TOUCHED, CycleFreeze
+from volume_core.cycle_freeze import BLOCKS, COPIED, DIR, FREE, KEEP, TOUCHED, CycleFreeze
 from volume_core.engine import Engine
 from volume_core.errors import VolumeCorrupt
 from volume_core.volume import Volume
@@ -254,3 +254,116 @@ def test_a_mask_of_blocks_past_its_region_is_refused(tmp_path):
             CycleFreeze.open(vol, engine.fd)
     finally:
         engine.close()
+
+
+# -- a copy on write keeps only the frozen blocks ----------------------------------------
+
+def live_block(engine: Engine, offset: int) -> bytes:
+    buf = bytearray(K4)
+    engine.pread(buf, offset)
+    return bytes(buf)
+
+
+def store_block(freeze: CycleFreeze, region: int, block: int) -> bytes:
+    return os.pread(freeze.store_fd, K4, at(region, block))
+
+
+def test_a_copy_on_write_keeps_only_the_frozen_blocks(fresh):
+    """One region: from its first frozen block to its last (two system calls)."""
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b10_0000_1010})
+    engine.pwrite(b"\x21" * K4, at(9, 3))  # hits block 3: region 9 copied
+    assert freeze.preserved[9] == COPIED and freeze.cow.copies == 1
+    for block in range(16):
+        want = before[at(9, block):at(9, block + 1)] if 1 <= block <= 9 else bytes(K4)
+        assert store_block(freeze, 9, block) == want, block
+    assert frozen_block(freeze, 9, 1) == before[at(9, 1):at(9, 2)]
+    assert frozen_block(freeze, 9, 3) == before[at(9, 3):at(9, 4)]
+
+
+def test_before_the_masks_are_recorded_a_copy_keeps_the_whole_region(fresh):
+    """A cycle cut off now resumes without ``blocks.map`` and reads its regions whole."""
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b1010}, record=False)
+    engine.pwrite(b"\x22" * K4, at(9, 3))
+    assert os.pread(freeze.store_fd, RS, at(9)) == before[at(9):at(10)]
+
+
+def test_a_write_over_several_regions_copies_each_ones_frozen_blocks(fresh):
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {8: 1 << 15, 9: 1 | 1 << 9, 10: 0, 12: 1 << 2})
+    engine.pwrite(b"\x23" * (3 * RS), at(8, 8))  # regions 8-11, up to block 8 of 11
+    assert list(freeze.preserved[8:13]) == [COPIED, COPIED, COPIED, FREE, KEEP]
+    kept = {(8, 15), (9, 0), (9, 9)} | {(10, b) for b in range(16)}  # 10: no mask, whole
+    for region in (8, 9, 10, 11):
+        for block in range(16):
+            want = before[at(region, block):at(region, block + 1)] \
+                if (region, block) in kept else bytes(K4)
+            assert store_block(freeze, region, block) == want, (region, block)
+    for region, block in sorted(kept):
+        assert frozen_block(freeze, region, block) == before[at(region, block):
+                                                             at(region, block + 1)]
+
+
+def test_a_restart_reads_the_frozen_blocks_a_copy_kept(fresh):
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b1010, 11: 1 << 15})
+    engine.pwrite(b"\x24" * RS, at(9))  # both frozen blocks of 9 copied
+    engine.pwrite(b"\x25" * 512, at(11, 15) + 512)
+    freeze.close()  # as a SIGKILL leaves it
+    engine.pre_write.clear()
+    again = CycleFreeze.open(vol, engine.fd)
+    try:
+        assert again is not None and again.masks_recorded
+        assert list(again.preserved[[9, 11]]) == [COPIED, COPIED]
+        for region, block in ((9, 1), (9, 3), (11, 15)):
+            assert frozen_block(again, region, block) == before[at(region, block):
+                                                                at(region, block + 1)]
+    finally:
+        again.close()
+
+
+def test_a_failed_copy_fails_its_write_and_leaves_the_region_to_copy_again(fresh, monkeypatch):
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b1010})
+    real = CycleFreeze._copy_blocks
+
+    def fails(self, region):
+        raise OSError(5, "injected: the copy failed")
+
+    monkeypatch.setattr(CycleFreeze, "_copy_blocks", fails)
+    with pytest.raises(OSError, match="injected"):
+        engine.pwrite(b"\x26" * K4, at(9, 1))
+    assert freeze.preserved[9] == KEEP and freeze.copying[9] == 0
+    assert live_block(engine, at(9, 1)) == before[at(9, 1):at(9, 2)]  # the write did not land
+    monkeypatch.setattr(CycleFreeze, "_copy_blocks", real)
+    engine.pwrite(b"\x27" * K4, at(9, 1))
+    assert freeze.preserved[9] == COPIED
+    assert frozen_block(freeze, 9, 1) == before[at(9, 1):at(9, 2)]
+
+
+def test_a_second_writer_on_a_region_being_copied_waits_for_that_copy(fresh, monkeypatch):
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b1010})
+    real, copying, go = CycleFreeze._copy_blocks, threading.Event(), threading.Event()
+
+    def held(self, region):
+        copying.set()
+        assert go.wait(10)
+        real(self, region)
+
+    monkeypatch.setattr(CycleFreeze, "_copy_blocks", held)
+    a = threading.Thread(target=engine.pwrite, args=(b"\x28" * K4, at(9, 1)))
+    a.start()
+    assert copying.wait(10)
+    b = threading.Thread(target=engine.pwrite, args=(b"\x29" * K4, at(9, 3)))
+    b.start()
+    b.join(0.3)
+    assert b.is_alive(), "a write over a frozen block landed before the region was copied"
+    go.set()
+    a.join(10)
+    b.join(10)
+    assert not a.is_alive() and not b.is_alive()
+    assert freeze.preserved[9] == COPIED and freeze.cow.copies == 1
+    assert frozen_block(freeze, 9, 3) == before[at(9, 3):at(9, 4)]
+    assert live_block(engine, at(9, 3)) == b"\x29" * K4
