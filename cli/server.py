@@ -108,11 +108,12 @@ def python_env() -> dict[str, str]:
 
     Python's objects go to glibc's malloc (``PYTHONMALLOC=malloc``, unless the
     environment says otherwise), which the server tunes to keep what it frees
-    (``memory.keep_freed_buffers``): Python's own allocator gave a 1 MiB arena
-    back with ``munmap`` whenever one emptied and mapped a fresh one for the
-    next request, and that (with its page faults and TLB shootdowns) was a
-    fifth of a plain serve's 4K-write time (perf); without it a plain serve's 4K
-    random writes went 2-14% faster (three interleaved pairs, mean 8%).
+    (``memory.keep_freed_buffers``): Python's own allocator gives a 1 MiB arena
+    back with ``munmap`` whenever one empties and maps a fresh one for the next
+    request; without it a plain serve's 4K random writes went 2-14% faster
+    (three interleaved pairs, mean 8%). Most of the ``munmap`` per request that
+    perf showed was the thread state's frame stack, though (session 13:
+    ``memory.keep_stack_chunks``, +75%).
     """
     paths = [str(Path(volume_core.__file__).resolve().parent.parent)]
     for key in ("purelib", "platlib"):

@@ -470,7 +470,9 @@ class CycleFreeze:
         return (self.preserved != FREE).view(np.uint8)
 
     def read(self, first: int, stop: int) -> bytearray:
-        """The frozen contents of regions [first, stop) (the last one may be short)."""
+        """The frozen contents of regions [first, stop) (the last one may be short), whole:
+        right only without recorded masks (a copy keeps just the frozen blocks; the
+        conveyor reads those alone, ``read_range``)."""
         offset, length = self.geometry.byte_range(first, stop)
         buf = bytearray(length)
         self.read_range(offset, memoryview(buf))

@@ -10,8 +10,9 @@
  * threads (measured: one mmap and one munmap per 4K write of a served
  * volume, a tenth of its CPU while a cycle runs).
  *
- * This allocator keeps up to NBM_ARENA_SLOTS freed blocks of at most
- * NBM_ARENA_KEEP bytes and hands them out again for the same size.  It
+ * This allocator keeps the last NBM_ARENA_SLOTS freed blocks of at most
+ * NBM_ARENA_KEEP bytes (the oldest unmapped when a new one comes) and hands
+ * them out again for the same size.  It
  * gets and returns memory with mmap and munmap exactly as CPython's own
  * (anonymous, private, read-write), so it can replace that one at any
  * time: a block mapped before is freed here correctly.  Blocks handed
@@ -39,16 +40,25 @@ static size_t nbm_arena_len[NBM_ARENA_SLOTS];
 static int nbm_arena_count;
 static uint64_t nbm_arena_stats[2]; /* blocks handed out again, blocks mapped */
 
+/* Take cache entry i out, keeping the others in the order they were freed. */
+static void *nbm_arena_take(int i)
+{
+    void *p = nbm_arena_ptr[i];
+    for (; i + 1 < nbm_arena_count; i++) {
+        nbm_arena_ptr[i] = nbm_arena_ptr[i + 1];
+        nbm_arena_len[i] = nbm_arena_len[i + 1];
+    }
+    nbm_arena_count--;
+    return p;
+}
+
 static void *nbm_arena_alloc(void *ctx, size_t size)
 {
     (void)ctx;
     pthread_mutex_lock(&nbm_arena_lock);
-    for (int i = nbm_arena_count - 1; i >= 0; i--) {
+    for (int i = nbm_arena_count - 1; i >= 0; i--) { /* the most recently freed first */
         if (nbm_arena_len[i] == size) {
-            void *p = nbm_arena_ptr[i];
-            nbm_arena_count--;
-            nbm_arena_ptr[i] = nbm_arena_ptr[nbm_arena_count];
-            nbm_arena_len[i] = nbm_arena_len[nbm_arena_count];
+            void *p = nbm_arena_take(i);
             nbm_arena_stats[0]++;
             pthread_mutex_unlock(&nbm_arena_lock);
             return p;
@@ -60,23 +70,30 @@ static void *nbm_arena_alloc(void *ctx, size_t size)
     return p == MAP_FAILED ? NULL : p;
 }
 
+/* A freed block joins the cache; when it is full, the block freed longest ago leaves it
+ * (unmapped): blocks of a size no longer asked for cannot hold the slots for good. */
 static void nbm_arena_free(void *ctx, void *ptr, size_t size)
 {
     (void)ctx;
     if (ptr == NULL)
         return;
-    if (size <= NBM_ARENA_KEEP) {
-        pthread_mutex_lock(&nbm_arena_lock);
-        if (nbm_arena_count < NBM_ARENA_SLOTS) {
-            nbm_arena_ptr[nbm_arena_count] = ptr;
-            nbm_arena_len[nbm_arena_count] = size;
-            nbm_arena_count++;
-            pthread_mutex_unlock(&nbm_arena_lock);
-            return;
-        }
-        pthread_mutex_unlock(&nbm_arena_lock);
+    if (size > NBM_ARENA_KEEP) {
+        munmap(ptr, size);
+        return;
     }
-    munmap(ptr, size);
+    void *old = NULL;
+    size_t old_len = 0;
+    pthread_mutex_lock(&nbm_arena_lock);
+    if (nbm_arena_count == NBM_ARENA_SLOTS) {
+        old_len = nbm_arena_len[0];
+        old = nbm_arena_take(0);
+    }
+    nbm_arena_ptr[nbm_arena_count] = ptr;
+    nbm_arena_len[nbm_arena_count] = size;
+    nbm_arena_count++;
+    pthread_mutex_unlock(&nbm_arena_lock);
+    if (old != NULL)
+        munmap(old, old_len);
 }
 
 static nbm_arena_allocator_t nbm_arena = {NULL, nbm_arena_alloc, nbm_arena_free};
