@@ -167,11 +167,20 @@ class CycleFreeze:
         native.copy_runs(live_fd, self.store_fd, blocks, 1 << geometry.shift, volume.size)
 
     def record_preserved(self, batch: list[np.ndarray]) -> None:
-        """Copies made (``CowStore``): their map bytes, unsynced (see the module
-        docstring: a freeze is trusted only in the boot that made it)."""
-        for runs in batch:
-            for start, count in runs.tolist():
-                pwrite_full(self.map_fd, b"\x01" * count, start)
+        """Copies made (``CowStore``, ``_copy_one``): their map bytes, unsynced (see the
+        module docstring: a freeze is trusted only in the boot that made it).
+
+        Only for regions memory still says KEEP, checked and written under the
+        copy lock (``conveyed_runs`` holds it): a region acknowledged while its
+        copy was under way is FREE, and a later write may have landed in it with
+        no copy before the copy read it, so the store may hold that write. A
+        COPIED byte over its FREE would make a restart send it as the take."""
+        with self.cow.lock:
+            for runs in batch:
+                for start, count in runs.tolist():
+                    keep = (self.preserved[start:start + count] == KEEP).view(np.uint8)
+                    for first, n in native.scan_runs(keep).tolist():
+                        pwrite_full(self.map_fd, b"\x01" * n, start + first)
 
     @staticmethod
     def prepare(volume: Volume, number: int, taken_at: float | None = None) -> Prepared:

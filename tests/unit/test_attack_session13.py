@@ -325,9 +325,10 @@ def test_the_conveyor_and_three_writers_while_a_copy_is_held(fresh, monkeypatch)
 @pytest.mark.parametrize("acked", ["itself", "neighbour"])
 def test_an_ack_during_a_copy_keeps_free_and_never_leaves_keep_under_a_landed_write(
         fresh, monkeypatch, where, acked):
-    """Region 8 is copied by ``_copy_one``, held before its COPIED byte is written, or
-    after it is written but before memory says so. Meanwhile an ack conveys region 8
-    itself, or its neighbours 7 and 9 (one page-sized stretch of the map, 8 inside).
+    """Region 8 is copied by ``_copy_one``, held after its copy but before its COPIED
+    byte is written, or after it is written but before memory says so. Meanwhile an
+    ack conveys region 8 itself, or its neighbours 7 and 9 (one page-sized stretch of
+    the map, 8 inside).
     Then the copy finishes and the write lands, and a later write lands too.
 
     Memory: a FREE set meanwhile stays FREE; the neighbours' ack leaves 8 COPIED. Disk:
@@ -338,8 +339,9 @@ def test_an_ack_during_a_copy_keeps_free_and_never_leaves_keep_under_a_landed_wr
     freeze = frozen(vol, engine, {7: 1, 8: 0b1010, 9: 1, 10: 1 << 15, 12: 0b110})
     engine.pwrite(b"\xc0" * 512, at(12, 1))  # region 12 COPIED before the ack
     if where == "before-map":
-        point = Point(monkeypatch, cf, "pwrite_full", "hit",
-                      match=lambda fd, *a: fd == freeze.map_fd)
+        # (after the copy: the COPIED byte itself is written under the copy lock, which
+        # the ack takes too)
+        point = Point(monkeypatch, CycleFreeze, "_copy_blocks", "hit", after=True)
     else:
         point = Point(monkeypatch, CycleFreeze, "record_preserved", "hit", after=True)
     hit = Writer(engine, "hit", b"\xc1" * 512, at(8, 3) + 512)

@@ -367,3 +367,39 @@ def test_a_second_writer_on_a_region_being_copied_waits_for_that_copy(fresh, mon
     assert freeze.preserved[9] == COPIED and freeze.cow.copies == 1
     assert frozen_block(freeze, 9, 3) == before[at(9, 3):at(9, 4)]
     assert live_block(engine, at(9, 3)) == b"\x29" * K4
+
+
+@pytest.mark.parametrize("span", [K4, 2 * RS], ids=["one region", "two regions"])
+def test_a_region_acknowledged_while_its_copy_is_under_way_stays_free_on_disk(
+        fresh, monkeypatch, span):
+    """A copy claims region 9, then (before it reads the live file) the region's ack
+    makes it FREE and a second writer's block lands in it with no copy; the copy then
+    reads that write. Its COPIED byte must not go over the FREE on disk, or a restart
+    would send the later write as the take (found by a CI run of the attack suite)."""
+    vol, engine, before = fresh
+    freeze = frozen(vol, engine, {9: 0b1010, 10: 0b1})
+    real_one, real_many = CycleFreeze._copy_blocks, CycleFreeze.copy_regions
+
+    def ack_and_write_first() -> None:
+        freeze.conveyed_runs([(9, 10)])
+        w = threading.Thread(target=engine.pwrite, args=(b"\x31" * K4, at(9, 1)))
+        w.start()
+        w.join(10)
+        assert live_block(engine, at(9, 1)) == b"\x31" * K4  # landed, uncopied
+
+    def one(self, region):
+        ack_and_write_first()
+        real_one(self, region)
+
+    def many(self, live_fd, runs, volume):
+        ack_and_write_first()
+        real_many(self, live_fd, runs, volume)
+
+    monkeypatch.setattr(CycleFreeze, "_copy_blocks", one)
+    monkeypatch.setattr(CycleFreeze, "copy_regions", many)
+    engine.pwrite(b"\x30" * span, at(9, 3))
+    on_disk = np.fromfile(vol.path / DIR / "state.map", dtype=np.uint8)
+    assert freeze.preserved[9] == FREE and on_disk[9] == FREE
+    if span > RS:  # region 10, copied in the same claim, is COPIED on both
+        assert freeze.preserved[10] == COPIED and on_disk[10] == COPIED
+        assert frozen_block(freeze, 10, 0) == before[at(10):at(10, 1)]
