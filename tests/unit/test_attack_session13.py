@@ -723,6 +723,10 @@ def test_writers_hitting_missing_and_spanning_while_the_conveyor_reads_and_acks(
     rng.shuffle(order)
     conveyed = order[:n * 2 // 3]
     try:
+        # not before a write has copied and one has skipped the copy (the paths under
+        # test): on a loaded machine the loop below could otherwise outrun the writers
+        wait_until(lambda: (freeze.cow.copies > 0 and freeze.touched.any()) or errors, 30,
+                   "a copy and a write with no copy")
         i = 0
         while i < len(conveyed):
             seen = count[0]
