@@ -716,17 +716,20 @@ def test_writers_hitting_missing_and_spanning_while_the_conveyor_reads_and_acks(
 
     threads = [threading.Thread(target=host, args=(k, s), daemon=True)
                for s, k in enumerate(("hit", "miss", "span"))]
-    for t in threads:
+    # the miss writer first: copies are quick, and once the hit writer has copied every
+    # region no write can skip a copy any more (the path under test)
+    threads[1].start()
+    wait_until(lambda: freeze.touched.any() or errors, 30, "a write with no copy")
+    for t in (threads[0], threads[2]):
         t.start()
     wrong = []
     order = list(range(n))
     rng.shuffle(order)
     conveyed = order[:n * 2 // 3]
     try:
-        # not before a write has copied and one has skipped the copy (the paths under
-        # test): on a loaded machine the loop below could otherwise outrun the writers
-        wait_until(lambda: (freeze.cow.copies > 0 and freeze.touched.any()) or errors, 30,
-                   "a copy and a write with no copy")
+        # not before a write has copied (on a loaded machine the loop below could
+        # otherwise outrun the writers)
+        wait_until(lambda: freeze.cow.copies > 0 or errors, 30, "a copy")
         i = 0
         while i < len(conveyed):
             seen = count[0]
