@@ -178,6 +178,10 @@ class CycleFreeze:
         with self.cow.lock:
             for runs in batch:
                 for start, count in runs.tolist():
+                    if count == 1:  # (``_copy_one``'s, on a host write: no array work)
+                        if self.preserved[start] == KEEP:
+                            pwrite_full(self.map_fd, b"\x01", start)
+                        continue
                     keep = (self.preserved[start:start + count] == KEEP).view(np.uint8)
                     for first, n in native.scan_runs(keep).tolist():
                         pwrite_full(self.map_fd, b"\x01" * n, start + first)

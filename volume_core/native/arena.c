@@ -11,11 +11,11 @@
  * volume, a tenth of its CPU while a cycle runs).
  *
  * This allocator keeps the last NBM_ARENA_SLOTS freed blocks of at most
- * NBM_ARENA_KEEP bytes (the oldest unmapped when a new one comes) and hands
- * them out again for the same size.  It
- * gets and returns memory with mmap and munmap exactly as CPython's own
- * (anonymous, private, read-write), so it can replace that one at any
- * time: a block mapped before is freed here correctly.  Blocks handed
+ * NBM_ARENA_KEEP bytes (the oldest unmapped when a new one comes) and
+ * hands them out again for the same size.  It gets and returns memory
+ * with mmap and munmap exactly as CPython's own (anonymous, private,
+ * read-write), so it can replace that one at any time: a block mapped
+ * before is freed here correctly.  Blocks handed
  * out again are not zeroed; CPython initialises what it uses of a frame
  * stack chunk and of a pymalloc arena.  A mutex guards the cache (CPython
  * calls it with the GIL held, but costs nothing to be sure).

@@ -8,8 +8,8 @@ Used two ways:
   the extension lands next to this file as ``_regions_c*.so`` whatever the
   current directory is.
 
-The C sources live in regions.c and arena.c next to this file and is located through
-``__file__``, never through the current directory.
+The C sources, regions.c and arena.c, live next to this file and are located
+through ``__file__``, never through the current directory.
 """
 
 from pathlib import Path
