@@ -166,7 +166,7 @@ class CycleFreeze:
         blocks = geometry.block_runs(regions, geometry.known(self.blocks[regions]))  # type: ignore[index]
         native.copy_runs(live_fd, self.store_fd, blocks, 1 << geometry.shift, volume.size)
 
-    def record_preserved(self, batch: list[np.ndarray]) -> None:
+    def record_preserved(self, batch: list[np.ndarray] | list[tuple[tuple[int, int]]]) -> None:
         """Copies made (``CowStore``, ``_copy_one``): their map bytes, unsynced (see the
         module docstring: a freeze is trusted only in the boot that made it).
 
@@ -176,8 +176,8 @@ class CycleFreeze:
         no copy before the copy read it, so the store may hold that write. A
         COPIED byte over its FREE would make a restart send it as the take."""
         with self.cow.lock:
-            for runs in batch:
-                for start, count in runs.tolist():
+            for runs in batch:  # arrays, or ``_copy_one``'s one run as a tuple
+                for start, count in (runs.tolist() if isinstance(runs, np.ndarray) else runs):
                     if count == 1:  # (``_copy_one``'s, on a host write: no array work)
                         if self.preserved[start] == KEEP:
                             pwrite_full(self.map_fd, b"\x01", start)
@@ -431,7 +431,7 @@ class CycleFreeze:
             self.copying[region] = 1
         try:
             self._copy_blocks(region)
-            self.record_preserved([np.array(((region, 1),))])
+            self.record_preserved([((region, 1),)])
         except BaseException:
             with cow.lock:
                 self.copying[region] = 0
@@ -448,8 +448,9 @@ class CycleFreeze:
     def _copy_blocks(self, region: int) -> None:
         """Copy ``region``'s frozen blocks (masks recorded; else all of it) into the store,
         at the same offsets: ``copy_regions`` for one region, without array work, in
-        one read and one write from its first frozen block to its last (what lies
-        between is copied too, and never read: two system calls, not two a run)."""
+        one range from its first frozen block to its last (what lies between is
+        copied too, and never read: one ``copy_file_range``, not one a run; in the
+        kernel, so no bytes pass through Python and the GIL is free meanwhile)."""
         geometry = self._block_geometry
         mask = geometry.full
         if self.masks_recorded:
@@ -457,10 +458,7 @@ class CycleFreeze:
         base = region << self.geometry.shift
         lo = base + (((mask & -mask).bit_length() - 1) << geometry.shift)
         hi = min(base + (mask.bit_length() << geometry.shift), self.geometry.size)
-        if hi > lo:
-            buf = bytearray(hi - lo)
-            pread_full(self.live_fd, buf, lo)
-            pwrite_full(self.store_fd, buf, lo)
+        native.copy_range(self.live_fd, self.store_fd, lo, hi)
 
     def _touch(self, region: int) -> bool:
         """Note ``region`` as written since the take with no copy, before the write lands

@@ -19,7 +19,7 @@ blocks freed and never evicted one, so blocks of another size freed while the 16
 stacks were in use held every slot for good (fixed: the oldest freed block leaves).
 
 Real engines, files, freezes and mirrors; faults are injected by wrapping the module's
-``pread_full``/``pwrite_full``/``native.copy_runs`` for one descriptor and one thread,
+``pwrite_full``/``native.copy_runs``/``native.copy_range`` for one descriptor and one thread,
 and threads are held at a point the same way.
 """
 
@@ -266,17 +266,17 @@ def test_a_write_spanning_into_a_short_last_region_copies_frozen_blocks_up_to_th
 
 def test_the_conveyor_and_three_writers_while_a_copy_is_held(fresh, monkeypatch):
     """Writer 'hit' hits frozen block 3 of region 8 (blocks 1 and 3 frozen); its copy is
-    held between the read of the live file and the write to the store. Meanwhile: the
-    conveyor reads the frozen blocks (as at the take); 'miss' (block 7) lands without
-    waiting; 'hit2' (block 1) waits for the copy; 'span' (block 15 of 8 to block 0 of
+    held just before it runs (one ``native.copy_range``, live file to store). Meanwhile:
+    the conveyor reads the frozen blocks (as at the take); 'miss' (block 7) lands
+    without waiting; 'hit2' (block 1) waits for the copy; 'span' (block 15 of 8 to block 0 of
     9, whose blocks 0 and 15 are frozen) copies region 9's frozen blocks through
     ``CowStore`` and then waits for region 8. Let go: every write lands, the store
     holds blocks 1-3 of region 8 and blocks 0 and 15 of region 9 as at the take, and
     the frozen blocks read as at the take."""
     vol, engine, before = fresh
     freeze = frozen(vol, engine, {8: 0b1010, 9: 1 | 1 << 15})
-    point = Point(monkeypatch, cf, "pwrite_full", "hit",
-                  match=lambda fd, *a: fd == freeze.store_fd)
+    point = Point(monkeypatch, native, "copy_range", "hit",
+                  match=lambda src, dst, *a: dst == freeze.store_fd)
     hit = Writer(engine, "hit", b"\xb1" * 512, at(8, 3) + 512)
     hit.start()
     others = []
@@ -412,21 +412,19 @@ def test_a_copy_and_its_write_landing_while_the_conveyor_reads_live(fresh, monke
     freeze.close()
 
 
-@pytest.mark.parametrize("where", ["after-live-read", "after-store-write", "after-map-write"])
+@pytest.mark.parametrize("where", ["before-copy", "after-copy", "after-map-write"])
 def test_a_sigkill_in_the_middle_of_a_copy_resumes_the_take(fresh, monkeypatch, where):
-    """A SIGKILL while ``_copy_one`` is held (after it read the live blocks, after it
-    wrote the store, after it wrote the COPIED byte), a write that missed the frozen
+    """A SIGKILL while ``_copy_one`` is held (claimed, before its copy from the live file
+    to the store; after it; after it wrote the COPIED byte), a write that missed the frozen
     blocks landed meanwhile (touched): the files as the killed process left them are
     opened by a new freeze, whose frozen blocks read as at the take, and whose state is
     KEEP (untouched or touched) or COPIED (its store holding the take)."""
     vol, engine, before = fresh
     freeze = frozen(vol, engine, {8: 0b1010, 9: 1})
-    if where == "after-live-read":
-        point = Point(monkeypatch, cf, "pread_full", "hit",
-                      match=lambda fd, *a: fd == freeze.live_fd, after=True)
-    elif where == "after-store-write":
-        point = Point(monkeypatch, cf, "pwrite_full", "hit",
-                      match=lambda fd, *a: fd == freeze.store_fd, after=True)
+    if where in ("before-copy", "after-copy"):
+        point = Point(monkeypatch, native, "copy_range", "hit",
+                      match=lambda src, dst, *a: dst == freeze.store_fd,
+                      after=where == "after-copy")
     else:
         point = Point(monkeypatch, cf, "pwrite_full", "hit",
                       match=lambda fd, *a: fd == freeze.map_fd, after=True)
@@ -454,25 +452,28 @@ def test_a_sigkill_in_the_middle_of_a_copy_resumes_the_take(fresh, monkeypatch, 
 
 # -- failed copies, then retries ----------------------------------------------------------------
 
-@pytest.mark.parametrize("fail", ["pread-live", "pwrite-store", "pwrite-map",
+@pytest.mark.parametrize("fail", ["copy", "copy-made-then-eio", "pwrite-map",
                                   "map-written-then-eio"])
 @pytest.mark.parametrize("waiter", [False, True])
 def test_a_failed_single_region_copy_fails_its_write_and_a_retry_or_a_waiter_copies(
         fresh, monkeypatch, fail, waiter):
-    """EIO at each step of ``_copy_one`` (the read of the live file, the write to the
-    store, the COPIED byte, or a COPIED byte written and then reported failed). The
+    """EIO at each step of ``_copy_one`` (the copy from the live file to the store, or a
+    copy made and then reported failed; the COPIED byte, or one written and then
+    reported failed). The
     write fails, the claim goes, nothing of it lands; a writer that waited on the
     claim (hitting block 1) then copies and lands; otherwise the region stays KEEP in
     memory and the write retried copies it. The frozen blocks read as at the take
     before and after a SIGKILL and a restart."""
     vol, engine, before = fresh
     freeze = frozen(vol, engine, {8: 0b1010, 9: 1})
-    step = {"pread-live": ("pread_full", freeze.live_fd, "before"),
-            "pwrite-store": ("pwrite_full", freeze.store_fd, "before"),
-            "pwrite-map": ("pwrite_full", freeze.map_fd, "before"),
-            "map-written-then-eio": ("pwrite_full", freeze.map_fd, "after")}[fail]
-    point = Point(monkeypatch, cf, step[0], "hit", match=lambda fd, *a: fd == step[1],
-                  fail=step[2], hold=waiter)
+    step = {"copy": (native, "copy_range", freeze.store_fd, "before"),
+            "copy-made-then-eio": (native, "copy_range", freeze.store_fd, "after"),
+            "pwrite-map": (cf, "pwrite_full", freeze.map_fd, "before"),
+            "map-written-then-eio": (cf, "pwrite_full", freeze.map_fd, "after")}[fail]
+    # (copy_range's descriptors: src, dst; pwrite_full's: fd)
+    point = Point(monkeypatch, step[0], step[1], "hit",
+                  match=lambda *a: a[1 if step[1] == "copy_range" else 0] == step[2],
+                  fail=step[3], hold=waiter)
     hit = Writer(engine, "hit", b"\xd1" * 512, at(8, 3) + 512)
     hit.start()
     other = Writer(engine, "wait", b"\xd2" * 512, at(8, 1))

@@ -27,7 +27,7 @@ NOT_BUILT = (
     "run: python volume_core/native/build.py"
 )
 needs_c = pytest.mark.skipif(C is None, reason=NOT_BUILT)
-API = ["count", "count_runs", "scan_runs", "merge_or", "copy_runs", "punch_hole"]
+API = ["count", "count_runs", "scan_runs", "merge_or", "copy_runs", "copy_range", "punch_hole"]
 BIG = 16 * 1024 * 1024
 
 
@@ -439,6 +439,66 @@ def test_c_and_twin_copy_runs_give_identical_files(tmp_path, use_cfr):
         results[name] = _run_copy(mod, tmp_path, runs, RS, limit, use_cfr)
     assert results["c"] == results["numpy"]
     assert results["c"][1] == _expected(src, dst, runs.tolist(), RS, limit)
+
+
+# ---- copy_range: one range, no array ----------------------------------------------------
+
+RANGE_CASES = {  # (offset, end) against a source of LIMIT bytes
+    "inside": (100, 3 * RS + 7),
+    "to_the_source_end": (5 * RS, LIMIT),
+    "past_the_source_end": (LIMIT - 50, LIMIT + 2 * RS),  # the tail reads as zeros
+    "wholly_past_it": (LIMIT + RS, LIMIT + 2 * RS),
+    "empty": (RS, RS),
+    "backwards": (2 * RS, RS),
+}
+
+
+@pytest.mark.parametrize("use_cfr", [True, False], ids=["copy_file_range", "pread_pwrite"])
+@pytest.mark.parametrize("case", sorted(RANGE_CASES))
+def test_copy_range_copies_that_range_and_leaves_the_rest(impl, tmp_path, case, use_cfr):
+    offset, end = RANGE_CASES[case]
+    src, dst = _make_files(tmp_path, LIMIT, LIMIT + 3 * RS, seed=8)
+    want = bytearray(dst)
+    if end > offset:
+        want[offset:end] = (src + bytes(end))[offset:end]
+    src_fd = os.open(tmp_path / "src", os.O_RDONLY)
+    dst_fd = os.open(tmp_path / "dst", os.O_RDWR)
+    try:
+        os.lseek(src_fd, 5, os.SEEK_SET)
+        n = impl.copy_range(src_fd, dst_fd, offset, end, use_copy_file_range=use_cfr)
+        assert os.lseek(src_fd, 0, os.SEEK_CUR) == 5, "source file position moved"
+        assert os.lseek(dst_fd, 0, os.SEEK_CUR) == 0, "destination file position moved"
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    assert n == max(0, end - offset)
+    assert (tmp_path / "dst").read_bytes() == bytes(want)
+
+
+@pytest.mark.parametrize("args", [
+    dict(offset=-1, end=RS), dict(offset=0, end=-RS), dict(offset=1 << 63, end=1 << 63),
+    dict(offset=0.5, end=RS), dict(offset=0, end=RS, src_fd=1 << 40),
+], ids=["negative_offset", "negative_end", "past_int64", "float", "fd_range"])
+def test_copy_range_rejects_bad_arguments_with_value_error(impl, tmp_path, args):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        with pytest.raises(ValueError):
+            impl.copy_range(**{"src_fd": fd, "dst_fd": fd, **args})
+    finally:
+        os.close(fd)
+
+
+def test_copy_range_bad_fd_raises_oserror(impl, tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"x" * RS)
+    closed = os.open(tmp_path / "g", os.O_RDWR | os.O_CREAT)
+    os.close(closed)
+    try:
+        with pytest.raises(OSError) as ei:
+            impl.copy_range(fd, closed, 0, RS)
+        assert ei.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("use_cfr", [True, False], ids=["copy_file_range", "pread_pwrite"])

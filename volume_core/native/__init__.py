@@ -11,6 +11,8 @@ Public API (identical in the C-backed wrappers and in ``twin``):
     merge_or(dst, src) -> None            # dst |= src in place
     copy_runs(src_fd, dst_fd, runs, region_size, limit, *,
               use_copy_file_range=True) -> int
+    copy_range(src_fd, dst_fd, offset, end, *,
+               use_copy_file_range=True) -> int   # one range, no array
     punch_hole(fd, offset, length) -> None
 
 The implementation is the compiled cffi module ``_regions_c`` (build it with
@@ -45,6 +47,7 @@ __all__ = [
     "scan_runs",
     "merge_or",
     "copy_runs",
+    "copy_range",
     "punch_hole",
 ]
 
@@ -147,6 +150,19 @@ def _c_copy_runs(
     return rc
 
 
+def _c_copy_range(
+    src_fd: int, dst_fd: int, offset: int, end: int, *, use_copy_file_range: bool = True
+) -> int:
+    """Copies bytes [offset, end) from src_fd to dst_fd at the same offset: copy_runs
+    for one range, with no array. Bytes past the source's EOF are written as zeros.
+    Returns the bytes covered (0 when end <= offset); raises OSError."""
+    src_fd, dst_fd, offset, end = twin.check_range_args(src_fd, dst_fd, offset, end)
+    rc = int(_lib.nbm_copy_range(src_fd, dst_fd, offset, end, 1 if use_copy_file_range else 0))
+    if rc < 0:
+        _raise_errno(rc)
+    return rc
+
+
 def _c_punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocates [offset, offset+length), keeping the file size; raises OSError."""
     fd, offset, length = twin.check_punch_args(fd, offset, length)
@@ -185,6 +201,7 @@ if _lib is not None:
         scan_runs=_c_scan_runs,
         merge_or=_c_merge_or,
         copy_runs=_c_copy_runs,
+        copy_range=_c_copy_range,
         punch_hole=_c_punch_hole,
     )
 else:
@@ -207,4 +224,5 @@ count_runs = _impl.count_runs
 scan_runs = _impl.scan_runs
 merge_or = _impl.merge_or
 copy_runs = _impl.copy_runs
+copy_range = _impl.copy_range
 punch_hole = _impl.punch_hole

@@ -28,6 +28,7 @@ int64_t nbm_scan_runs(const uint8_t *m, size_t n, int64_t *out, size_t cap);
 void nbm_merge_or(uint8_t *dst, const uint8_t *src, size_t n);
 int64_t nbm_copy_runs(int src_fd, int dst_fd, const int64_t *runs, size_t nruns,
                       int64_t region_size, int64_t limit, int use_cfr);
+int64_t nbm_copy_range(int src_fd, int dst_fd, int64_t offset, int64_t end, int use_cfr);
 int nbm_punch_hole(int fd, int64_t offset, int64_t length);
 void *nbm_arena_allocator(void);
 void nbm_arena_counts(uint64_t *reused, uint64_t *mapped);

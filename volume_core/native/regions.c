@@ -263,7 +263,7 @@ static int nbm_zero_fill(struct nbm_copy *c, int64_t pos, int64_t end)
 
 /* Copy [pos, end) from src to dst at the same offset.  Explicit offsets
  * everywhere, so the fds' file positions are never used or moved. */
-static int nbm_copy_range(struct nbm_copy *c, int64_t pos, int64_t end)
+static int nbm_copy_span(struct nbm_copy *c, int64_t pos, int64_t end)
 {
     while (c->use_cfr && pos < end) {
         loff_t so = pos, dof = pos;
@@ -338,13 +338,31 @@ int64_t nbm_copy_runs(int src_fd, int dst_fd, const int64_t *runs, size_t nruns,
             end = limit;
         if (off >= end)
             continue;           /* empty run, or entirely past the volume end */
-        rc = nbm_copy_range(&c, off, end);
+        rc = nbm_copy_span(&c, off, end);
         if (rc < 0)
             break;
         total += end - off;
     }
     free(c.buf);
     return rc < 0 ? rc : total;
+}
+
+/* Copy bytes [offset, end) from src_fd to dst_fd at the same offset: one
+ * copy_runs run, for a caller with a single range (a copy on write of one
+ * region's frozen blocks) and no array to hand.  Returns end - offset (0 for
+ * an empty range) or -errno. */
+int64_t nbm_copy_range(int src_fd, int dst_fd, int64_t offset, int64_t end, int use_cfr)
+{
+    struct nbm_copy c = { src_fd, dst_fd, use_cfr != 0, NULL, 0 };
+    int rc;
+
+    if (offset < 0 || end < 0)
+        return -EINVAL;
+    if (end <= offset)
+        return 0;
+    rc = nbm_copy_span(&c, offset, end);
+    free(c.buf);
+    return rc < 0 ? rc : end - offset;
 }
 
 /* Deallocate [offset, offset+length) without changing the file size.  The

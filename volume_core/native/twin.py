@@ -23,6 +23,7 @@ __all__ = [
     "scan_runs",
     "merge_or",
     "copy_runs",
+    "copy_range",
     "punch_hole",
 ]
 
@@ -104,6 +105,22 @@ def check_copy_args(
     if runs.size and (runs[:, 0] > max_regions - runs[:, 1]).any():
         raise ValueError("a run's byte range does not fit in int64")
     return src_fd, dst_fd, np.ascontiguousarray(runs), region_size, limit
+
+
+def check_range_args(
+    src_fd: object, dst_fd: object, offset: object, end: object
+) -> tuple[int, int, int, int]:
+    """Validates copy_range arguments; returns them as ints."""
+    try:
+        src_fd, dst_fd = operator.index(src_fd), operator.index(dst_fd)
+        offset, end = operator.index(offset), operator.index(end)
+    except TypeError as e:
+        raise ValueError(f"fds, offset and end must be integers: {e}") from None
+    _check_fd(src_fd, "src_fd")
+    _check_fd(dst_fd, "dst_fd")
+    if not 0 <= offset <= _INT64_MAX or not 0 <= end <= _INT64_MAX:
+        raise ValueError(f"offset and end must be in [0, 2**63), got {offset}, {end}")
+    return src_fd, dst_fd, offset, end
 
 
 def check_punch_args(fd: object, offset: object, length: object) -> tuple[int, int, int]:
@@ -244,6 +261,19 @@ def copy_runs(
         copier.copy_range(off, end)
         total += end - off
     return total
+
+
+def copy_range(
+    src_fd: int, dst_fd: int, offset: int, end: int, *, use_copy_file_range: bool = True
+) -> int:
+    """Copies bytes [offset, end) from src_fd to dst_fd at the same offset: copy_runs
+    for one range, with no array. Bytes past the source's EOF are written as zeros.
+    Returns the bytes covered (0 when end <= offset); raises OSError."""
+    src_fd, dst_fd, offset, end = check_range_args(src_fd, dst_fd, offset, end)
+    if end <= offset:
+        return 0
+    _Copier(src_fd, dst_fd, bool(use_copy_file_range)).copy_range(offset, end)
+    return end - offset
 
 
 # ---- hole punching ------------------------------------------------------------
