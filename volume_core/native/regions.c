@@ -196,14 +196,33 @@ struct nbm_copy {
     int use_cfr;                /* cleared for good on the first "unsupported" */
     uint8_t *buf;               /* bounce buffer, allocated on first need */
     int buf_zeroed;
+    int dst_checked;            /* nbm_check_dst passed */
 };
+
+/* A destination opened O_APPEND is refused (EBADF, as copy_file_range
+ * itself refuses it) before any byte moves: pwrite on it would ignore the
+ * offset and append, so the fallback would put the bytes at its end and
+ * report them copied. */
+static int nbm_check_dst(struct nbm_copy *c)
+{
+    if (c->dst_checked)
+        return 0;
+    int fl = fcntl(c->dst, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (fl & O_APPEND)
+        return -EBADF;
+    c->dst_checked = 1;
+    return 0;
+}
 
 /* Errors meaning "copy_file_range can't do this pair of files" rather than
  * "the I/O failed": cross-filesystem on old kernels (EXDEV), non-regular
  * files such as block devices or same-file overlap (EINVAL), no syscall
  * (ENOSYS), filesystem refuses (EOPNOTSUPP), and fds opened in ways it
- * rejects (EBADF; e.g. O_APPEND).  A truly bad fd fails again in pread/pwrite
- * and is reported from there. */
+ * rejects (EBADF).  A truly bad fd fails again in pread/pwrite and is
+ * reported from there; an O_APPEND destination never gets here
+ * (nbm_check_dst). */
 static int nbm_cfr_unsupported(int e)
 {
     return e == EXDEV || e == EINVAL || e == ENOSYS || e == EOPNOTSUPP ||
@@ -265,6 +284,9 @@ static int nbm_zero_fill(struct nbm_copy *c, int64_t pos, int64_t end)
  * everywhere, so the fds' file positions are never used or moved. */
 static int nbm_copy_span(struct nbm_copy *c, int64_t pos, int64_t end)
 {
+    int rc = nbm_check_dst(c);
+    if (rc < 0)
+        return rc;
     while (c->use_cfr && pos < end) {
         loff_t so = pos, dof = pos;
         int64_t want = end - pos < NBM_CFR_CHUNK ? end - pos : NBM_CFR_CHUNK;
@@ -285,7 +307,7 @@ static int nbm_copy_span(struct nbm_copy *c, int64_t pos, int64_t end)
         c->use_cfr = 0;
     }
     while (pos < end) {
-        int rc = nbm_get_buf(c);
+        rc = nbm_get_buf(c);
         if (rc < 0)
             return rc;
         size_t want = (size_t)(end - pos) < NBM_BUF_SIZE ?
@@ -316,7 +338,7 @@ static int nbm_copy_span(struct nbm_copy *c, int64_t pos, int64_t end)
 int64_t nbm_copy_runs(int src_fd, int dst_fd, const int64_t *runs, size_t nruns,
                       int64_t region_size, int64_t limit, int use_cfr)
 {
-    struct nbm_copy c = { src_fd, dst_fd, use_cfr != 0, NULL, 0 };
+    struct nbm_copy c = { src_fd, dst_fd, use_cfr != 0, NULL, 0, 0 };
     int64_t total = 0;
     int rc = 0;
 
@@ -353,7 +375,7 @@ int64_t nbm_copy_runs(int src_fd, int dst_fd, const int64_t *runs, size_t nruns,
  * an empty range) or -errno. */
 int64_t nbm_copy_range(int src_fd, int dst_fd, int64_t offset, int64_t end, int use_cfr)
 {
-    struct nbm_copy c = { src_fd, dst_fd, use_cfr != 0, NULL, 0 };
+    struct nbm_copy c = { src_fd, dst_fd, use_cfr != 0, NULL, 0, 0 };
     int rc;
 
     if (offset < 0 || end < 0)

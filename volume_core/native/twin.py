@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import operator
 import os
 
@@ -29,8 +30,9 @@ __all__ = [
 
 # Errors meaning "copy_file_range can't handle these two files", after which
 # we fall back to pread/pwrite for good.  A genuinely bad fd (EBADF) fails
-# again in pread/pwrite and is reported from there.  Keep in step with
-# nbm_cfr_unsupported() in regions.c.
+# again in pread/pwrite and is reported from there; an O_APPEND destination
+# is refused before (_Copier.copy_range).  Keep in step with
+# nbm_cfr_unsupported() and nbm_check_dst() in regions.c.
 CFR_FALLBACK_ERRNOS = frozenset(
     {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
 )
@@ -203,8 +205,18 @@ class _Copier:
         self.src = src_fd
         self.dst = dst_fd
         self.use_cfr = use_cfr
+        self.dst_checked = False
+
+    def _check_dst(self) -> None:
+        """Refuse an O_APPEND destination (EBADF, as copy_file_range does) before any
+        byte moves: pwrite on it ignores the offset and appends."""
+        if not self.dst_checked:
+            if fcntl.fcntl(self.dst, fcntl.F_GETFL) & os.O_APPEND:
+                raise OSError(errno.EBADF, "destination is open for appending")
+            self.dst_checked = True
 
     def copy_range(self, pos: int, end: int) -> None:
+        self._check_dst()
         while self.use_cfr and pos < end:
             want = min(end - pos, _CFR_CHUNK)
             try:
