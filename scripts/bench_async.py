@@ -30,7 +30,9 @@ SEC --listen 127.0.0.1:PORT --background`` and ``nbdmirror serve PRI --backgroun
                 and 4 KiB random writes (--iodepth), each for --runtime, while cycles run
                 back to back (a thread asks ``cycle-now`` as soon as the previous cycle
                 has committed; it counts the cycles and the fraction of fio's run one was
-                under way, from the server's ``last_cycle.seconds``). Then, after the
+                under way, from the server's ``last_cycle.seconds``); then the same fio
+                on the same async serve, connected, with no cycle under way (what being
+                mirrored costs a write between cycles: the marks). Then, after the
                 last cycle, both sides are stopped and compared (below), and the same fio
                 runs on the same volume under a plain ``nbdmirror serve`` (no
                 replication): the same file, data and page cache, the only difference the
@@ -44,8 +46,8 @@ SEC --listen 127.0.0.1:PORT --background`` and ``nbdmirror serve PRI --backgroun
                 with the bytes conveyed). Last, the plain serve again beside a process
                 spinning at SCHED_IDLE (``IdleBusyLoop``: it gets only CPU time nothing
                 else wants): no goal, a reference. On this 2-vCPU VM it alone takes
-                40-50% of a plain serve's 4K IOPS (session 13, by hand: 62K -> 31-37K),
-                and a cycle's conveyor and secondary must run beside the host here.
+                24-45% of a plain serve's 4K IOPS (sessions 13-15), and a cycle's
+                conveyor and secondary must run beside the host here.
   bitmap scan   ``scan_runs`` of a 16M-entry map (a 1 TiB volume of 64K regions) by the C
                 helper and by its numpy twin (volume_core/native): 1% of the entries in
                 scattered runs, 1% as single entries, none, all; median of SCAN_REPEAT.
@@ -159,6 +161,9 @@ def measure(ctx: Context) -> dict:
         d["vs_initial"] = round(d["seconds"] / init_s, 4) if init_s else None
         section["async_threads"] = pair.threads
         section["host_async"] = host_writes(ctx, pair, size, cycles=True)
+        progress("async: the same primary, connected, with no cycle under way")
+        section["host_idle_mirror"] = host_writes(ctx, pair, size, cycles=False,
+                                                  idle_mirror=True)
         section["max_rate"] = capped = _max_rate(ctx)
         if capped is not None:
             progress(f"async: the primary again, with serve --max-rate {capped}")
@@ -398,7 +403,7 @@ class IdleBusyLoop:
 
 
 def host_writes(ctx: Context, pair: Pair, size: int, cycles: bool,
-                busy: bool = False) -> dict:
+                busy: bool = False, idle_mirror: bool = False) -> dict:
     args = ctx.args
     specs = {
         "write_1m": dict(bs=MIB, iodepth=4, rw="write", runtime=args.runtime),
@@ -406,13 +411,14 @@ def host_writes(ctx: Context, pair: Pair, size: int, cycles: bool,
                              runtime=args.runtime, ramp=args.ramp),
     }
     how = ("async, cycles back to back" if cycles else
+           "async, no cycle under way" if idle_mirror else
            "plain serve beside an idle busy loop" if busy else "plain serve")
     out: dict = {}
     for key, what, unit in HOST_LOADS:
         tag = f"async: {what} ({how})"
         os.sync()
         read_once_in_pages(pair.primary / "data.img")
-        if cycles and pair.secondary is not None:
+        if (cycles or idle_mirror) and pair.secondary is not None:
             read_once_in_pages(pair.secondary / "data.img")
         progress(tag)
         driver = (BackToBackCycles(pair) if cycles else IdleBusyLoop() if busy
@@ -608,23 +614,30 @@ def render(section: dict) -> str:
                      f"{p['lat_p99_us'] / 1000:.2f}/{a['lat_p99_us'] / 1000:.2f}",
                      f"{p.get('primary_cpu_pct', 0):.0f}/{a.get('primary_cpu_pct', 0):.0f}"
                      f"+{a.get('secondary_cpu_pct', 0):.0f}"])
-    for key, _, unit in HOST_LOADS if section.get("host_plain_busy") else ():
-        p, a = section["host_plain"][key], section["host_plain_busy"][key]
+    others = (("host_idle_mirror", ", async with no cycle under way", True),
+              ("host_plain_busy", ", plain beside an idle busy loop", False))
+    for (which, how, sec), (key, _, unit) in itertools.product(others, HOST_LOADS):
+        if not section.get(which):
+            continue
+        p, a = section["host_plain"][key], section[which][key]
         label = (f"1M seq qd4 ({unit})" if key == "write_1m"
                  else f"4K rand qd{section['iodepth']} ({unit})")
-        rows.append([label + ", plain beside an idle busy loop", f"{p['value']:,.0f}",
+        rows.append([label + how, f"{p['value']:,.0f}",
                      f"{a['value']:,.0f}", _pct(a["value"] / p["value"] if p["value"] else None),
                      "-", "-", "-",
                      f"{p['lat_p50_us'] / 1000:.2f}/{a['lat_p50_us'] / 1000:.2f}",
                      f"{p['lat_p99_us'] / 1000:.2f}/{a['lat_p99_us'] / 1000:.2f}",
-                     f"{p.get('primary_cpu_pct', 0):.0f}/{a.get('primary_cpu_pct', 0):.0f}"])
+                     f"{p.get('primary_cpu_pct', 0):.0f}/{a.get('primary_cpu_pct', 0):.0f}"
+                     + (f"+{a.get('secondary_cpu_pct', 0):.0f}" if sec else "")])
     busy_from = section["host_async"]["randwrite_4k"]["cycles"]["busy_from"]
     out += ["", f"host writes, fio {section['runtime']:g}s each (4K: after a "
             f"{section['ramp']:g}s ramp), same volume: async with cycles back to back, then "
-            f"a plain serve (cycle under way: share of fio's run, from {busy_from}); last, "
-            "the plain serve beside a process spinning at SCHED_IDLE (it runs only where "
-            "nothing else wants the CPU): what anything running beside the host costs on "
-            "this machine, a reference for the rows under cycles:",
+            f"a plain serve (cycle under way: share of fio's run, from {busy_from}); then the "
+            "async serve connected with no cycle under way (what being mirrored costs a "
+            "write between cycles); last, the plain serve beside a process spinning at "
+            "SCHED_IDLE (it runs only where nothing else wants the CPU): what anything "
+            "running beside the host costs on this machine, a reference for the rows under "
+            "cycles:",
             table(rows)]
     b = section["bitmap"]
     rows = [["map", "set", "runs", "C ms", "numpy ms", "speedup"]]
