@@ -42,6 +42,7 @@ from tests.unit.test_attack_session13 import (
     wrong_frozen,
 )
 from tests.unit.test_freeze_blocks import K4, RS, at, frozen, live_block
+from tests.unit.test_native import run_copy_range
 from volume_core import native
 from volume_core.blocks import BlockGeometry
 from volume_core.cycle_freeze import COPIED, DIR, KEEP, STORE
@@ -88,23 +89,6 @@ def reference(src: bytes, dst: bytes, offset: int, end: int) -> bytes:
     return bytes(out)
 
 
-def run_copy(impl, src_path: Path, dst_path: Path, offset: int, end: int, use_cfr: bool,
-             dst_flags: int = os.O_RDWR):
-    """(returned, destination bytes) of one call, checking no file position moved."""
-    s = os.open(src_path, os.O_RDONLY)
-    d = os.open(dst_path, dst_flags)
-    try:
-        os.lseek(s, 3, os.SEEK_SET)
-        os.lseek(d, 7, os.SEEK_SET)
-        n = impl.copy_range(s, d, offset, end, use_copy_file_range=use_cfr)
-        assert os.lseek(s, 0, os.SEEK_CUR) == 3, "source position moved"
-        assert os.lseek(d, 0, os.SEEK_CUR) == 7, "destination position moved"
-    finally:
-        os.close(s)
-        os.close(d)
-    return n, dst_path.read_bytes()
-
-
 # -- copy_range: C, twin and the reference agree ----------------------------------------------
 
 layouts = st.tuples(
@@ -132,7 +116,7 @@ def test_c_twin_and_reference_agree_on_random_sparse_ranges(layout):
         want = reference(src, b"\xee" * dsize, offset, end)
         for name, impl in IMPLS.items():
             (tmp / "dst").write_bytes(b"\xee" * dsize)
-            n, got = run_copy(impl, tmp / "src", tmp / "dst", offset, end, use_cfr)
+            n, got = run_copy_range(impl, tmp / "src", tmp / "dst", offset, end, use_cfr)
             assert n == max(0, end - offset), name
             assert got == want, (name, size, offset, end)
 
@@ -148,7 +132,7 @@ def test_holes_of_a_large_source_come_out_as_zeros_over_other_bytes(impl, tmp_pa
     dst = b"\xee" * (3 << 20)
     (tmp_path / "dst").write_bytes(dst)
     offset, end = 1000, (3 << 20) + 777
-    n, got = run_copy(impl, tmp_path / "src", tmp_path / "dst", offset, end, use_cfr)
+    n, got = run_copy_range(impl, tmp_path / "src", tmp_path / "dst", offset, end, use_cfr)
     assert n == end - offset
     assert got == reference(src, dst, offset, end)
 

@@ -453,6 +453,23 @@ RANGE_CASES = {  # (offset, end) against a source of LIMIT bytes
 }
 
 
+def run_copy_range(impl, src_path, dst_path, offset: int, end: int, use_cfr: bool):
+    """(returned, destination bytes) of one copy_range call; checks no file position
+    moved."""
+    s = os.open(src_path, os.O_RDONLY)
+    d = os.open(dst_path, os.O_RDWR)
+    try:
+        os.lseek(s, 3, os.SEEK_SET)
+        os.lseek(d, 7, os.SEEK_SET)
+        n = impl.copy_range(s, d, offset, end, use_copy_file_range=use_cfr)
+        assert os.lseek(s, 0, os.SEEK_CUR) == 3, "source file position moved"
+        assert os.lseek(d, 0, os.SEEK_CUR) == 7, "destination file position moved"
+    finally:
+        os.close(s)
+        os.close(d)
+    return n, dst_path.read_bytes()
+
+
 @pytest.mark.parametrize("use_cfr", [True, False], ids=["copy_file_range", "pread_pwrite"])
 @pytest.mark.parametrize("case", sorted(RANGE_CASES))
 def test_copy_range_copies_that_range_and_leaves_the_rest(impl, tmp_path, case, use_cfr):
@@ -461,18 +478,9 @@ def test_copy_range_copies_that_range_and_leaves_the_rest(impl, tmp_path, case, 
     want = bytearray(dst)
     if end > offset:
         want[offset:end] = (src + bytes(end))[offset:end]
-    src_fd = os.open(tmp_path / "src", os.O_RDONLY)
-    dst_fd = os.open(tmp_path / "dst", os.O_RDWR)
-    try:
-        os.lseek(src_fd, 5, os.SEEK_SET)
-        n = impl.copy_range(src_fd, dst_fd, offset, end, use_copy_file_range=use_cfr)
-        assert os.lseek(src_fd, 0, os.SEEK_CUR) == 5, "source file position moved"
-        assert os.lseek(dst_fd, 0, os.SEEK_CUR) == 0, "destination file position moved"
-    finally:
-        os.close(src_fd)
-        os.close(dst_fd)
+    n, got = run_copy_range(impl, tmp_path / "src", tmp_path / "dst", offset, end, use_cfr)
     assert n == max(0, end - offset)
-    assert (tmp_path / "dst").read_bytes() == bytes(want)
+    assert got == bytes(want)
 
 
 @pytest.mark.parametrize("args", [
