@@ -32,7 +32,9 @@ SEC --listen 127.0.0.1:PORT --background`` and ``nbdmirror serve PRI --backgroun
                 has committed; it counts the cycles and the fraction of fio's run one was
                 under way, from the server's ``last_cycle.seconds``); then the same fio
                 on the same async serve, connected, with no cycle under way (what being
-                mirrored costs a write between cycles: the marks). Then, after the
+                mirrored costs a write between cycles; the 1M run marks every region
+                first, so the 4K run meets no first mark), then one cycle to carry
+                what they marked. Then, after the
                 last cycle, both sides are stopped and compared (below), and the same fio
                 runs on the same volume under a plain ``nbdmirror serve`` (no
                 replication): the same file, data and page cache, the only difference the
@@ -164,6 +166,8 @@ def measure(ctx: Context) -> dict:
         progress("async: the same primary, connected, with no cycle under way")
         section["host_idle_mirror"] = host_writes(ctx, pair, size, cycles=False,
                                                   idle_mirror=True)
+        # what it marked travels now, uncapped (not at the cap after the restart below)
+        pair.sync_wait(120 + size / MIB / 10, "after the no-cycle runs")
         section["max_rate"] = capped = _max_rate(ctx)
         if capped is not None:
             progress(f"async: the primary again, with serve --max-rate {capped}")
@@ -632,12 +636,12 @@ def render(section: dict) -> str:
     busy_from = section["host_async"]["randwrite_4k"]["cycles"]["busy_from"]
     out += ["", f"host writes, fio {section['runtime']:g}s each (4K: after a "
             f"{section['ramp']:g}s ramp), same volume: async with cycles back to back, then "
-            f"a plain serve (cycle under way: share of fio's run, from {busy_from}); then the "
-            "async serve connected with no cycle under way (what being mirrored costs a "
-            "write between cycles); last, the plain serve beside a process spinning at "
-            "SCHED_IDLE (it runs only where nothing else wants the CPU): what anything "
-            "running beside the host costs on this machine, a reference for the rows under "
-            "cycles:",
+            f"a plain serve (cycle under way: share of fio's run, from {busy_from}); the "
+            "async serve connected with no cycle under way (run before the plain serve: "
+            "what being mirrored costs a write between cycles); last, the plain serve "
+            "beside a process spinning at SCHED_IDLE (it runs only where nothing else "
+            "wants the CPU): what anything running beside the host costs on this machine, "
+            "a reference for the rows under cycles:",
             table(rows)]
     b = section["bitmap"]
     rows = [["map", "set", "runs", "C ms", "numpy ms", "speedup"]]

@@ -31,7 +31,7 @@ without ``blocks.map`` (cut off before it was written, or made by an older
 version) sends whole regions and copies on every write, as before masks.
 From then on, too, a copy on write keeps only the region's frozen blocks:
 for a write inside one region, from its first frozen block to its last in
-one read and one write, claimed and recorded without the snapshots' group
+one ``native.copy_range`` (``copy_file_range``), claimed and recorded without the snapshots' group
 commit (``_copy_one``: a freeze syncs nothing); for a write over several,
 their frozen blocks through ``CowStore`` (``copy_regions``). Before, it
 keeps whole regions.

@@ -54,6 +54,8 @@ __all__ = [
 try:
     from ._regions_c import ffi as _ffi
     from ._regions_c import lib as _lib
+    if not hasattr(_lib, "nbm_copy_range"):  # built before copy_range: stale
+        raise ImportError("volume_core.native._regions_c lacks nbm_copy_range (stale build)")
 except ImportError as _e:  # not built, or built for another Python/ABI
     _ffi = _lib = None
     C_IMPORT_ERROR: str | None = f"{type(_e).__name__}: {_e}"
