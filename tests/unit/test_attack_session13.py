@@ -466,14 +466,14 @@ def test_a_failed_single_region_copy_fails_its_write_and_a_retry_or_a_waiter_cop
     before and after a SIGKILL and a restart."""
     vol, engine, before = fresh
     freeze = frozen(vol, engine, {8: 0b1010, 9: 1})
-    step = {"copy": (native, "copy_range", freeze.store_fd, "before"),
-            "copy-made-then-eio": (native, "copy_range", freeze.store_fd, "after"),
-            "pwrite-map": (cf, "pwrite_full", freeze.map_fd, "before"),
-            "map-written-then-eio": (cf, "pwrite_full", freeze.map_fd, "after")}[fail]
-    # (copy_range's descriptors: src, dst; pwrite_full's: fd)
-    point = Point(monkeypatch, step[0], step[1], "hit",
-                  match=lambda *a: a[1 if step[1] == "copy_range" else 0] == step[2],
-                  fail=step[3], hold=waiter)
+    # (module, function, which argument is the descriptor written, that descriptor, when)
+    module, name, arg, fd, when = {
+        "copy": (native, "copy_range", 1, freeze.store_fd, "before"),  # (src, dst, ...)
+        "copy-made-then-eio": (native, "copy_range", 1, freeze.store_fd, "after"),
+        "pwrite-map": (cf, "pwrite_full", 0, freeze.map_fd, "before"),  # (fd, ...)
+        "map-written-then-eio": (cf, "pwrite_full", 0, freeze.map_fd, "after")}[fail]
+    point = Point(monkeypatch, module, name, "hit", match=lambda *a: a[arg] == fd,
+                  fail=when, hold=waiter)
     hit = Writer(engine, "hit", b"\xd1" * 512, at(8, 3) + 512)
     hit.start()
     other = Writer(engine, "wait", b"\xd2" * 512, at(8, 1))
